@@ -1,0 +1,425 @@
+//! `EmClient`: one cluster's HTTP client to its EM service nodes.
+//!
+//! Node choice: healthy nodes in configured order first, then the ones being skipped
+//! (soonest to recover first). A node that refuses, times out, answers HTTP 5xx or
+//! garbage is skipped for a hold-off that doubles with each failure (1 s … 30 s).
+//!
+//! Retry rules (SPEC.md §3 "Nodes"): a query may move to the next node after any
+//! failure. A login or logout moves on only when it surely did not take effect — the
+//! connection was refused or CUCM answered HTTP 503. After a timeout or another 5xx it
+//! is never sent again (the caller gets 1003), because CUCM may have executed it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use std::sync::{Mutex, MutexGuard};
+use prometheus::{Histogram, IntCounter, IntGauge};
+use reqwest::StatusCode;
+
+use super::codec::{decode, EmRequest, EmResponse};
+use crate::metrics::Metrics;
+use crate::operation::Credentials;
+
+const FIRST_HOLD_OFF: Duration = Duration::from_secs(1);
+const MAX_HOLD_OFF: Duration = Duration::from_secs(30);
+/// A refused or black-holed connection is known quickly; never wait the whole call
+/// timeout to find out.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// EM answers are a few hundred bytes; a bigger body is not an EM answer.
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmClientError {
+    #[error("building the HTTP client: {0}")]
+    Build(#[from] reqwest::Error),
+    #[error("reading ca_file {path}: {source}")]
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("ca_file {path} holds no usable PEM certificate")]
+    CaFileEmpty { path: String },
+}
+
+/// Why a call produced no EM answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// Every node failed, timed out, or a login/logout could not safely move on.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A node answered HTTP 200 with something that is not an EM response.
+    #[error("{0}")]
+    InvalidResponse(String),
+}
+
+/// A successful exchange: CUCM's answer and the node that gave it.
+#[derive(Debug, Clone)]
+pub struct Answered {
+    pub response: EmResponse,
+    pub node: Arc<str>,
+}
+
+/// TLS and timing settings for one cluster's client.
+#[derive(Debug, Clone, Default)]
+pub struct EmClientSettings {
+    pub timeout: Duration,
+    pub ca_file: Option<String>,
+    pub tls_insecure: bool,
+}
+
+struct Node {
+    url: String,
+    /// `host:port`: the bounded label for metrics and logs.
+    label: Arc<str>,
+    health: Mutex<NodeHealth>,
+    up: IntGauge,
+    failovers: IntCounter,
+}
+
+impl Node {
+    fn health(&self) -> MutexGuard<'_, NodeHealth> {
+        // Plain data behind the lock: a panic elsewhere cannot leave it inconsistent.
+        self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct NodeHealth {
+    skip_until: Option<Instant>,
+    consecutive_failures: u32,
+}
+
+/// How one attempt on one node went.
+enum Attempt {
+    Answer(EmResponse),
+    /// Surely not executed by CUCM: safe to send anywhere again.
+    NotDelivered(String),
+    /// Maybe executed (timeout, 5xx other than 503): only a query may go again.
+    Unknown(String),
+    Garbage(String),
+}
+
+pub struct EmClient {
+    cluster: String,
+    http: reqwest::Client,
+    nodes: Vec<Node>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for EmClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmClient")
+            .field("cluster", &self.cluster)
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|n| &n.url).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl EmClient {
+    pub fn new(
+        cluster: &str,
+        node_urls: &[String],
+        settings: &EmClientSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, EmClientError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(settings.timeout.min(MAX_CONNECT_TIMEOUT))
+            .pool_idle_timeout(Duration::from_secs(50))
+            .tcp_nodelay(true)
+            .user_agent(concat!("business-connector/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &settings.ca_file {
+            let pem = std::fs::read(path).map_err(|source| EmClientError::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)?;
+            if certs.is_empty() {
+                return Err(EmClientError::CaFileEmpty { path: path.clone() });
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        if settings.tls_insecure {
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+        let nodes = node_urls
+            .iter()
+            .map(|url| {
+                let label: Arc<str> = Arc::from(node_label(url));
+                let up = metrics.node_up.with_label_values(&[cluster, &label]);
+                up.set(1);
+                Node {
+                    url: url.clone(),
+                    failovers: metrics.node_failovers.with_label_values(&[cluster, &label]),
+                    label,
+                    health: Mutex::new(NodeHealth::default()),
+                    up,
+                }
+            })
+            .collect();
+        Ok(Self {
+            cluster: cluster.to_string(),
+            http: builder.build()?,
+            nodes,
+            timeout: settings.timeout,
+            metrics,
+        })
+    }
+
+    /// True while at least one node is not being skipped.
+    pub fn any_node_usable(&self) -> bool {
+        let now = Instant::now();
+        self.nodes.iter().any(|n| {
+            n.health().skip_until
+                .is_none_or(|until| until <= now)
+        })
+    }
+
+    pub fn node_labels(&self) -> Vec<Arc<str>> {
+        self.nodes.iter().map(|n| n.label.clone()).collect()
+    }
+
+    /// Sends one EM request, moving across nodes as the retry rules allow, and never
+    /// past `deadline`.
+    pub async fn call(
+        &self,
+        request: EmRequest<'_>,
+        credentials: &Credentials,
+        deadline: Instant,
+    ) -> Result<Answered, CallError> {
+        let body = request.encode(credentials);
+        let mut last_problem = String::from("no node configured");
+        let mut saw_garbage = None;
+        let order = self.node_order();
+        for (position, &index) in order.iter().enumerate() {
+            let node = &self.nodes[index];
+            let now = Instant::now();
+            let Some(remaining) = deadline.checked_duration_since(now).filter(|d| !d.is_zero())
+            else {
+                last_problem = format!("deadline reached before trying {}", node.label);
+                break;
+            };
+            let attempt = self
+                .attempt(node, request.kind(), &body, self.timeout.min(remaining))
+                .await;
+            let has_next = position + 1 < order.len();
+            match attempt {
+                Attempt::Answer(response) => {
+                    self.mark_up(node);
+                    return Ok(Answered {
+                        response,
+                        node: node.label.clone(),
+                    });
+                }
+                Attempt::NotDelivered(problem) => {
+                    self.mark_down(node);
+                    last_problem = problem;
+                }
+                Attempt::Unknown(problem) => {
+                    self.mark_down(node);
+                    if request.mutates() {
+                        // CUCM may have executed it: sending it again could log a
+                        // user in twice or out of the wrong session.
+                        return Err(CallError::Unavailable(problem));
+                    }
+                    last_problem = problem;
+                }
+                Attempt::Garbage(problem) => {
+                    self.mark_down(node);
+                    if request.mutates() {
+                        return Err(CallError::InvalidResponse(problem));
+                    }
+                    saw_garbage = Some(problem.clone());
+                    last_problem = problem;
+                }
+            }
+            if has_next {
+                node.failovers.inc();
+            }
+        }
+        match saw_garbage {
+            Some(problem) => Err(CallError::InvalidResponse(problem)),
+            None => Err(CallError::Unavailable(last_problem)),
+        }
+    }
+
+    async fn attempt(&self, node: &Node, operation: &str, body: &str, timeout: Duration) -> Attempt {
+        let started = Instant::now();
+        let (attempt, outcome) = self.exchange(node, body, timeout).await;
+        let labels = [self.cluster.as_str(), &*node.label, operation];
+        let outcome = match &attempt {
+            Attempt::Answer(EmResponse::Failure { code: Some(26), .. }) => "busy",
+            Attempt::Answer(EmResponse::Failure { .. }) => "failure",
+            Attempt::Answer(_) => "success",
+            _ => outcome,
+        };
+        self.observe(&labels, outcome, started.elapsed());
+        attempt
+    }
+
+    fn observe(&self, labels: &[&str; 3], outcome: &str, elapsed: Duration) {
+        let histogram: Histogram = self.metrics.cucm_call_duration.with_label_values(labels);
+        histogram.observe(elapsed.as_secs_f64());
+        self.metrics
+            .cucm_calls
+            .with_label_values(&[labels[0], labels[1], labels[2], outcome])
+            .inc();
+    }
+
+    /// One HTTP exchange; the second value is the metric outcome for non-answers.
+    async fn exchange(&self, node: &Node, body: &str, timeout: Duration) -> (Attempt, &'static str) {
+        let sent = self
+            .http
+            .post(&node.url)
+            .timeout(timeout)
+            .form(&[("xml", body)])
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) if e.is_connect() => {
+                return (
+                    Attempt::NotDelivered(format!("{}: connection failed", node.label)),
+                    "refused",
+                )
+            }
+            Err(e) if e.is_timeout() => {
+                return (
+                    Attempt::Unknown(format!("{}: timed out after {timeout:?}", node.label)),
+                    "timeout",
+                )
+            }
+            Err(_) => {
+                return (
+                    Attempt::Unknown(format!("{}: the HTTP exchange failed", node.label)),
+                    "error",
+                )
+            }
+        };
+        let status = response.status();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            return (
+                Attempt::NotDelivered(format!("{}: HTTP 503", node.label)),
+                "http_error",
+            );
+        }
+        if !status.is_success() {
+            return (
+                Attempt::Unknown(format!("{}: HTTP {}", node.label, status.as_u16())),
+                "http_error",
+            );
+        }
+        let bytes = match read_limited(response, MAX_RESPONSE_BYTES).await {
+            Ok(bytes) => bytes,
+            Err(ReadProblem::TooLarge) => {
+                return (
+                    Attempt::Garbage(format!("{}: answer larger than 1 MiB", node.label)),
+                    "invalid_response",
+                )
+            }
+            Err(ReadProblem::Timeout) => {
+                return (
+                    Attempt::Unknown(format!("{}: timed out reading the answer", node.label)),
+                    "timeout",
+                )
+            }
+            Err(ReadProblem::Broken) => {
+                return (
+                    Attempt::Unknown(format!("{}: the answer broke off", node.label)),
+                    "error",
+                )
+            }
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        match decode(&text) {
+            Ok(answer) => (Attempt::Answer(answer), "success"),
+            Err(problem) => (
+                Attempt::Garbage(format!("{}: {problem}", node.label)),
+                "invalid_response",
+            ),
+        }
+    }
+
+    fn node_order(&self) -> Vec<usize> {
+        let now = Instant::now();
+        let mut healthy = Vec::with_capacity(self.nodes.len());
+        let mut skipped = Vec::new();
+        for (index, node) in self.nodes.iter().enumerate() {
+            match node.health().skip_until {
+                Some(until) if until > now => skipped.push((until, index)),
+                _ => healthy.push(index),
+            }
+        }
+        skipped.sort();
+        healthy.extend(skipped.into_iter().map(|(_, index)| index));
+        healthy
+    }
+
+    fn mark_up(&self, node: &Node) {
+        let mut health = node.health();
+        if health.consecutive_failures > 0 || health.skip_until.is_some() {
+            *health = NodeHealth::default();
+        }
+        node.up.set(1);
+    }
+
+    fn mark_down(&self, node: &Node) {
+        let mut health = node.health();
+        health.consecutive_failures = health.consecutive_failures.saturating_add(1);
+        let hold_off = FIRST_HOLD_OFF
+            .saturating_mul(1 << (health.consecutive_failures - 1).min(5))
+            .min(MAX_HOLD_OFF);
+        health.skip_until = Some(Instant::now() + hold_off);
+        node.up.set(0);
+    }
+}
+
+enum ReadProblem {
+    TooLarge,
+    Timeout,
+    Broken,
+}
+
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, ReadProblem> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(ReadProblem::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) if e.is_timeout() => return Err(ReadProblem::Timeout),
+            Err(_) => return Err(ReadProblem::Broken),
+        }
+    }
+}
+
+/// `https://cucm-eu-1:8443/emservice/EMServiceServlet` → `cucm-eu-1:8443`.
+pub fn node_label(url: &str) -> String {
+    let without_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = without_scheme.split('/').next().unwrap_or(without_scheme);
+    // Never let credentials embedded in a URL reach a label.
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    authority.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_labels_are_host_and_port_without_userinfo() {
+        assert_eq!(
+            node_label("https://cucm-eu-1:8443/emservice/EMServiceServlet"),
+            "cucm-eu-1:8443"
+        );
+        assert_eq!(node_label("http://user:pw@10.0.0.1:8080/x"), "10.0.0.1:8080");
+        assert_eq!(node_label("host"), "host");
+    }
+}

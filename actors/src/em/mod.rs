@@ -1,0 +1,10 @@
+//! The southbound side: CUCM's Extension Mobility API.
+//!
+//! `codec` reads and writes the EM XML documents; `client` carries them to a
+//! cluster's nodes over HTTP(S) with health tracking and failover.
+
+pub mod client;
+pub mod codec;
+
+pub use client::{Answered, CallError, EmClient, EmClientError, EmClientSettings};
+pub use codec::{DeviceState, DeviceUser, EmRequest, EmResponse};

@@ -1,0 +1,252 @@
+//! The metric catalogue (SPEC.md §5): every series the gateway exports, in one place.
+//!
+//! A private registry (no process-global state, so tests can run side by side), `bc_`
+//! prefix, counters end in `_total`, durations are `_seconds` histograms. Labels are
+//! bounded by configuration: cluster, node, operation, code, outcome, reason — never a
+//! device, a user or a credential.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Buckets that resolve a sub-millisecond cache hit and a 10+ s CUCM stall alike.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0,
+    30.0,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("registering a metric: {0}")]
+    Register(#[from] prometheus::Error),
+}
+
+/// All of the gateway's series. Clone the `Arc` around it; each field is cheap to use.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub cucm_calls: IntCounterVec,
+    pub cucm_call_duration: HistogramVec,
+    pub cucm_in_flight: IntGaugeVec,
+    pub cucm_concurrency_limit: IntGaugeVec,
+    pub queue_depth: IntGaugeVec,
+    pub queue_wait: HistogramVec,
+    pub busy_retries: IntCounterVec,
+    pub load_shed: IntCounterVec,
+    pub cache_hits: IntCounterVec,
+    pub cache_misses: IntCounterVec,
+    pub cache_coalesced: IntCounterVec,
+    pub cache_entries: IntGaugeVec,
+    pub node_up: IntGaugeVec,
+    pub node_failovers: IntCounterVec,
+    pub rate_limiter_waits: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, MetricsError> {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, MetricsError> {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, MetricsError> {
+            let metric = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+
+        let metrics = Self {
+            requests: counter(
+                "bc_requests_total",
+                "Northbound API requests answered, by operation, cluster and the result code the caller got (0 is success).",
+                &["operation", "cluster", "code"],
+            )?,
+            request_duration: histogram(
+                "bc_request_duration_seconds",
+                "Time from receiving a northbound request to answering it, queueing and CUCM calls included.",
+                &["operation", "cluster"],
+            )?,
+            cucm_calls: counter(
+                "bc_cucm_calls_total",
+                "HTTP calls made to CUCM EM service nodes, by outcome: success, failure (an EM error code), busy (code 26), timeout, refused, http_error, invalid_response, error.",
+                &["cluster", "node", "operation", "outcome"],
+            )?,
+            cucm_call_duration: histogram(
+                "bc_cucm_call_duration_seconds",
+                "Time one HTTP call to a CUCM EM service node took, whatever its outcome.",
+                &["cluster", "node", "operation"],
+            )?,
+            cucm_in_flight: gauge(
+                "bc_cucm_in_flight",
+                "EM calls to the cluster in flight right now; never above bc_cucm_concurrency_limit.",
+                &["cluster"],
+            )?,
+            cucm_concurrency_limit: gauge(
+                "bc_cucm_concurrency_limit",
+                "The configured cap on EM calls in flight to the cluster (max_concurrent).",
+                &["cluster"],
+            )?,
+            queue_depth: gauge(
+                "bc_queue_depth",
+                "Operations accepted for the cluster and not yet answered or sent to CUCM (waiting behind their device or for a CUCM slot).",
+                &["cluster"],
+            )?,
+            queue_wait: histogram(
+                "bc_queue_wait_seconds",
+                "Time an operation waited in the gateway (device order, concurrency cap, rate limit) before its first CUCM call.",
+                &["cluster"],
+            )?,
+            busy_retries: counter(
+                "bc_cucm_busy_retries_total",
+                "Times CUCM answered code 26 (busy) and the gateway backed off to retry instead of passing it on.",
+                &["cluster"],
+            )?,
+            load_shed: counter(
+                "bc_load_shed_total",
+                "Requests refused with code 1004 (HTTP 503) to protect the cluster, by reason: queue_full, deadline.",
+                &["cluster", "reason"],
+            )?,
+            cache_hits: counter(
+                "bc_cache_hits_total",
+                "getloggedinuser requests answered from the logged-in cache without calling CUCM.",
+                &["cluster"],
+            )?,
+            cache_misses: counter(
+                "bc_cache_misses_total",
+                "getloggedinuser requests the cache could not answer, so a CUCM query was needed or joined.",
+                &["cluster"],
+            )?,
+            cache_coalesced: counter(
+                "bc_cache_coalesced_total",
+                "getloggedinuser requests that shared another identical request's CUCM query instead of making their own.",
+                &["cluster"],
+            )?,
+            cache_entries: gauge(
+                "bc_cache_entries",
+                "Devices whose logged-in state the cache holds right now (fresh or awaiting sweep).",
+                &["cluster"],
+            )?,
+            node_up: gauge(
+                "bc_node_up",
+                "1 when the gateway currently considers the CUCM node usable, 0 while it is skipped after failures.",
+                &["cluster", "node"],
+            )?,
+            node_failovers: counter(
+                "bc_node_failovers_total",
+                "Times a call moved on from this node to another after the node failed.",
+                &["cluster", "node"],
+            )?,
+            rate_limiter_waits: counter(
+                "bc_rate_limiter_waits_total",
+                "Times the cluster's rate limiter (max_requests_per_second, burst) made an operation wait for a token.",
+                &["cluster"],
+            )?,
+            build_info: gauge(
+                "bc_build_info",
+                "Always 1; the version label says which build is running.",
+                &["version"],
+            )?,
+            registry,
+        };
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        #[cfg(target_os = "linux")]
+        metrics
+            .registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(metrics)
+    }
+
+    /// Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+/// Per-cluster handles resolved once, so the hot path does no label lookups.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    pub cluster: String,
+    pub queue_depth: IntGauge,
+    pub queue_wait: Histogram,
+    pub in_flight: IntGauge,
+    pub busy_retries: prometheus::IntCounter,
+    pub shed_queue_full: prometheus::IntCounter,
+    pub shed_deadline: prometheus::IntCounter,
+    pub cache_hits: prometheus::IntCounter,
+    pub cache_misses: prometheus::IntCounter,
+    pub cache_coalesced: prometheus::IntCounter,
+    pub cache_entries: IntGauge,
+    pub rate_limiter_waits: prometheus::IntCounter,
+}
+
+impl ClusterMetrics {
+    pub fn new(metrics: &Metrics, cluster: &str, max_concurrent: usize) -> Self {
+        let c = &[cluster];
+        metrics
+            .cucm_concurrency_limit
+            .with_label_values(c)
+            .set(max_concurrent as i64);
+        Self {
+            cluster: cluster.to_string(),
+            queue_depth: metrics.queue_depth.with_label_values(c),
+            queue_wait: metrics.queue_wait.with_label_values(c),
+            in_flight: metrics.cucm_in_flight.with_label_values(c),
+            busy_retries: metrics.busy_retries.with_label_values(c),
+            shed_queue_full: metrics.load_shed.with_label_values(&[cluster, "queue_full"]),
+            shed_deadline: metrics.load_shed.with_label_values(&[cluster, "deadline"]),
+            cache_hits: metrics.cache_hits.with_label_values(c),
+            cache_misses: metrics.cache_misses.with_label_values(c),
+            cache_coalesced: metrics.cache_coalesced.with_label_values(c),
+            cache_entries: metrics.cache_entries.with_label_values(c),
+            rate_limiter_waits: metrics.rate_limiter_waits.with_label_values(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_catalogue_with_help_text() {
+        let metrics = Metrics::new().unwrap();
+        let _ = ClusterMetrics::new(&metrics, "EU", 5);
+        metrics
+            .requests
+            .with_label_values(&["login", "EU", "0"])
+            .inc();
+        let text = metrics.render();
+        assert!(text.contains("# HELP bc_requests_total Northbound API requests"));
+        assert!(text.contains("bc_requests_total{cluster=\"EU\",code=\"0\",operation=\"login\"} 1"));
+        assert!(text.contains("bc_cucm_concurrency_limit{cluster=\"EU\"} 5"));
+        assert!(text.contains("bc_build_info{version=\""));
+    }
+}

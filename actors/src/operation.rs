@@ -1,0 +1,294 @@
+//! What a caller asks a cluster to do, and what comes back.
+//!
+//! Values are validated at construction, so everything behind this module (queues,
+//! cache, EM client) can trust them: a `DeviceName` is upper-case and within CUCM's
+//! alphabet, a `UserId` has no control characters, and a `Credentials` never prints
+//! its certificate.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+pub const MAX_DEVICE_NAME_LEN: usize = 50;
+pub const MAX_USER_ID_LEN: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidValue {
+    #[error("device name must be 1-{MAX_DEVICE_NAME_LEN} characters of A-Z a-z 0-9 . _ -")]
+    DeviceName,
+    #[error("user ID must be 1-{MAX_USER_ID_LEN} characters without control characters")]
+    UserId,
+}
+
+/// A CUCM device name, upper-cased (CUCM compares them case-insensitively).
+/// Cheap to clone: queues, cache and shaper all hold it.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceName(Arc<str>);
+
+impl DeviceName {
+    pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
+        let valid = !raw.is_empty()
+            && raw.len() <= MAX_DEVICE_NAME_LEN
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !valid {
+            return Err(InvalidValue::DeviceName);
+        }
+        Ok(Self(Arc::from(raw.to_ascii_uppercase())))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for DeviceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// A CUCM user ID as given (CUCM owns its case rules).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct UserId(Arc<str>);
+
+impl UserId {
+    pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
+        let chars = raw.chars().count();
+        if chars == 0 || chars > MAX_USER_ID_LEN || raw.chars().any(char::is_control) {
+            return Err(InvalidValue::UserId);
+        }
+        Ok(Self(Arc::from(raw)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// A string that must never reach a log line or a Debug dump.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The only way to the value: named so that every use is easy to audit.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The CUCM application user a caller passes through (appID / appCertificate).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    app_id: String,
+    app_certificate: Secret,
+    fingerprint: u64,
+}
+
+impl Credentials {
+    pub fn new(app_id: impl Into<String>, app_certificate: impl Into<String>) -> Self {
+        let app_id = app_id.into();
+        let app_certificate = Secret::new(app_certificate);
+        let fingerprint = fingerprint(&app_id, app_certificate.expose());
+        Self {
+            app_id,
+            app_certificate,
+            fingerprint,
+        }
+    }
+
+    pub fn app_id(&self) -> &str {
+        &self.app_id
+    }
+
+    pub fn app_certificate(&self) -> &Secret {
+        &self.app_certificate
+    }
+
+    /// A keyed hash of the pair: lets the cache and coalescing tell callers apart
+    /// without keeping the certificate. The key is random per process, so the value
+    /// is useless outside it.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("app_id", &self.app_id)
+            .field("app_certificate", &self.app_certificate)
+            .finish()
+    }
+}
+
+fn fingerprint(app_id: &str, app_certificate: &str) -> u64 {
+    static KEY: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    let mut hasher = KEY.get_or_init(Default::default).build_hasher();
+    hasher.write(app_id.as_bytes());
+    hasher.write_u8(0xff);
+    hasher.write(app_certificate.as_bytes());
+    hasher.finish()
+}
+
+/// The three things a caller can ask of a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    Login { device: DeviceName, user: UserId },
+    Logout { device: DeviceName },
+    Query { device: DeviceName },
+}
+
+impl Operation {
+    pub fn device(&self) -> &DeviceName {
+        match self {
+            Operation::Login { device, .. }
+            | Operation::Logout { device }
+            | Operation::Query { device } => device,
+        }
+    }
+
+    pub fn kind(&self) -> OperationKind {
+        match self {
+            Operation::Login { .. } => OperationKind::Login,
+            Operation::Logout { .. } => OperationKind::Logout,
+            Operation::Query { .. } => OperationKind::Query,
+        }
+    }
+}
+
+/// Operation without its values: a bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OperationKind {
+    Login,
+    Logout,
+    Query,
+}
+
+impl OperationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::Login => "login",
+            OperationKind::Logout => "logout",
+            OperationKind::Query => "getloggedinuser",
+        }
+    }
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    LoggedIn,
+    LoggedOut,
+    /// Who is logged in on the device; `None` when nobody is.
+    CurrentUser(Option<UserId>),
+}
+
+/// Why an operation did not succeed. Each variant maps to exactly one northbound code
+/// (the mapping lives in the HTTP layer, in one place).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    /// CUCM's own EM failure code (1-47), passed through with its text.
+    #[error("CUCM answered code {code}: {text}")]
+    Cucm { code: u32, text: String },
+    /// CUCM reported a failure without a usable code (its code 0, or none).
+    #[error("CUCM reported a failure without a usable code: {text}")]
+    CucmUnknown { text: String },
+    /// Every node failed or timed out.
+    #[error("CUCM unavailable: {reason}")]
+    Unavailable { reason: String },
+    /// HTTP 200 with a body that is not an EM API response.
+    #[error("CUCM answered with an invalid EM response: {detail}")]
+    InvalidResponse { detail: String },
+    /// The cluster's queue is full or the wait would exceed the deadline.
+    #[error("overloaded: {reason}")]
+    Overloaded {
+        reason: &'static str,
+        retry_after: Duration,
+    },
+}
+
+/// What the cluster hands back for one operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub result: Result<Outcome, OpError>,
+    /// The CUCM node that answered, for the request log (bounded: from config).
+    pub node: Option<Arc<str>>,
+    /// Answered from the logged-in cache, without calling CUCM.
+    pub from_cache: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_are_upper_cased_and_validated() {
+        assert_eq!(
+            DeviceName::parse("sep1ce6c79baf1f").unwrap().as_str(),
+            "SEP1CE6C79BAF1F"
+        );
+        assert!(DeviceName::parse("a.b_c-D9").is_ok());
+        assert!(DeviceName::parse("").is_err());
+        assert!(DeviceName::parse("SEP 1").is_err());
+        assert!(DeviceName::parse("SEP<x>").is_err());
+        assert!(DeviceName::parse(&"A".repeat(50)).is_ok());
+        assert!(DeviceName::parse(&"A".repeat(51)).is_err());
+    }
+
+    #[test]
+    fn user_ids_reject_control_characters_and_length() {
+        assert!(UserId::parse("multi.user@example.com").is_ok());
+        assert!(UserId::parse("o'brien <x>").is_ok());
+        assert!(UserId::parse("").is_err());
+        assert!(UserId::parse("a\nb").is_err());
+        assert!(UserId::parse(&"é".repeat(128)).is_ok());
+        assert!(UserId::parse(&"é".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn credentials_never_print_the_certificate() {
+        let creds = Credentials::new("bcapp", "hunter2-secret");
+        let shown = format!("{creds:?}");
+        assert!(shown.contains("bcapp"));
+        assert!(!shown.contains("hunter2"));
+        assert_eq!(
+            creds.fingerprint(),
+            Credentials::new("bcapp", "hunter2-secret").fingerprint()
+        );
+        assert_ne!(
+            creds.fingerprint(),
+            Credentials::new("bcapp", "other").fingerprint()
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! A small, bounded XML tree for the two XML dialects the gateway reads: the
+//! northbound Business Connector request and CUCM's EM API responses.
+//!
+//! Both documents are tiny (a body limit applies before parsing), and both must be read
+//! tolerantly: unknown elements ignored, any order, whitespace anywhere. A tree makes
+//! that trivial and keeps the dialect code declarative ("first `userID` below
+//! `device`"). Entities other than XML's five predefined ones and character references
+//! are rejected, so no entity expansion is possible; DOCTYPE declarations are ignored.
+
+use quick_xml::escape::resolve_predefined_entity;
+use quick_xml::events::Event;
+use quick_xml::Reader;
+
+/// Deeper documents than this are refused: neither dialect nests more than 5 levels.
+const MAX_DEPTH: usize = 32;
+/// More elements than this are refused: a batch query for 1000 devices fits easily.
+const MAX_ELEMENTS: usize = 20_000;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum XmlError {
+    #[error("malformed XML: {0}")]
+    Malformed(String),
+    #[error("the document has no root element")]
+    NoRoot,
+    #[error("the document nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("the document has more than {MAX_ELEMENTS} elements")]
+    TooManyElements,
+    #[error("unknown entity &{0};")]
+    UnknownEntity(String),
+}
+
+/// One element: its name, attributes, text (concatenated, trimmed) and children.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Element {
+    pub name: String,
+    pub attributes: Vec<(String, String)>,
+    pub text: String,
+    pub children: Vec<Element>,
+}
+
+impl Element {
+    /// The first direct child with this name (names are case sensitive).
+    pub fn child(&self, name: &str) -> Option<&Element> {
+        self.children.iter().find(|c| c.name == name)
+    }
+
+    /// Every direct child with this name.
+    pub fn children_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> {
+        self.children.iter().filter(move |c| c.name == name)
+    }
+
+    /// The first element with this name at any depth below this one (pre-order).
+    pub fn descendant(&self, name: &str) -> Option<&Element> {
+        for c in &self.children {
+            if c.name == name {
+                return Some(c);
+            }
+            if let Some(found) = c.descendant(name) {
+                return Some(found);
+            }
+        }
+        None
+    }
+
+    pub fn attribute(&self, name: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses a whole document into its root element.
+pub fn parse(input: &str) -> Result<Element, XmlError> {
+    let mut reader = Reader::from_str(input);
+    let config = reader.config_mut();
+    config.check_end_names = true;
+    config.expand_empty_elements = false;
+
+    let mut stack: Vec<Element> = Vec::new();
+    let mut root: Option<Element> = None;
+    let mut elements = 0usize;
+    loop {
+        let event = reader
+            .read_event()
+            .map_err(|e| XmlError::Malformed(e.to_string()))?;
+        match event {
+            Event::Start(ref start) | Event::Empty(ref start) => {
+                if root.is_some() {
+                    return Err(XmlError::Malformed("content after the root element".into()));
+                }
+                elements += 1;
+                if elements > MAX_ELEMENTS {
+                    return Err(XmlError::TooManyElements);
+                }
+                let mut element = Element {
+                    name: String::from_utf8_lossy(start.name().as_ref()).into_owned(),
+                    ..Element::default()
+                };
+                for attribute in start.attributes() {
+                    let attribute = attribute.map_err(|e| XmlError::Malformed(e.to_string()))?;
+                    let key = String::from_utf8_lossy(attribute.key.as_ref()).into_owned();
+                    let value = attribute
+                        .unescape_value()
+                        .map_err(|e| XmlError::Malformed(e.to_string()))?
+                        .into_owned();
+                    element.attributes.push((key, value));
+                }
+                if matches!(event, Event::Empty(_)) {
+                    close(element, &mut stack, &mut root);
+                } else {
+                    if stack.len() >= MAX_DEPTH {
+                        return Err(XmlError::TooDeep);
+                    }
+                    stack.push(element);
+                }
+            }
+            Event::End(_) => {
+                let element = stack
+                    .pop()
+                    .ok_or_else(|| XmlError::Malformed("unbalanced end tag".into()))?;
+                close(element, &mut stack, &mut root);
+            }
+            Event::Text(text) => {
+                let text = text
+                    .xml_content()
+                    .map_err(|e| XmlError::Malformed(e.to_string()))?;
+                push_text(&mut stack, &text)?;
+            }
+            Event::CData(data) => {
+                let text = data
+                    .decode()
+                    .map_err(|e| XmlError::Malformed(e.to_string()))?;
+                push_text(&mut stack, &text)?;
+            }
+            Event::GeneralRef(reference) => {
+                let resolved = match reference
+                    .resolve_char_ref()
+                    .map_err(|e| XmlError::Malformed(e.to_string()))?
+                {
+                    Some(c) => c.to_string(),
+                    None => {
+                        let name = reference
+                            .decode()
+                            .map_err(|e| XmlError::Malformed(e.to_string()))?;
+                        resolve_predefined_entity(&name)
+                            .ok_or_else(|| XmlError::UnknownEntity(name.into_owned()))?
+                            .to_string()
+                    }
+                };
+                push_text(&mut stack, &resolved)?;
+            }
+            Event::Eof => break,
+            Event::Decl(_) | Event::PI(_) | Event::Comment(_) | Event::DocType(_) => {}
+        }
+    }
+    if !stack.is_empty() {
+        return Err(XmlError::Malformed("unclosed element".into()));
+    }
+    let mut root = root.ok_or(XmlError::NoRoot)?;
+    trim_texts(&mut root);
+    Ok(root)
+}
+
+fn close(element: Element, stack: &mut [Element], root: &mut Option<Element>) {
+    match stack.last_mut() {
+        Some(parent) => parent.children.push(element),
+        None => *root = Some(element),
+    }
+}
+
+fn push_text(stack: &mut [Element], text: &str) -> Result<(), XmlError> {
+    match stack.last_mut() {
+        Some(element) => {
+            element.text.push_str(text);
+            Ok(())
+        }
+        // Whitespace around the root is fine; anything else is not a document.
+        None if text.trim().is_empty() => Ok(()),
+        None => Err(XmlError::Malformed("text outside the root element".into())),
+    }
+}
+
+fn trim_texts(element: &mut Element) {
+    let trimmed = element.text.trim();
+    if trimmed.len() != element.text.len() {
+        element.text = trimmed.to_string();
+    }
+    for child in &mut element.children {
+        trim_texts(child);
+    }
+}
+
+/// Escapes a value for element text or an attribute value.
+pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+    quick_xml::escape::escape(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_nested_elements_attributes_and_entities() {
+        let root = parse(
+            "<?xml version='1.0'?>\n<response><device name=\"SEP1&amp;2\"> \
+             <userID>a&lt;b&#x41;</userID><none/></device></response>",
+        )
+        .unwrap();
+        assert_eq!(root.name, "response");
+        let device = root.child("device").unwrap();
+        assert_eq!(device.attribute("name"), Some("SEP1&2"));
+        assert_eq!(device.child("userID").unwrap().text, "a<bA");
+        assert!(device.child("none").is_some());
+        assert_eq!(root.descendant("userID").unwrap().text, "a<bA");
+    }
+
+    #[test]
+    fn cdata_is_text() {
+        let root = parse("<request><userID><![CDATA[x<y]]></userID></request>").unwrap();
+        assert_eq!(root.child("userID").unwrap().text, "x<y");
+    }
+
+    #[test]
+    fn rejects_malformed_and_unknown_entities() {
+        assert!(matches!(parse("<a><b></a>"), Err(XmlError::Malformed(_))));
+        assert!(matches!(parse("<a>"), Err(XmlError::Malformed(_))));
+        assert_eq!(parse(""), Err(XmlError::NoRoot));
+        assert_eq!(parse("   "), Err(XmlError::NoRoot));
+        assert!(matches!(parse("not xml"), Err(XmlError::Malformed(_))));
+        assert!(matches!(parse("<a/><b/>"), Err(XmlError::Malformed(_))));
+        assert_eq!(
+            parse("<!DOCTYPE a [<!ENTITY x \"boom\">]><a>&x;</a>"),
+            Err(XmlError::UnknownEntity("x".into()))
+        );
+    }
+
+    #[test]
+    fn bounds_depth() {
+        let deep = "<a>".repeat(40) + &"</a>".repeat(40);
+        assert_eq!(parse(&deep), Err(XmlError::TooDeep));
+    }
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(escape("<a&'\">"), "&lt;a&amp;&apos;&quot;&gt;");
+    }
+}
