@@ -1,1 +1,7 @@
+//! Business Connector: a gateway from the Business Connector 1.4 API to Cisco CUCM
+//! Extension Mobility. See README.md for the design map.
 
+pub mod config;
+pub mod demo;
+pub mod northbound;
+pub mod server;

@@ -1,1 +1,88 @@
-fn main() {}
+//! `business-connector`: serve the gateway from a TOML config, or the demo without one.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use business_connector::config::{Config, LogFormat};
+use business_connector::{demo, server};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Business Connector: log users in and out of Cisco IP phones (Extension Mobility) across CUCM clusters")]
+struct Args {
+    /// The TOML config file; without it, a demo with an embedded simulated cluster runs.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override the config's `listen` address (the demo defaults to 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Check the config and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[actix_web::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (demo_sim, mut config) = match &args.config {
+        Some(path) => (None, Config::load(path)?),
+        None => {
+            let listen = args.listen.as_deref().unwrap_or("127.0.0.1:8080");
+            let (sim, config) = demo::start(listen).context("starting the demo's simulated cluster")?;
+            (Some(sim), config)
+        }
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if args.check_config {
+        println!("config OK: {} cluster(s)", config.clusters.len());
+        return Ok(());
+    }
+    init_logging(config.log_format);
+
+    let listener = TcpListener::bind(config.listen_addr())
+        .with_context(|| format!("binding {}", config.listen))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(listen = %bound, clusters = config.clusters.len(), "business-connector {} serving", env!("CARGO_PKG_VERSION"));
+    if demo_sim.is_some() {
+        tracing::info!("{}", demo::curl_examples(&bound.to_string()));
+    }
+    server::run(listener, config, shutdown_signal()).await?;
+    drop(demo_sim);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT will stop the gateway");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -106,9 +106,10 @@ impl ClusterConfig {
         }
         for node in &self.nodes {
             let lower = node.to_ascii_lowercase();
-            if !(lower.starts_with("http://") || lower.starts_with("https://"))
-                || node.len() <= "https://".len()
-            {
+            let host = lower
+                .strip_prefix("https://")
+                .or_else(|| lower.strip_prefix("http://"));
+            if host.is_none_or(|h| h.is_empty() || h.starts_with('/')) {
                 return Err(invalid(
                     "nodes",
                     format!("{node:?} is not an http:// or https:// URL"),
@@ -190,6 +191,7 @@ mod tests {
             (|c| c.code = "E U".into(), "code"),
             (|c| c.nodes.clear(), "nodes"),
             (|c| c.nodes = vec!["cucm:8443".into()], "nodes"),
+            (|c| c.nodes = vec!["https://".into()], "nodes"),
             (|c| c.max_concurrent = 0, "max_concurrent"),
             (|c| c.burst = 0, "burst"),
             (|c| c.timeout_ms = 5, "timeout_ms"),

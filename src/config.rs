@@ -1,0 +1,276 @@
+//! The TOML configuration (SPEC.md §4): parsing with `deny_unknown_fields`, defaults,
+//! and a `validate` step whose errors name the key and its line.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use actors::config::ConfigError as ClusterConfigError;
+use actors::ClusterConfig;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// toml's message names the line, column and key.
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config: {key}{}: {message}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Invalid {
+        key: String,
+        line: Option<usize>,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Northbound HTTP address.
+    #[serde(default = "defaults::listen")]
+    pub listen: String,
+    /// Where requests without a cluster code go (optional with a single cluster).
+    #[serde(default)]
+    pub default_cluster: Option<String>,
+    /// A whole request's budget, queueing included.
+    #[serde(default = "defaults::deadline_ms")]
+    pub deadline_ms: u64,
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may take to finish on SIGTERM/SIGINT.
+    #[serde(default = "defaults::shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// HTTP worker threads; 0 means one per CPU core.
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    #[serde(rename = "cluster", default)]
+    pub clusters: Vec<ClusterConfig>,
+}
+
+mod defaults {
+    pub fn listen() -> String {
+        "0.0.0.0:8080".into()
+    }
+    pub fn deadline_ms() -> u64 {
+        15_000
+    }
+    pub fn max_body_bytes() -> usize {
+        64 * 1024
+    }
+    pub fn shutdown_grace_ms() -> u64 {
+        10_000
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates a whole config document.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string().trim().to_string()))?;
+        config.validate().map_err(|(table, key, message)| {
+            let line = line_of(text, table, key);
+            let key = match table {
+                Some(index) => format!("cluster[{index}].{key}"),
+                None => key.to_string(),
+            };
+            ConfigError::Invalid { key, line, message }
+        })?;
+        Ok(config)
+    }
+
+    /// A config for one cluster with every default (tests, demo).
+    pub fn single_cluster(listen: &str, cluster: ClusterConfig) -> Self {
+        Self {
+            listen: listen.to_string(),
+            default_cluster: None,
+            deadline_ms: defaults::deadline_ms(),
+            max_body_bytes: defaults::max_body_bytes(),
+            shutdown_grace_ms: defaults::shutdown_grace_ms(),
+            workers: 0,
+            log_format: LogFormat::Text,
+            clusters: vec![cluster],
+        }
+    }
+
+    /// Errors as (cluster index, key, message).
+    fn validate(&self) -> Result<(), (Option<usize>, &'static str, String)> {
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return Err((None, "listen", format!("{:?} is not an address like 0.0.0.0:8080", self.listen)));
+        }
+        if !(100..=600_000).contains(&self.deadline_ms) {
+            return Err((None, "deadline_ms", "must be 100-600000".into()));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return Err((None, "max_body_bytes", "must be 1024-16777216".into()));
+        }
+        if self.shutdown_grace_ms > 600_000 {
+            return Err((None, "shutdown_grace_ms", "must be at most 600000".into()));
+        }
+        if self.workers > 256 {
+            return Err((None, "workers", "must be at most 256".into()));
+        }
+        if self.clusters.is_empty() {
+            return Err((None, "cluster", "at least one [[cluster]] is needed".into()));
+        }
+        let mut codes = HashSet::new();
+        for (index, cluster) in self.clusters.iter().enumerate() {
+            cluster
+                .validate()
+                .map_err(|ClusterConfigError { key, message }| (Some(index), key, message))?;
+            if !codes.insert(cluster.normalized_code()) {
+                return Err((Some(index), "code", format!("{:?} is used by two clusters", cluster.code)));
+            }
+        }
+        if let Some(default) = &self.default_cluster {
+            if !codes.contains(&default.trim().to_ascii_uppercase()) {
+                return Err((None, "default_cluster", format!("{default:?} is not the code of any [[cluster]]")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        // Validated in `parse`; the fallback only serves hand-built configs.
+        self.listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// The line (1-based) where `key` is set: in the top-level table, or in the
+/// `index`-th `[[cluster]]` table. `None` when the key is absent (a default).
+fn line_of(text: &str, cluster_index: Option<usize>, key: &str) -> Option<usize> {
+    let mut current: Option<usize> = None;
+    let mut in_other_table = false;
+    let mut clusters_seen = 0usize;
+    for (number, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("[[cluster]]") {
+            current = Some(clusters_seen);
+            clusters_seen += 1;
+            in_other_table = false;
+            continue;
+        }
+        if trimmed.starts_with('[') {
+            in_other_table = true;
+            continue;
+        }
+        if in_other_table || current != cluster_index {
+            continue;
+        }
+        if let Some(rest) = trimmed.strip_prefix(key) {
+            if rest.trim_start().starts_with('=') {
+                return Some(number + 1);
+            }
+        }
+    }
+    // A cluster whose failing key was left out: point at its table header.
+    cluster_index.and_then(|index| {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| l.trim().starts_with("[[cluster]]"))
+            .nth(index)
+            .map(|(n, _)| n + 1)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config/example.toml");
+
+    #[test]
+    fn example_config_parses_with_its_values() {
+        let config = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(config.default_cluster.as_deref(), Some("EU"));
+        assert_eq!(config.clusters.len(), 2);
+        assert_eq!(config.clusters[0].nodes.len(), 2);
+        assert_eq!(config.clusters[0].max_concurrent, 5);
+    }
+
+    #[test]
+    fn minimal_config_gets_every_default() {
+        let config = Config::parse("[[cluster]]\ncode = \"EU\"\nnodes = [\"https://cucm:8443/emservice/EMServiceServlet\"]\n").unwrap();
+        assert_eq!(config.listen, "0.0.0.0:8080");
+        assert_eq!(config.deadline_ms, 15_000);
+        assert_eq!(config.max_body_bytes, 65_536);
+        let cluster = &config.clusters[0];
+        assert_eq!(
+            (cluster.max_concurrent, cluster.max_requests_per_second, cluster.burst),
+            (5, 20, 5)
+        );
+        assert_eq!((cluster.timeout_ms, cluster.cache_ttl_ms, cluster.queue_limit), (5_000, 10_000, 10_000));
+        assert!(!cluster.tls_insecure);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let error = Config::parse("listen = \"127.0.0.1:1\"\nlisten_port = 3\n").unwrap_err().to_string();
+        assert!(error.contains("listen_port"), "{error}");
+        assert!(error.contains("line 2"), "{error}");
+        let error = Config::parse("[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\nmax_concurent = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("max_concurent"), "{error}");
+        assert!(error.contains("line 4"), "{error}");
+    }
+
+    #[test]
+    fn invalid_values_name_key_and_line() {
+        let text = "deadline_ms = 15000\n\n[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\n\n[[cluster]]\ncode = \"US\"\nnodes = [\"http://b\"]\nmax_concurrent = 0\n";
+        let error = Config::parse(text).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "config: cluster[1].max_concurrent (line 10): must be 1-100 (CUCM's own range)"
+        );
+        let error = Config::parse("default_cluster = \"XX\"\n[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("default_cluster (line 1)"), "{error}");
+        let error = Config::parse("[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\n[[cluster]]\ncode = \"eu\"\nnodes = [\"http://b\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cluster[1].code (line 5)"), "{error}");
+        let error = Config::parse("").unwrap_err().to_string();
+        assert!(error.contains("cluster"), "{error}");
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let error = Config::parse("deadline_ms = \"soon\"\n").unwrap_err().to_string();
+        assert!(error.contains("deadline_ms"), "{error}");
+        assert!(error.contains("line 1"), "{error}");
+    }
+}

@@ -1,0 +1,265 @@
+//! The actix-web handlers: `/api/*`, `/metrics`, `/healthz`, `/readyz`.
+//!
+//! `/api/*` is one handler that reads the raw path itself, so that path segments are
+//! percent-decoded exactly once and `%2F` inside a user ID stays part of it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use actors::{Metrics, Outcome, Router};
+use futures_util::StreamExt;
+
+use super::request::{apply_path, parse_message, validate, Call, Fields};
+use super::response::{version_document, Failure, ResultDoc, CONTENT_TYPE};
+
+/// What every handler shares.
+pub struct AppState {
+    pub router: Router,
+    pub metrics: Arc<Metrics>,
+    pub deadline: Duration,
+    pub max_body_bytes: usize,
+}
+
+/// `/api/{call}[/{segments}...]`, GET or POST.
+pub async fn api(request: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    let started = Instant::now();
+    let path = request.uri().path();
+    let mut segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if segments.last() == Some(&"") {
+        segments.pop(); // a trailing slash
+    }
+    let call = match segments.as_slice() {
+        [api, call, ..] if api.eq_ignore_ascii_case("api") => Call::from_segment(call),
+        _ => None,
+    };
+    let Some(call) = call else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    if request.method() != Method::GET && request.method() != Method::POST {
+        return HttpResponse::MethodNotAllowed()
+            .insert_header((header::ALLOW, "GET, POST"))
+            .content_type("text/plain; charset=utf-8")
+            .body("method not allowed\n");
+    }
+    if call == Call::Version {
+        if segments.len() > 2 {
+            return plain(StatusCode::NOT_FOUND, "not found\n");
+        }
+        return xml_response(StatusCode::OK, version_document(), None);
+    }
+
+    let message = match read_message(&request, payload, state.max_body_bytes).await {
+        Ok(message) => message,
+        Err(failure) => {
+            let doc = ResultDoc::failure(call, "", None, &failure);
+            return finish(&state, call, None, doc, started, &Fields::default(), None, false);
+        }
+    };
+    let mut fields = match message.as_deref().map(parse_message) {
+        Some(Ok(fields)) => fields,
+        None => Fields::default(),
+        Some(Err(error)) => {
+            let doc = ResultDoc::failure(call, "", None, &Failure::Request(error));
+            return finish(&state, call, None, doc, started, &Fields::default(), None, false);
+        }
+    };
+    match apply_path(call, &segments[2..], &mut fields) {
+        Ok(true) => {}
+        Ok(false) => return plain(StatusCode::NOT_FOUND, "not found\n"),
+        Err(error) => {
+            let doc = ResultDoc::failure(call, "", None, &Failure::Request(error));
+            return finish(&state, call, None, doc, started, &fields, None, false);
+        }
+    }
+    let echo_device = fields.device_name.clone().unwrap_or_default();
+    let echo_user = fields.user_id.clone();
+
+    let valid = match validate(call, &fields) {
+        Ok(valid) => valid,
+        Err(error) => {
+            let doc = ResultDoc::failure(call, &echo_device, echo_user.as_deref(), &Failure::Request(error));
+            return finish(&state, call, None, doc, started, &fields, None, false);
+        }
+    };
+    let cluster = match state.router.route(valid.cluster_code.as_deref()) {
+        Ok(cluster) => cluster,
+        Err(error) => {
+            let doc = ResultDoc::failure(call, &echo_device, echo_user.as_deref(), &Failure::Route(error));
+            return finish(&state, call, None, doc, started, &fields, None, false);
+        }
+    };
+    let device = valid.operation.device().as_str().to_string();
+    let user = match &valid.operation {
+        actors::Operation::Login { user, .. } => Some(user.as_str().to_string()),
+        _ => None,
+    };
+    let deadline = started + state.deadline;
+    let reply = cluster.submit(valid.operation, valid.credentials, deadline).await;
+    let doc = match &reply.result {
+        Ok(outcome) => ResultDoc::success(call, &device, user.as_deref(), outcome),
+        Err(error) => ResultDoc::failure(call, &device, user.as_deref(), &Failure::Operation(error.clone())),
+    };
+    let logged_user = match &reply.result {
+        Ok(Outcome::CurrentUser(current)) => current.as_ref().map(|u| u.as_str().to_string()),
+        _ => user,
+    };
+    let fields = Fields {
+        device_name: Some(device),
+        user_id: logged_user,
+        ..Fields::default()
+    };
+    finish(
+        &state,
+        call,
+        Some(&cluster.code),
+        doc,
+        started,
+        &fields,
+        reply.node.as_deref(),
+        reply.from_cache,
+    )
+}
+
+/// Counts, logs one line, and renders.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    state: &AppState,
+    call: Call,
+    cluster: Option<&str>,
+    doc: ResultDoc,
+    started: Instant,
+    fields: &Fields,
+    node: Option<&str>,
+    from_cache: bool,
+) -> HttpResponse {
+    // Unrouted requests share one label: a caller's cluster code never becomes one.
+    let cluster_label = cluster.unwrap_or("none");
+    let elapsed = started.elapsed();
+    let code = doc.code.to_string();
+    state
+        .metrics
+        .requests
+        .with_label_values(&[call.label(), cluster_label, &code])
+        .inc();
+    state
+        .metrics
+        .request_duration
+        .with_label_values(&[call.label(), cluster_label])
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(
+        target: "request",
+        operation = call.label(),
+        cluster = cluster_label,
+        device = fields.device_name.as_deref().unwrap_or(""),
+        user = fields.user_id.as_deref().unwrap_or(""),
+        code = doc.code,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        node = node.unwrap_or(""),
+        cached = from_cache,
+        "{}",
+        doc.text
+    );
+    xml_response(doc.status, doc.render(), doc.retry_after)
+}
+
+/// The XML message: form field `xml` (body or query string) or the raw XML body.
+/// `Ok(None)` when there is none (path-only calls).
+async fn read_message(
+    request: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Option<String>, Failure> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(Failure::BodyTooLarge { limit });
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|_| {
+            Failure::Request(super::request::RequestError::MalformedXml("the body could not be read".into()))
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(Failure::BodyTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let body = String::from_utf8_lossy(&body);
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let trimmed = body.trim_start_matches('\u{feff}').trim();
+    if !trimmed.is_empty() {
+        let looks_like_xml = trimmed.starts_with('<');
+        let is_form = content_type.starts_with("application/x-www-form-urlencoded");
+        if looks_like_xml && !is_form {
+            return Ok(Some(trimmed.to_string()));
+        }
+        if let Some(xml) = form_field(trimmed, "xml") {
+            return Ok(Some(xml));
+        }
+        if looks_like_xml {
+            // Declared as a form but sent raw: what some clients do.
+            return Ok(Some(trimmed.to_string()));
+        }
+    }
+    Ok(request.uri().query().and_then(|query| form_field(query, "xml")))
+}
+
+fn form_field(encoded: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(encoded.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+        .filter(|value| !value.trim().is_empty())
+}
+
+fn xml_response(status: StatusCode, body: String, retry_after: Option<Duration>) -> HttpResponse {
+    let mut response = HttpResponse::build(status);
+    response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE)));
+    if let Some(after) = retry_after {
+        let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        response.insert_header((header::RETRY_AFTER, seconds.max(1).to_string()));
+    }
+    response.body(body)
+}
+
+fn plain(status: StatusCode, body: &'static str) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("text/plain; charset=utf-8")
+        .body(body)
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render())
+}
+
+pub async fn healthz() -> HttpResponse {
+    plain(StatusCode::OK, "ok\n")
+}
+
+/// Ready when every cluster has at least one node not being skipped.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let down: Vec<&str> = state
+        .router
+        .clusters()
+        .filter(|c| !c.any_node_usable())
+        .map(|c| &*c.code)
+        .collect();
+    if down.is_empty() {
+        return plain(StatusCode::OK, "ready\n");
+    }
+    HttpResponse::ServiceUnavailable()
+        .content_type("text/plain; charset=utf-8")
+        .body(format!("not ready: no usable CUCM node in {}\n", down.join(", ")))
+}

@@ -1,0 +1,282 @@
+//! The northbound request (SPEC.md §1): the XML message, path segments that take the
+//! place of its elements, and validation in the order the spec fixes for several
+//! faults: malformed XML (1002), deviceName missing (404), an invalid value (1002),
+//! credentials missing (1006). The unknown cluster (1001) comes after, at routing.
+
+use actors::operation::InvalidValue;
+use actors::{xml, Credentials, DeviceName, Operation, UserId};
+use percent_encoding::percent_decode_str;
+
+/// The four calls of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Version,
+    Login,
+    Logout,
+    GetLoggedInUser,
+}
+
+impl Call {
+    /// From the path's call segment; case-insensitive (clients differ).
+    pub fn from_segment(segment: &str) -> Option<Self> {
+        match segment.to_ascii_lowercase().as_str() {
+            "getversioninfo" => Some(Call::Version),
+            "login" => Some(Call::Login),
+            "logout" => Some(Call::Logout),
+            "getloggedinuser" => Some(Call::GetLoggedInUser),
+            _ => None,
+        }
+    }
+
+    /// Path segments after the call name, in the order they fill fields.
+    fn path_fields(self) -> &'static [Field] {
+        match self {
+            Call::Version => &[],
+            Call::Login => &[Field::DeviceName, Field::UserId, Field::ClusterCode, Field::Pin],
+            Call::Logout | Call::GetLoggedInUser => &[Field::DeviceName, Field::ClusterCode],
+        }
+    }
+
+    /// The bounded `operation` label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Call::Version => "getversioninfo",
+            Call::Login => "login",
+            Call::Logout => "logout",
+            Call::GetLoggedInUser => "getloggedinuser",
+        }
+    }
+
+    /// Whether the answer carries a `<userID>`.
+    pub fn echoes_user(self) -> bool {
+        matches!(self, Call::Login | Call::GetLoggedInUser)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    DeviceName,
+    UserId,
+    ClusterCode,
+    Pin,
+}
+
+/// The message's values, as given (not yet validated).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Fields {
+    pub app_id: Option<String>,
+    pub app_certificate: Option<String>,
+    pub device_name: Option<String>,
+    pub user_id: Option<String>,
+    pub cluster_code: Option<String>,
+    pub pin: Option<String>,
+}
+
+impl Fields {
+    fn set(&mut self, field: Field, value: String) {
+        let slot = match field {
+            Field::DeviceName => &mut self.device_name,
+            Field::UserId => &mut self.user_id,
+            Field::ClusterCode => &mut self.cluster_code,
+            Field::Pin => &mut self.pin,
+        };
+        *slot = Some(value);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("Invalid request: malformed XML ({0})")]
+    MalformedXml(String),
+    #[error("Invalid request: a path segment is not valid percent-encoded UTF-8")]
+    MalformedPath,
+    #[error("Device ID empty")]
+    DeviceMissing,
+    #[error("Invalid request: userID is missing")]
+    UserMissing,
+    #[error("Invalid request: {0}")]
+    InvalidValue(#[from] InvalidValue),
+    #[error("Credentials missing: appID and appCertificate are required")]
+    CredentialsMissing,
+}
+
+/// Reads the XML message. Element names are case sensitive; unknown ones are ignored;
+/// each field is the first element of its name at any depth (clients that nest the
+/// credentials in `<appInfo>`, as the EM API does, work too).
+pub fn parse_message(message: &str) -> Result<Fields, RequestError> {
+    let root = xml::parse(message).map_err(|e| RequestError::MalformedXml(e.to_string()))?;
+    let find = |name: &str| {
+        if root.name == name {
+            return Some(root.text.clone());
+        }
+        root.descendant(name).map(|e| e.text.clone())
+    };
+    Ok(Fields {
+        app_id: find("appID"),
+        app_certificate: find("appCertificate"),
+        device_name: find("deviceName"),
+        user_id: find("userID"),
+        cluster_code: find("clusterCode"),
+        pin: find("pin"),
+    })
+}
+
+/// Path segments after the call take the place of the same-named elements.
+/// Returns `Ok(false)` when there are more segments than the call has fields.
+pub fn apply_path(call: Call, segments: &[&str], fields: &mut Fields) -> Result<bool, RequestError> {
+    let names = call.path_fields();
+    if segments.len() > names.len() {
+        return Ok(false);
+    }
+    for (name, raw) in names.iter().zip(segments) {
+        let value = percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| RequestError::MalformedPath)?;
+        if !value.is_empty() {
+            fields.set(*name, value.into_owned());
+        }
+    }
+    Ok(true)
+}
+
+/// A request ready for a cluster.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub operation: Operation,
+    pub credentials: Credentials,
+    pub cluster_code: Option<String>,
+}
+
+/// Checks the fields in the spec's order of faults.
+pub fn validate(call: Call, fields: &Fields) -> Result<ValidRequest, RequestError> {
+    let device = present(&fields.device_name).ok_or(RequestError::DeviceMissing)?;
+    let device = DeviceName::parse(device)?;
+    let operation = match call {
+        Call::Login => {
+            let user = present(&fields.user_id).ok_or(RequestError::UserMissing)?;
+            Operation::Login {
+                device,
+                user: UserId::parse(user)?,
+            }
+        }
+        Call::Logout => Operation::Logout { device },
+        // Version has no device: never validated; treated as a query defensively.
+        Call::GetLoggedInUser | Call::Version => Operation::Query { device },
+    };
+    let (Some(app_id), Some(app_certificate)) = (present(&fields.app_id), present(&fields.app_certificate))
+    else {
+        return Err(RequestError::CredentialsMissing);
+    };
+    Ok(ValidRequest {
+        operation,
+        credentials: Credentials::new(app_id, app_certificate),
+        cluster_code: present(&fields.cluster_code).map(str::to_string),
+    })
+}
+
+/// A value that is there and not blank. Device names and user IDs are used as given
+/// (no trimming inside validation), but surrounding whitespace from pretty-printed
+/// XML is already gone.
+fn present(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.trim().is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = "<request><appID>app</appID><appCertificate>pw</appCertificate>\
+        <deviceName>SEP1CE6C79BAF1F</deviceName><userID>ALMUSER01</userID>\
+        <clusterCode>EU</clusterCode><pin>1234</pin></request>";
+
+    #[test]
+    fn reads_every_field_of_the_vendor_message() {
+        let fields = parse_message(FULL).unwrap();
+        assert_eq!(fields.app_id.as_deref(), Some("app"));
+        assert_eq!(fields.app_certificate.as_deref(), Some("pw"));
+        assert_eq!(fields.device_name.as_deref(), Some("SEP1CE6C79BAF1F"));
+        assert_eq!(fields.user_id.as_deref(), Some("ALMUSER01"));
+        assert_eq!(fields.cluster_code.as_deref(), Some("EU"));
+        assert_eq!(fields.pin.as_deref(), Some("1234"));
+    }
+
+    #[test]
+    fn tolerates_declaration_whitespace_nesting_and_unknown_elements() {
+        let fields = parse_message(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<request>\n  <appInfo><appID> app </appID>\
+             <appCertificate>pw</appCertificate></appInfo>\n  <future>x</future>\n  \
+             <deviceName>sep1</deviceName>\n</request>",
+        )
+        .unwrap();
+        assert_eq!(fields.app_id.as_deref(), Some("app"));
+        assert_eq!(fields.device_name.as_deref(), Some("sep1"));
+        // Case sensitive: <deviceid> or <DeviceName> are not deviceName.
+        let fields = parse_message("<request><DeviceName>x</DeviceName></request>").unwrap();
+        assert_eq!(fields.device_name, None);
+    }
+
+    #[test]
+    fn path_segments_override_and_are_percent_decoded() {
+        let mut fields = parse_message(FULL).unwrap();
+        assert!(apply_path(Call::Login, &["SEP2", "multi.user%40example.com", "us"], &mut fields).unwrap());
+        assert_eq!(fields.device_name.as_deref(), Some("SEP2"));
+        assert_eq!(fields.user_id.as_deref(), Some("multi.user@example.com"));
+        assert_eq!(fields.cluster_code.as_deref(), Some("us"));
+        assert_eq!(fields.pin.as_deref(), Some("1234"));
+        assert!(!apply_path(Call::Logout, &["a", "b", "c"], &mut fields).unwrap());
+        assert_eq!(
+            apply_path(Call::Logout, &["%ff"], &mut fields),
+            Err(RequestError::MalformedPath)
+        );
+    }
+
+    #[test]
+    fn faults_answer_in_the_specified_order() {
+        let blank = Fields::default();
+        // deviceName missing comes before the missing credentials and user.
+        assert_eq!(validate(Call::Login, &blank).unwrap_err(), RequestError::DeviceMissing);
+        let bad_device = Fields {
+            device_name: Some("SEP 1".into()),
+            ..Fields::default()
+        };
+        assert!(matches!(
+            validate(Call::Login, &bad_device).unwrap_err(),
+            RequestError::InvalidValue(InvalidValue::DeviceName)
+        ));
+        let no_user = Fields {
+            device_name: Some("SEP1".into()),
+            ..Fields::default()
+        };
+        assert_eq!(validate(Call::Login, &no_user).unwrap_err(), RequestError::UserMissing);
+        assert_eq!(
+            validate(Call::Logout, &no_user).unwrap_err(),
+            RequestError::CredentialsMissing
+        );
+        let only_id = Fields {
+            device_name: Some("SEP1".into()),
+            app_id: Some("app".into()),
+            ..Fields::default()
+        };
+        assert_eq!(
+            validate(Call::GetLoggedInUser, &only_id).unwrap_err(),
+            RequestError::CredentialsMissing
+        );
+    }
+
+    #[test]
+    fn a_valid_login_upper_cases_the_device() {
+        let request = validate(Call::Login, &parse_message(FULL).unwrap()).unwrap();
+        assert_eq!(request.operation.device().as_str(), "SEP1CE6C79BAF1F");
+        assert_eq!(request.cluster_code.as_deref(), Some("EU"));
+        assert_eq!(request.credentials.app_id(), "app");
+    }
+
+    #[test]
+    fn malformed_xml_is_a_request_error() {
+        assert!(matches!(
+            parse_message("<request><deviceName>x</request>"),
+            Err(RequestError::MalformedXml(_))
+        ));
+        assert!(matches!(parse_message("hello"), Err(RequestError::MalformedXml(_))));
+    }
+}

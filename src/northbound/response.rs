@@ -1,0 +1,268 @@
+//! Northbound answers (SPEC.md §1): the XML documents, and the one place where every
+//! outcome and error becomes a result code, a text and an HTTP status.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actors::{xml::escape, OpError, Outcome, RouteError};
+
+use super::request::{Call, RequestError};
+
+pub const XML_DECLARATION: &str = "<?xml version='1.0' encoding='UTF-8'?>";
+pub const CONTENT_TYPE: &str = "text/xml; charset=utf-8";
+
+/// Echoed values are cut to this many characters (after which `…`).
+const MAX_ECHO_CHARS: usize = 64;
+
+/// The gateway's own codes.
+pub mod code {
+    pub const SUCCESS: u32 = 0;
+    pub const DEVICE_ID_EMPTY: u32 = 404;
+    pub const CLUSTER_NOT_FOUND: u32 = 1001;
+    pub const INVALID_REQUEST: u32 = 1002;
+    pub const CUCM_UNAVAILABLE: u32 = 1003;
+    pub const OVERLOADED: u32 = 1004;
+    pub const INVALID_CUCM_RESPONSE: u32 = 1005;
+    pub const CREDENTIALS_MISSING: u32 = 1006;
+    pub const CUCM_UNKNOWN_FAILURE: u32 = 1008;
+}
+
+/// Everything that can answer a call other than success.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    Request(RequestError),
+    Route(RouteError),
+    Operation(OpError),
+    BodyTooLarge { limit: usize },
+}
+
+/// One `<result>`: what the caller reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultDoc {
+    pub status: StatusCode,
+    pub code: u32,
+    pub text: String,
+    pub device_name: String,
+    /// `Some` for login and getloggedinuser.
+    pub user_id: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+impl ResultDoc {
+    pub fn success(call: Call, device: &str, user: Option<&str>, outcome: &Outcome) -> Self {
+        let (user_id, text) = match outcome {
+            Outcome::LoggedIn => {
+                let user = user.unwrap_or_default();
+                (Some(user.to_string()), format!("Login successful for {user} on device {device}"))
+            }
+            Outcome::LoggedOut => (None, format!("Logout successful for device {device}")),
+            Outcome::CurrentUser(Some(current)) => (
+                Some(current.as_str().to_string()),
+                "Get logged in user request successful".to_string(),
+            ),
+            Outcome::CurrentUser(None) => (
+                Some(String::new()),
+                format!("No user is logged in on device {device}"),
+            ),
+        };
+        Self {
+            status: StatusCode::OK,
+            code: code::SUCCESS,
+            text,
+            device_name: device.to_string(),
+            user_id: if call.echoes_user() { user_id.or(Some(String::new())) } else { None },
+            retry_after: None,
+        }
+    }
+
+    /// `device` and `user` are what the caller sent (echoed, escaped, cut).
+    pub fn failure(call: Call, device: &str, user: Option<&str>, failure: &Failure) -> Self {
+        let (status, code, text, retry_after) = classify(failure);
+        Self {
+            status,
+            code,
+            text,
+            device_name: device.to_string(),
+            user_id: call
+                .echoes_user()
+                .then(|| if call == Call::Login { user.unwrap_or_default().to_string() } else { String::new() }),
+            retry_after,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(256);
+        out.push_str(XML_DECLARATION);
+        out.push_str("\n<response>\n<result>\n");
+        let _ = writeln!(out, "<deviceName>{}</deviceName>", escape(&cut(&self.device_name)));
+        if let Some(user) = &self.user_id {
+            let _ = writeln!(out, "<userID>{}</userID>", escape(&cut_to(user, 128)));
+        }
+        let _ = writeln!(out, "<code>{}</code>", self.code);
+        let _ = writeln!(out, "<text>{}</text>", escape(&self.text));
+        out.push_str("</result>\n</response>\n");
+        out
+    }
+}
+
+/// The mapping from every failure to (HTTP status, code, text, Retry-After).
+fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
+    use code::*;
+    let ok = StatusCode::OK;
+    match failure {
+        Failure::Request(RequestError::DeviceMissing) => (ok, DEVICE_ID_EMPTY, failure_text(failure), None),
+        Failure::Request(RequestError::CredentialsMissing) => (ok, CREDENTIALS_MISSING, failure_text(failure), None),
+        Failure::Request(_) => (ok, INVALID_REQUEST, failure_text(failure), None),
+        Failure::BodyTooLarge { limit } => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            INVALID_REQUEST,
+            format!("Invalid request: the body is larger than {limit} bytes"),
+            None,
+        ),
+        Failure::Route(RouteError::UnknownCluster(requested)) => (
+            ok,
+            CLUSTER_NOT_FOUND,
+            format!("Cluster with code [{}] not found", cut_to(requested, 32)),
+            None,
+        ),
+        Failure::Route(RouteError::NoDefault) => (ok, CLUSTER_NOT_FOUND, failure_text(failure), None),
+        Failure::Operation(error) => match error {
+            OpError::Cucm { code, text } => (ok, *code, text.clone(), None),
+            OpError::CucmUnknown { text } => (
+                ok,
+                CUCM_UNKNOWN_FAILURE,
+                format!("CUCM reported a failure without a usable code: {text}"),
+                None,
+            ),
+            OpError::Unavailable { reason } => (ok, CUCM_UNAVAILABLE, format!("CUCM unavailable: {reason}"), None),
+            OpError::InvalidResponse { detail } => (
+                ok,
+                INVALID_CUCM_RESPONSE,
+                format!("CUCM answered with something that is not a valid EM API response: {detail}"),
+                None,
+            ),
+            OpError::Overloaded { reason, retry_after } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                OVERLOADED,
+                format!("Overloaded: {reason}; retry later"),
+                Some(*retry_after),
+            ),
+        },
+    }
+}
+
+fn failure_text(failure: &Failure) -> String {
+    match failure {
+        Failure::Request(e) => e.to_string(),
+        Failure::Route(e) => e.to_string(),
+        Failure::Operation(e) => e.to_string(),
+        Failure::BodyTooLarge { limit } => format!("body over {limit} bytes"),
+    }
+}
+
+/// The version document (no credentials needed).
+pub fn version_document() -> String {
+    format!(
+        "{XML_DECLARATION}\n<result>\n<appversion>1.4</appversion>\n<appname>Business Connector</appname>\n</result>\n"
+    )
+}
+
+fn cut(value: &str) -> String {
+    cut_to(value, MAX_ECHO_CHARS)
+}
+
+fn cut_to(value: &str, max_chars: usize) -> String {
+    match value.char_indices().nth(max_chars) {
+        Some((index, _)) => format!("{}…", &value[..index]),
+        None => value.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actors::UserId;
+
+    #[test]
+    fn login_success_document_is_exactly_the_vendor_format() {
+        let doc = ResultDoc::success(Call::Login, "SEP1CE6C79BAF1F", Some("ALMUSER01"), &Outcome::LoggedIn);
+        assert_eq!(
+            doc.render(),
+            "<?xml version='1.0' encoding='UTF-8'?>\n<response>\n<result>\n\
+             <deviceName>SEP1CE6C79BAF1F</deviceName>\n<userID>ALMUSER01</userID>\n<code>0</code>\n\
+             <text>Login successful for ALMUSER01 on device SEP1CE6C79BAF1F</text>\n</result>\n</response>\n"
+        );
+    }
+
+    #[test]
+    fn logout_has_no_user_and_query_for_nobody_has_an_empty_one() {
+        let logout = ResultDoc::success(Call::Logout, "SEP1", None, &Outcome::LoggedOut).render();
+        assert!(!logout.contains("<userID>"));
+        assert!(logout.contains("<text>Logout successful for device SEP1</text>"));
+        let nobody = ResultDoc::success(Call::GetLoggedInUser, "SEP1", None, &Outcome::CurrentUser(None)).render();
+        assert!(nobody.contains("<userID></userID>"));
+        assert!(nobody.contains("<code>0</code>"));
+        let someone = ResultDoc::success(
+            Call::GetLoggedInUser,
+            "SEP1",
+            None,
+            &Outcome::CurrentUser(Some(UserId::parse("a&b").unwrap())),
+        )
+        .render();
+        assert!(someone.contains("<userID>a&amp;b</userID>"));
+    }
+
+    #[test]
+    fn codes_and_statuses_of_each_failure() {
+        let case = |failure: Failure| {
+            let doc = ResultDoc::failure(Call::Login, "SEP1", Some("u"), &failure);
+            (doc.status.as_u16(), doc.code)
+        };
+        assert_eq!(case(Failure::Request(RequestError::DeviceMissing)), (200, 404));
+        assert_eq!(case(Failure::Request(RequestError::UserMissing)), (200, 1002));
+        assert_eq!(case(Failure::Request(RequestError::CredentialsMissing)), (200, 1006));
+        assert_eq!(case(Failure::Route(RouteError::UnknownCluster("X".into()))), (200, 1001));
+        assert_eq!(case(Failure::BodyTooLarge { limit: 10 }), (413, 1002));
+        assert_eq!(
+            case(Failure::Operation(OpError::Cucm { code: 25, text: "User logged in elsewhere".into() })),
+            (200, 25)
+        );
+        assert_eq!(case(Failure::Operation(OpError::CucmUnknown { text: "Unknown Error".into() })), (200, 1008));
+        assert_eq!(case(Failure::Operation(OpError::Unavailable { reason: "x".into() })), (200, 1003));
+        assert_eq!(case(Failure::Operation(OpError::InvalidResponse { detail: "x".into() })), (200, 1005));
+        let shed = ResultDoc::failure(
+            Call::Login,
+            "SEP1",
+            None,
+            &Failure::Operation(OpError::Overloaded { reason: "full", retry_after: Duration::from_secs(3) }),
+        );
+        assert_eq!((shed.status.as_u16(), shed.code), (503, 1004));
+        assert_eq!(shed.retry_after, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn echoed_values_are_escaped_and_cut() {
+        let requested = format!("<script>{}", "x".repeat(100));
+        let doc = ResultDoc::failure(
+            Call::Logout,
+            &requested,
+            None,
+            &Failure::Route(RouteError::UnknownCluster(requested.clone())),
+        );
+        let rendered = doc.render();
+        assert!(!rendered.contains("<script>"));
+        assert!(rendered.contains("&lt;script&gt;"));
+        assert!(doc.text.chars().count() < 70, "{}", doc.text);
+        let device_line = rendered.lines().find(|l| l.starts_with("<deviceName>")).unwrap();
+        assert!(device_line.chars().count() < 100, "{device_line}");
+    }
+
+    #[test]
+    fn version_document_is_exact() {
+        assert_eq!(
+            version_document(),
+            "<?xml version='1.0' encoding='UTF-8'?>\n<result>\n<appversion>1.4</appversion>\n<appname>Business Connector</appname>\n</result>\n"
+        );
+    }
+}
