@@ -242,13 +242,15 @@ impl ClusterActor {
     /// The shaper's front device has an operation past its deadline: answer 1004
     /// without calling CUCM, and let the device line up for its next one.
     fn expire_if_late(&mut self, device: &DeviceName) -> bool {
-        let now = Instant::now();
+        // Late means: it cannot finish before its deadline. Starting it anyway would
+        // risk a login that CUCM executes after the caller was told it failed.
+        let latest_start = Instant::now() + self.call_time.unwrap_or_default();
         let Some(queue) = self.devices.get_mut(device) else {
             // Cannot happen (a lined-up device has a queue); drop the stale entry.
             self.shaper.skip_front();
             return true;
         };
-        if queue.next().is_none_or(|op| op.deadline > now) {
+        if queue.next().is_none_or(|op| op.deadline > latest_start) {
             return false;
         }
         self.shaper.skip_front();
@@ -259,7 +261,7 @@ impl ClusterActor {
             self.metrics.shed_deadline.inc();
             answer_all(op.waiters, Reply {
                 result: Err(OpError::Overloaded {
-                    reason: "the deadline passed while waiting for CUCM",
+                    reason: "the deadline would pass before CUCM could answer",
                     retry_after: self.expected_wait().max(Duration::from_secs(1)),
                 }),
                 node: None,
@@ -312,10 +314,13 @@ impl ClusterActor {
         ctx: &mut Context<Self>,
     ) {
         self.shaper.release();
-        self.call_time = Some(match self.call_time {
-            Some(previous) => previous.mul_f64(0.8) + took.mul_f64(0.2),
-            None => took,
-        });
+        if result.is_ok() {
+            // Only real answers teach how long CUCM takes; a timeout says nothing.
+            self.call_time = Some(match self.call_time {
+                Some(previous) => previous.mul_f64(0.8) + took.mul_f64(0.2),
+                None => took,
+            });
+        }
         let Some(queue) = self.devices.get_mut(&device) else {
             self.pump(ctx);
             return;

@@ -131,10 +131,9 @@ impl Gateway {
         }
     }
 
-    pub fn trigger_shutdown(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    /// The shutdown switch, to flip while other requests borrow the gateway.
+    pub fn take_shutdown_trigger(&mut self) -> oneshot::Sender<()> {
+        self.shutdown.take().expect("shutdown not yet triggered")
     }
 
     pub async fn finished(&mut self) {
