@@ -1,0 +1,152 @@
+//! The `business-connector` binary as operators run it: config check, demo mode, and
+//! SIGTERM with requests in flight.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use futures_util::future::join_all;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_business-connector");
+
+/// A running binary and the address it logged.
+struct Running {
+    child: Child,
+    addr: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(BINARY)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the binary starts");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        let addr = loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no 'serving' line; saw: {seen:#?}"));
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap_or_default().to_string();
+            }
+            seen.push(line);
+        };
+        Self { child, addr, lines }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn terminate(&self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let result = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(result, 0, "SIGTERM delivered");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn login(client: &reqwest::Client, url: String) -> Answer {
+    let response = client
+        .post(url)
+        .form(&[("xml", format!("<request>{CREDS}</request>"))])
+        .send()
+        .await
+        .expect("gateway reachable");
+    Answer::read(response).await
+}
+
+#[test]
+fn check_config_accepts_the_example_and_names_bad_keys() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
+    let output = Command::new(BINARY).args(["--config", example, "--check-config"]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("config OK: 2 cluster(s)"));
+
+    let bad = std::env::temp_dir().join(format!("bc-bad-{}.toml", std::process::id()));
+    std::fs::write(&bad, "[[cluster]]\ncode = \"EU\"\nnodes = [\"http://cucm\"]\nqueue_limit = 0\n").unwrap();
+    let output = Command::new(BINARY)
+        .args(["--config", bad.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&bad);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cluster[0].queue_limit (line 4)"), "{stderr}");
+}
+
+#[actix_web::test]
+async fn demo_mode_serves_an_embedded_cluster() {
+    let running = Running::start(&["--listen", "127.0.0.1:0"]);
+    let client = reqwest::Client::new();
+    let version = client.get(running.url("/api/getversioninfo")).send().await.unwrap();
+    assert_eq!(version.status().as_u16(), 200);
+    login(&client, running.url("/api/login/SEP000000000001/user1/demo"))
+        .await
+        .expect(200, 0);
+    let query = client
+        .get(running.url(&format!(
+            "/api/getloggedinuser/SEP000000000001?xml={}",
+            form_urlencoded::byte_serialize(format!("<request>{CREDS}</request>").as_bytes()).collect::<String>()
+        )))
+        .send()
+        .await
+        .unwrap();
+    let answer = Answer::read(query).await;
+    answer.expect(200, 0);
+    assert_eq!(answer.user.as_deref(), Some("user1"));
+    let logged: Vec<String> = running.lines.try_iter().collect();
+    assert!(logged.iter().any(|l| l.contains("curl -s")), "the demo logs how to call it");
+}
+
+#[actix_web::test]
+async fn sigterm_lets_requests_in_flight_finish() {
+    let sim = simulator(5, |c| c.behavior = latency_ms(500));
+    let config = std::env::temp_dir().join(format!("bc-sigterm-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nworkers = 1\n[[cluster]]\ncode = \"EU\"\nnodes = [\"{}\"]\n",
+            sim.url()
+        ),
+    )
+    .unwrap();
+    let mut running = Running::start(&["--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    let client = reqwest::Client::new();
+    let logins = join_all((1..=5).map(|n| login(&client, running.url(&format!("/api/login/{}/user{n}", device(n))))));
+    let terminate = async {
+        wait_until("five logins are at CUCM", Duration::from_secs(10), || sim.stats().in_flight_ops == 5).await;
+        running.terminate();
+    };
+    let (answers, ()) = tokio::join!(logins, terminate);
+    for answer in &answers {
+        answer.expect(200, 0);
+    }
+    let status = running.child.wait().expect("the gateway exits");
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+    assert_eq!(sim.stats().calls_login, 5);
+}
