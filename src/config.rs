@@ -88,8 +88,8 @@ impl Config {
 
     /// Parses and validates a whole config document.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string().trim().to_string()))?;
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse(e.to_string().trim().to_string()))?;
         config.validate().map_err(|(table, key, message)| {
             let line = line_of(text, table, key);
             let key = match table {
@@ -118,7 +118,11 @@ impl Config {
     /// Errors as (cluster index, key, message).
     fn validate(&self) -> Result<(), (Option<usize>, &'static str, String)> {
         if self.listen.parse::<SocketAddr>().is_err() {
-            return Err((None, "listen", format!("{:?} is not an address like 0.0.0.0:8080", self.listen)));
+            return Err((
+                None,
+                "listen",
+                format!("{:?} is not an address like 0.0.0.0:8080", self.listen),
+            ));
         }
         if !(100..=600_000).contains(&self.deadline_ms) {
             return Err((None, "deadline_ms", "must be 100-600000".into()));
@@ -141,12 +145,20 @@ impl Config {
                 .validate()
                 .map_err(|ClusterConfigError { key, message }| (Some(index), key, message))?;
             if !codes.insert(cluster.normalized_code()) {
-                return Err((Some(index), "code", format!("{:?} is used by two clusters", cluster.code)));
+                return Err((
+                    Some(index),
+                    "code",
+                    format!("{:?} is used by two clusters", cluster.code),
+                ));
             }
         }
         if let Some(default) = &self.default_cluster {
             if !codes.contains(&default.trim().to_ascii_uppercase()) {
-                return Err((None, "default_cluster", format!("{default:?} is not the code of any [[cluster]]")));
+                return Err((
+                    None,
+                    "default_cluster",
+                    format!("{default:?} is not the code of any [[cluster]]"),
+                ));
             }
         }
         Ok(())
@@ -228,21 +240,36 @@ mod tests {
         assert_eq!(config.max_body_bytes, 65_536);
         let cluster = &config.clusters[0];
         assert_eq!(
-            (cluster.max_concurrent, cluster.max_requests_per_second, cluster.burst),
+            (
+                cluster.max_concurrent,
+                cluster.max_requests_per_second,
+                cluster.burst
+            ),
             (5, 20, 5)
         );
-        assert_eq!((cluster.timeout_ms, cluster.cache_ttl_ms, cluster.queue_limit), (5_000, 10_000, 10_000));
+        assert_eq!(
+            (
+                cluster.timeout_ms,
+                cluster.cache_ttl_ms,
+                cluster.queue_limit
+            ),
+            (5_000, 10_000, 10_000)
+        );
         assert!(!cluster.tls_insecure);
     }
 
     #[test]
     fn unknown_keys_are_refused_with_their_line() {
-        let error = Config::parse("listen = \"127.0.0.1:1\"\nlisten_port = 3\n").unwrap_err().to_string();
-        assert!(error.contains("listen_port"), "{error}");
-        assert!(error.contains("line 2"), "{error}");
-        let error = Config::parse("[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\nmax_concurent = 4\n")
+        let error = Config::parse("listen = \"127.0.0.1:1\"\nlisten_port = 3\n")
             .unwrap_err()
             .to_string();
+        assert!(error.contains("listen_port"), "{error}");
+        assert!(error.contains("line 2"), "{error}");
+        let error = Config::parse(
+            "[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\nmax_concurent = 4\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("max_concurent"), "{error}");
         assert!(error.contains("line 4"), "{error}");
     }
@@ -255,9 +282,11 @@ mod tests {
             error.to_string(),
             "config: cluster[1].max_concurrent (line 10): must be 1-100 (CUCM's own range)"
         );
-        let error = Config::parse("default_cluster = \"XX\"\n[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\n")
-            .unwrap_err()
-            .to_string();
+        let error = Config::parse(
+            "default_cluster = \"XX\"\n[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("default_cluster (line 1)"), "{error}");
         let error = Config::parse("[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\n[[cluster]]\ncode = \"eu\"\nnodes = [\"http://b\"]\n")
             .unwrap_err()
@@ -269,7 +298,9 @@ mod tests {
 
     #[test]
     fn type_errors_name_the_key() {
-        let error = Config::parse("deadline_ms = \"soon\"\n").unwrap_err().to_string();
+        let error = Config::parse("deadline_ms = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("deadline_ms"), "{error}");
         assert!(error.contains("line 1"), "{error}");
     }

@@ -9,7 +9,10 @@ use business_connector::{demo, server};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Business Connector: log users in and out of Cisco IP phones (Extension Mobility) across CUCM clusters")]
+#[command(
+    version,
+    about = "Business Connector: log users in and out of Cisco IP phones (Extension Mobility) across CUCM clusters"
+)]
 struct Args {
     /// The TOML config file; without it, a demo with an embedded simulated cluster runs.
     #[arg(long, value_name = "FILE")]
@@ -29,7 +32,8 @@ async fn main() -> anyhow::Result<()> {
         Some(path) => (None, Config::load(path)?),
         None => {
             let listen = args.listen.as_deref().unwrap_or("127.0.0.1:8080");
-            let (sim, config) = demo::start(listen).context("starting the demo's simulated cluster")?;
+            let (sim, config) =
+                demo::start(listen).context("starting the demo's simulated cluster")?;
             (Some(sim), config)
         }
     };
@@ -72,7 +76,9 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        let mut terminate = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
             Ok(signal) => signal,
             Err(error) => {
                 tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT will stop the gateway");

@@ -32,7 +32,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::new()?);
-    let router = Router::launch(&config.clusters, config.default_cluster.as_deref(), metrics.clone())?;
+    let router = Router::launch(
+        &config.clusters,
+        config.default_cluster.as_deref(),
+        metrics.clone(),
+    )?;
     let state = web::Data::new(AppState {
         router,
         metrics,

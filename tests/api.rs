@@ -48,7 +48,10 @@ async fn gateway(sim: &sim::SimHandle) -> Gateway {
 async fn version_info_is_the_vendor_document() {
     let sim = simulator(1, |_| {});
     let gw = gateway(&sim).await;
-    for answer in [gw.get("/api/getversioninfo").await, gw.post_form("/api/getversioninfo", "").await] {
+    for answer in [
+        gw.get("/api/getversioninfo").await,
+        gw.post_form("/api/getversioninfo", "").await,
+    ] {
         assert_eq!(answer.status, 200);
         assert_eq!(answer.content_type, "text/xml; charset=utf-8");
         assert_eq!(
@@ -69,8 +72,13 @@ async fn login_query_logout_in_every_request_form() {
     login.expect(200, 0);
     assert_eq!(login.device.as_deref(), Some(device(1).as_str()));
     assert_eq!(login.user.as_deref(), Some("user1"));
-    assert_eq!(login.text, format!("Login successful for user1 on device {}", device(1)));
-    assert!(login.body.starts_with("<?xml version='1.0' encoding='UTF-8'?>\n<response>\n<result>"));
+    assert_eq!(
+        login.text,
+        format!("Login successful for user1 on device {}", device(1))
+    );
+    assert!(login
+        .body
+        .starts_with("<?xml version='1.0' encoding='UTF-8'?>\n<response>\n<result>"));
     assert_eq!(sim.logged_in_user(&device(1)).as_deref(), Some("user1"));
 
     // XML-only form, raw body.
@@ -82,7 +90,10 @@ async fn login_query_logout_in_every_request_form() {
     assert_eq!(sim.logged_in_user(&device(2)).as_deref(), Some("user2"));
 
     // GET with ?xml= in the query string, lower-case device name.
-    let query = format!("<request>{CREDS}<deviceName>{}</deviceName></request>", device(2).to_lowercase());
+    let query = format!(
+        "<request>{CREDS}<deviceName>{}</deviceName></request>",
+        device(2).to_lowercase()
+    );
     let encoded: String = form_urlencoded::byte_serialize(query.as_bytes()).collect();
     let answer = gw.get(&format!("/api/getloggedinuser?xml={encoded}")).await;
     answer.expect(200, 0);
@@ -91,18 +102,31 @@ async fn login_query_logout_in_every_request_form() {
 
     // XML-only form in form field `xml`.
     let logout = gw
-        .post_form("/api/logout", &format!("<request>{CREDS}<deviceName>{}</deviceName></request>", device(2)))
+        .post_form(
+            "/api/logout",
+            &format!(
+                "<request>{CREDS}<deviceName>{}</deviceName></request>",
+                device(2)
+            ),
+        )
         .await;
     logout.expect(200, 0);
     assert_eq!(logout.user, None, "logout answers carry no userID");
-    assert_eq!(logout.text, format!("Logout successful for device {}", device(2)));
+    assert_eq!(
+        logout.text,
+        format!("Logout successful for device {}", device(2))
+    );
     assert_eq!(sim.logged_in_user(&device(2)), None);
 
     // Nobody logged in: code 0, empty userID.
     let nobody = gw.query(&device(3)).await;
     nobody.expect(200, 0);
     assert_eq!(nobody.user.as_deref(), Some(""));
-    assert!(nobody.text.contains("No user is logged in"), "{}", nobody.text);
+    assert!(
+        nobody.text.contains("No user is logged in"),
+        "{}",
+        nobody.text
+    );
 
     // Path with the cluster code (any case) and a PIN (accepted, unused).
     gw.post_form(
@@ -129,7 +153,10 @@ async fn path_segments_are_percent_decoded() {
     let login = gw.login(&device(1), "multi.user%40example.com").await;
     login.expect(200, 0);
     assert_eq!(login.user.as_deref(), Some("multi.user@example.com"));
-    assert_eq!(sim.logged_in_user(&device(1)).as_deref(), Some("multi.user@example.com"));
+    assert_eq!(
+        sim.logged_in_user(&device(1)).as_deref(),
+        Some("multi.user@example.com")
+    );
     // CUCM percent-encodes it in query results; the caller sees it decoded.
     gw.shutdown().await;
     let gw = Gateway::with_cluster("EU", vec![sim.url()], |c| c.cache_ttl_ms = 0).await;
@@ -178,28 +205,63 @@ async fn gateway_codes_and_their_order() {
     let creds = format!("<request>{CREDS}</request>");
 
     // 404: deviceName missing.
-    let missing = gw.post_form("/api/login", &format!("<request>{CREDS}<userID>u</userID></request>")).await;
+    let missing = gw
+        .post_form(
+            "/api/login",
+            &format!("<request>{CREDS}<userID>u</userID></request>"),
+        )
+        .await;
     missing.expect(200, 404);
     assert_eq!(missing.text, "Device ID empty");
     // 1001: unknown cluster, named in the text.
-    let unknown = gw.post_form(&format!("/api/logout/{}/ZZ", device(1)), &creds).await;
+    let unknown = gw
+        .post_form(&format!("/api/logout/{}/ZZ", device(1)), &creds)
+        .await;
     unknown.expect(200, 1001);
     assert_eq!(unknown.text, "Cluster with code [ZZ] not found");
     // 1002: malformed XML, missing userID, invalid device name, invalid user ID.
-    gw.post_form(&format!("/api/logout/{}", device(1)), "<request><appID>x</request>").await.expect(200, 1002);
-    gw.post_form(&format!("/api/login/{}", device(1)), &creds).await.expect(200, 1002);
-    gw.post_form("/api/logout/SEP%3Cscript%3E", &creds).await.expect(200, 1002);
-    gw.post_form(&format!("/api/login/{}/a%0Ab", device(1)), &creds).await.expect(200, 1002);
-    gw.post_form(&format!("/api/login/{}/{}", device(1), "u".repeat(129)), &creds).await.expect(200, 1002);
+    gw.post_form(
+        &format!("/api/logout/{}", device(1)),
+        "<request><appID>x</request>",
+    )
+    .await
+    .expect(200, 1002);
+    gw.post_form(&format!("/api/login/{}", device(1)), &creds)
+        .await
+        .expect(200, 1002);
+    gw.post_form("/api/logout/SEP%3Cscript%3E", &creds)
+        .await
+        .expect(200, 1002);
+    gw.post_form(&format!("/api/login/{}/a%0Ab", device(1)), &creds)
+        .await
+        .expect(200, 1002);
+    gw.post_form(
+        &format!("/api/login/{}/{}", device(1), "u".repeat(129)),
+        &creds,
+    )
+    .await
+    .expect(200, 1002);
     // 1006: no credentials.
-    gw.post_form(&format!("/api/logout/{}", device(1)), "<request></request>").await.expect(200, 1006);
-    gw.get(&format!("/api/getloggedinuser/{}", device(1))).await.expect(200, 1006);
+    gw.post_form(&format!("/api/logout/{}", device(1)), "<request></request>")
+        .await
+        .expect(200, 1006);
+    gw.get(&format!("/api/getloggedinuser/{}", device(1)))
+        .await
+        .expect(200, 1006);
 
     // Several faults: the first in the spec's order answers.
-    gw.post_form("/api/login", "<request><deviceName>x</request>").await.expect(200, 1002); // malformed first
-    gw.post_form("/api/login", "<request/>").await.expect(200, 404); // device before creds
-    gw.post_form("/api/login/SEP%20X", "<request/>").await.expect(200, 1002); // invalid value before creds
-    gw.post_form(&format!("/api/logout/{}/ZZ", device(1)), "<request/>").await.expect(200, 1006); // creds before cluster
+    gw.post_form("/api/login", "<request><deviceName>x</request>")
+        .await
+        .expect(200, 1002); // malformed first
+    gw.post_form("/api/login", "<request/>")
+        .await
+        .expect(200, 404); // device before creds
+    gw.post_form("/api/login/SEP%20X", "<request/>")
+        .await
+        .expect(200, 1002); // invalid value before creds
+    gw.post_form(&format!("/api/logout/{}/ZZ", device(1)), "<request/>")
+        .await
+        .expect(200, 1006); // creds before cluster
 
     assert_eq!(sim.stats().calls_total, 0, "none of these may reach CUCM");
 }
@@ -218,11 +280,20 @@ async fn unknown_paths_methods_and_oversized_bodies() {
     .await;
     assert_eq!(gw.get("/api/nosuchcall").await.status, 404);
     assert_eq!(gw.get("/nothing/here").await.status, 404);
-    assert_eq!(gw.get(&format!("/api/logout/{}/EU/extra", device(1))).await.status, 404);
+    assert_eq!(
+        gw.get(&format!("/api/logout/{}/EU/extra", device(1)))
+            .await
+            .status,
+        404
+    );
     let put = gw.client.put(gw.url("/api/login")).send().await.unwrap();
     assert_eq!(put.status().as_u16(), 405);
 
-    let huge = format!("<request>{CREDS}<deviceName>{}</deviceName><pad>{}</pad></request>", device(1), "x".repeat(5000));
+    let huge = format!(
+        "<request>{CREDS}<deviceName>{}</deviceName><pad>{}</pad></request>",
+        device(1),
+        "x".repeat(5000)
+    );
     let answer = gw.post_xml("/api/logout", &huge).await;
     answer.expect(413, 1002);
     assert!(answer.text.contains("larger than 4096"), "{}", answer.text);
@@ -257,13 +328,18 @@ async fn cluster_routing_default_and_case() {
         "127.0.0.1:0",
         actors::ClusterConfig::new("EU", vec![eu.url()]),
     );
-    config.clusters.push(actors::ClusterConfig::new("us", vec![us.url()]));
+    config
+        .clusters
+        .push(actors::ClusterConfig::new("us", vec![us.url()]));
     let gw = Gateway::start(config.clone()).await;
     // Two clusters, no default: a request without a code cannot be routed.
     gw.login(&device(1), "user1").await.expect(200, 1001);
-    gw.post_form(&format!("/api/login/{}/user1/US", device(1)), &format!("<request>{CREDS}</request>"))
-        .await
-        .expect(200, 0);
+    gw.post_form(
+        &format!("/api/login/{}/user1/US", device(1)),
+        &format!("<request>{CREDS}</request>"),
+    )
+    .await
+    .expect(200, 0);
     assert_eq!(us.logged_in_user(&device(1)).as_deref(), Some("user1"));
     assert_eq!(eu.logged_in_user(&device(1)), None);
     gw.shutdown().await;

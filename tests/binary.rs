@@ -44,7 +44,11 @@ impl Running {
                 .recv_timeout(Duration::from_secs(30))
                 .unwrap_or_else(|_| panic!("no 'serving' line; saw: {seen:#?}"));
             if let Some(rest) = line.split("listen=").nth(1) {
-                break rest.split_whitespace().next().unwrap_or_default().to_string();
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
             }
             seen.push(line);
         };
@@ -82,12 +86,23 @@ async fn login(client: &reqwest::Client, url: String) -> Answer {
 #[test]
 fn check_config_accepts_the_example_and_names_bad_keys() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
-    let output = Command::new(BINARY).args(["--config", example, "--check-config"]).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(BINARY)
+        .args(["--config", example, "--check-config"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(String::from_utf8_lossy(&output.stdout).contains("config OK: 2 cluster(s)"));
 
     let bad = std::env::temp_dir().join(format!("bc-bad-{}.toml", std::process::id()));
-    std::fs::write(&bad, "[[cluster]]\ncode = \"EU\"\nnodes = [\"http://cucm\"]\nqueue_limit = 0\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[[cluster]]\ncode = \"EU\"\nnodes = [\"http://cucm\"]\nqueue_limit = 0\n",
+    )
+    .unwrap();
     let output = Command::new(BINARY)
         .args(["--config", bad.to_str().unwrap(), "--check-config"])
         .output()
@@ -95,23 +110,34 @@ fn check_config_accepts_the_example_and_names_bad_keys() {
     let _ = std::fs::remove_file(&bad);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cluster[0].queue_limit (line 4)"), "{stderr}");
+    assert!(
+        stderr.contains("cluster[0].queue_limit (line 4)"),
+        "{stderr}"
+    );
 }
 
 #[actix_web::test]
 async fn demo_mode_serves_an_embedded_cluster() {
     let running = Running::start(&["--listen", "127.0.0.1:0"]);
     let client = reqwest::Client::new();
-    let version = client.get(running.url("/api/getversioninfo")).send().await.unwrap();
-    assert_eq!(version.status().as_u16(), 200);
-    login(&client, running.url("/api/login/SEP000000000001/user1/demo"))
+    let version = client
+        .get(running.url("/api/getversioninfo"))
+        .send()
         .await
-        .expect(200, 0);
+        .unwrap();
+    assert_eq!(version.status().as_u16(), 200);
+    login(
+        &client,
+        running.url("/api/login/SEP000000000001/user1/demo"),
+    )
+    .await
+    .expect(200, 0);
     let query = client
         .get(running.url(&format!(
-            "/api/getloggedinuser/SEP000000000001?xml={}",
-            form_urlencoded::byte_serialize(format!("<request>{CREDS}</request>").as_bytes()).collect::<String>()
-        )))
+                "/api/getloggedinuser/SEP000000000001?xml={}",
+                form_urlencoded::byte_serialize(format!("<request>{CREDS}</request>").as_bytes())
+                    .collect::<String>()
+            )))
         .send()
         .await
         .unwrap();
@@ -119,7 +145,10 @@ async fn demo_mode_serves_an_embedded_cluster() {
     answer.expect(200, 0);
     assert_eq!(answer.user.as_deref(), Some("user1"));
     let logged: Vec<String> = running.lines.try_iter().collect();
-    assert!(logged.iter().any(|l| l.contains("curl -s")), "the demo logs how to call it");
+    assert!(
+        logged.iter().any(|l| l.contains("curl -s")),
+        "the demo logs how to call it"
+    );
 }
 
 #[actix_web::test]
@@ -137,9 +166,17 @@ async fn sigterm_lets_requests_in_flight_finish() {
     let mut running = Running::start(&["--config", config.to_str().unwrap()]);
     let _ = std::fs::remove_file(&config);
     let client = reqwest::Client::new();
-    let logins = join_all((1..=5).map(|n| login(&client, running.url(&format!("/api/login/{}/user{n}", device(n))))));
+    let logins = join_all((1..=5).map(|n| {
+        login(
+            &client,
+            running.url(&format!("/api/login/{}/user{n}", device(n))),
+        )
+    }));
     let terminate = async {
-        wait_until("five logins are at CUCM", Duration::from_secs(10), || sim.stats().in_flight_ops == 5).await;
+        wait_until("five logins are at CUCM", Duration::from_secs(10), || {
+            sim.stats().in_flight_ops == 5
+        })
+        .await;
         running.terminate();
     };
     let (answers, ()) = tokio::join!(logins, terminate);

@@ -17,13 +17,20 @@ async fn a_dead_first_node_is_skipped() {
     gw.logout(&device(1)).await.expect(200, 0);
     assert_eq!(sim.stats().calls_login, 1);
     let metrics = gw.metrics().await;
-    assert!(metrics.contains("bc_node_up{cluster=\"EU\",node=\"127.0.0.1:"), "{metrics}");
     assert!(
-        metrics.lines().any(|l| l.starts_with("bc_node_failovers_total") && !l.ends_with(" 0")),
+        metrics.contains("bc_node_up{cluster=\"EU\",node=\"127.0.0.1:"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("bc_node_failovers_total") && !l.ends_with(" 0")),
         "a failover was counted"
     );
     assert!(
-        metrics.lines().any(|l| l.starts_with("bc_node_up") && l.ends_with(" 0")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("bc_node_up") && l.ends_with(" 0")),
         "the dead node is reported down"
     );
     // Readiness holds: one node of the cluster is usable.
@@ -44,14 +51,23 @@ async fn every_node_dead_is_1003_and_not_ready() {
 
 #[actix_web::test]
 async fn a_hung_node_times_out_a_login_once_and_queries_fail_over() {
-    let hung = simulator(2, |c| c.behavior = faults(Faults { hang: true, ..Faults::default() }));
+    let hung = simulator(2, |c| {
+        c.behavior = faults(Faults {
+            hang: true,
+            ..Faults::default()
+        })
+    });
     let good = simulator(2, |_| {});
-    let gw = Gateway::with_cluster("EU", vec![hung.url(), good.url()], |c| c.timeout_ms = 300).await;
+    let gw =
+        Gateway::with_cluster("EU", vec![hung.url(), good.url()], |c| c.timeout_ms = 300).await;
 
     // The login reaches the hung node, times out, and is never sent again.
     let started = Instant::now();
     gw.login(&device(1), "user1").await.expect(200, 1003);
-    assert!(started.elapsed() < Duration::from_secs(3), "answered in time");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered in time"
+    );
     assert_eq!(hung.stats().calls_login, 1, "sent exactly once");
     assert_eq!(good.stats().calls_login, 0, "never retried after a timeout");
 
@@ -63,10 +79,16 @@ async fn a_hung_node_times_out_a_login_once_and_queries_fail_over() {
 
 #[actix_web::test]
 async fn a_query_moves_past_a_hung_node() {
-    let hung = simulator(2, |c| c.behavior = faults(Faults { hang: true, ..Faults::default() }));
+    let hung = simulator(2, |c| {
+        c.behavior = faults(Faults {
+            hang: true,
+            ..Faults::default()
+        })
+    });
     let good = simulator(2, |_| {});
     good.login_directly(&device(2), "user2");
-    let gw = Gateway::with_cluster("EU", vec![hung.url(), good.url()], |c| c.timeout_ms = 300).await;
+    let gw =
+        Gateway::with_cluster("EU", vec![hung.url(), good.url()], |c| c.timeout_ms = 300).await;
     let answer = gw.query(&device(2)).await;
     answer.expect(200, 0);
     assert_eq!(answer.user.as_deref(), Some("user2"));
@@ -75,20 +97,32 @@ async fn a_query_moves_past_a_hung_node() {
 
 #[actix_web::test]
 async fn a_hung_cluster_does_not_hurt_another() {
-    let hung = simulator(2, |c| c.behavior = faults(Faults { hang: true, ..Faults::default() }));
+    let hung = simulator(2, |c| {
+        c.behavior = faults(Faults {
+            hang: true,
+            ..Faults::default()
+        })
+    });
     let fine = simulator(2, |_| {});
     let mut config = business_connector::config::Config::single_cluster(
         "127.0.0.1:0",
         actors::ClusterConfig::new("SLOW", vec![hung.url()]),
     );
     config.clusters[0].timeout_ms = 2_000;
-    config.clusters.push(actors::ClusterConfig::new("FAST", vec![fine.url()]));
+    config
+        .clusters
+        .push(actors::ClusterConfig::new("FAST", vec![fine.url()]));
     let gw = Gateway::start(config).await;
     let creds = format!("<request>{CREDS}</request>");
     let slow_path = format!("/api/login/{}/user1/SLOW", device(1));
     let slow = gw.post_form(&slow_path, &creds);
     let fast = async {
-        wait_until("the slow cluster's call is hanging", Duration::from_secs(5), || hung.stats().hung_calls >= 1).await;
+        wait_until(
+            "the slow cluster's call is hanging",
+            Duration::from_secs(5),
+            || hung.stats().hung_calls >= 1,
+        )
+        .await;
         let started = Instant::now();
         let answer = gw
             .post_form(&format!("/api/login/{}/user1/FAST", device(1)), &creds)
@@ -98,12 +132,20 @@ async fn a_hung_cluster_does_not_hurt_another() {
     let (slow, (fast, fast_took)) = tokio::join!(slow, fast);
     slow.expect(200, 1003);
     fast.expect(200, 0);
-    assert!(fast_took < Duration::from_millis(1_500), "the other cluster answered while one hung: {fast_took:?}");
+    assert!(
+        fast_took < Duration::from_millis(1_500),
+        "the other cluster answered while one hung: {fast_took:?}"
+    );
 }
 
 #[actix_web::test]
 async fn garbage_from_cucm_is_1005() {
-    let sim = simulator(2, |c| c.behavior = faults(Faults { garbage: true, ..Faults::default() }));
+    let sim = simulator(2, |c| {
+        c.behavior = faults(Faults {
+            garbage: true,
+            ..Faults::default()
+        })
+    });
     let gw = Gateway::with_cluster("EU", vec![sim.url()], |_| {}).await;
     gw.login(&device(1), "user1").await.expect(200, 1005);
     gw.query(&device(1)).await.expect(200, 1005);
@@ -111,7 +153,12 @@ async fn garbage_from_cucm_is_1005() {
 
 #[actix_web::test]
 async fn http_503_moves_a_login_on_but_500_does_not() {
-    let unavailable = simulator(2, |c| c.behavior = faults(Faults { http_status: Some(503), ..Faults::default() }));
+    let unavailable = simulator(2, |c| {
+        c.behavior = faults(Faults {
+            http_status: Some(503),
+            ..Faults::default()
+        })
+    });
     let good = simulator(2, |_| {});
     let gw = Gateway::with_cluster("EU", vec![unavailable.url(), good.url()], |_| {}).await;
     gw.login(&device(1), "user1").await.expect(200, 0);
@@ -119,23 +166,42 @@ async fn http_503_moves_a_login_on_but_500_does_not() {
     assert_eq!(good.logged_in_user(&device(1)).as_deref(), Some("user1"));
     gw.shutdown().await;
 
-    let broken = simulator(2, |c| c.behavior = faults(Faults { http_status: Some(500), ..Faults::default() }));
+    let broken = simulator(2, |c| {
+        c.behavior = faults(Faults {
+            http_status: Some(500),
+            ..Faults::default()
+        })
+    });
     let good = simulator(2, |_| {});
     let gw = Gateway::with_cluster("EU", vec![broken.url(), good.url()], |_| {}).await;
     gw.login(&device(1), "user1").await.expect(200, 1003);
-    assert_eq!(good.stats().calls_login, 0, "a 500 may have executed: no retry");
+    assert_eq!(
+        good.stats().calls_login,
+        0,
+        "a 500 may have executed: no retry"
+    );
     // A query may move on after any failure.
     gw.query(&device(1)).await.expect(200, 0);
 
     // A single node answering 503: nothing else to try.
-    let only = simulator(2, |c| c.behavior = faults(Faults { http_status: Some(503), ..Faults::default() }));
+    let only = simulator(2, |c| {
+        c.behavior = faults(Faults {
+            http_status: Some(503),
+            ..Faults::default()
+        })
+    });
     let gw = Gateway::with_cluster("EU", vec![only.url()], |_| {}).await;
     gw.login(&device(1), "user1").await.expect(200, 1003);
 }
 
 #[actix_web::test]
 async fn busy_every_other_call_is_never_seen_by_callers() {
-    let sim = simulator(20, |c| c.behavior = faults(Faults { busy_every: Some(2), ..Faults::default() }));
+    let sim = simulator(20, |c| {
+        c.behavior = faults(Faults {
+            busy_every: Some(2),
+            ..Faults::default()
+        })
+    });
     let gw = Gateway::with_cluster("EU", vec![sim.url()], |_| {}).await;
     let logins = (1..=10).map(|n| gw.login_seeded(n));
     let answers = futures_util::future::join_all(logins).await;
@@ -143,7 +209,11 @@ async fn busy_every_other_call_is_never_seen_by_callers() {
         answer.expect(200, 0);
     }
     let stats = sim.stats();
-    assert!(stats.busy_answers >= 5, "CUCM did say busy: {}", stats.busy_answers);
+    assert!(
+        stats.busy_answers >= 5,
+        "CUCM did say busy: {}",
+        stats.busy_answers
+    );
     assert_eq!(stats.calls_login, 10 + stats.busy_answers);
     let metrics = gw.metrics().await;
     assert_eq!(
@@ -154,14 +224,22 @@ async fn busy_every_other_call_is_never_seen_by_callers() {
 
 #[actix_web::test]
 async fn cucm_failure_code_0_is_1008_never_success() {
-    let sim = simulator(2, |c| c.behavior = faults(Faults { fail_code: Some(0), ..Faults::default() }));
+    let sim = simulator(2, |c| {
+        c.behavior = faults(Faults {
+            fail_code: Some(0),
+            ..Faults::default()
+        })
+    });
     let gw = Gateway::with_cluster("EU", vec![sim.url()], |_| {}).await;
     let login = gw.login(&device(1), "user1").await;
     login.expect(200, 1008);
     assert!(login.text.contains("Unknown Error"), "{}", login.text);
     gw.logout(&device(1)).await.expect(200, 1008);
     gw.query(&device(1)).await.expect(200, 1008);
-    sim.set_faults(Faults { fail_code: Some(6), ..Faults::default() });
+    sim.set_faults(Faults {
+        fail_code: Some(6),
+        ..Faults::default()
+    });
     gw.login(&device(1), "user1").await.expect(200, 6);
 }
 
@@ -170,7 +248,10 @@ async fn refused_then_back() {
     let sim = simulator(2, |_| {});
     let gw = Gateway::with_cluster("EU", vec![sim.url()], |_| {}).await;
     gw.query(&device(1)).await.expect(200, 0);
-    sim.set_faults(Faults { refuse: true, ..Faults::default() });
+    sim.set_faults(Faults {
+        refuse: true,
+        ..Faults::default()
+    });
     gw.login(&device(1), "user1").await.expect(200, 1003);
     sim.set_faults(Faults::default());
     gw.login(&device(1), "user1").await.expect(200, 0);
@@ -181,7 +262,11 @@ async fn tls_with_a_ca_file_or_insecure_mode() {
     let sim = simulator(3, |c| c.tls = true);
     assert!(sim.url().starts_with("https://"));
     let pem = sim.ca_pem().expect("a self-signed certificate");
-    let ca_file = std::env::temp_dir().join(format!("bc-test-ca-{}-{}.pem", std::process::id(), sim.addr().port()));
+    let ca_file = std::env::temp_dir().join(format!(
+        "bc-test-ca-{}-{}.pem",
+        std::process::id(),
+        sim.addr().port()
+    ));
     std::fs::write(&ca_file, pem).unwrap();
 
     let trusted = Gateway::with_cluster("EU", vec![sim.url()], |c| {

@@ -24,7 +24,11 @@ async fn a_login_burst_never_exceeds_cucms_cap() {
     let stats = sim.stats();
     assert_eq!(stats.calls_login, 50, "no retries were needed");
     assert_eq!(stats.busy_answers, 0, "CUCM never had to say busy");
-    assert!(stats.max_concurrent_ops <= 5, "over CUCM's cap: {}", stats.max_concurrent_ops);
+    assert!(
+        stats.max_concurrent_ops <= 5,
+        "over CUCM's cap: {}",
+        stats.max_concurrent_ops
+    );
     assert_eq!(stats.max_concurrent_ops, 5, "the cap was used in full");
 }
 
@@ -40,8 +44,14 @@ async fn repeated_queries_cost_one_cucm_call() {
     }
     assert_eq!(sim.stats().calls_device_user_query, 1);
     let metrics = gw.metrics().await;
-    assert_eq!(metric(&metrics, "bc_cache_hits_total{cluster=\"EU\"}"), 49.0);
-    assert_eq!(metric(&metrics, "bc_cache_misses_total{cluster=\"EU\"}"), 1.0);
+    assert_eq!(
+        metric(&metrics, "bc_cache_hits_total{cluster=\"EU\"}"),
+        49.0
+    );
+    assert_eq!(
+        metric(&metrics, "bc_cache_misses_total{cluster=\"EU\"}"),
+        1.0
+    );
 }
 
 #[actix_web::test]
@@ -62,7 +72,10 @@ async fn concurrent_identical_queries_share_one_call_even_without_cache() {
     }
     assert_eq!(sim.stats().calls_device_user_query, 1);
     let metrics = gw.metrics().await;
-    assert_eq!(metric(&metrics, "bc_cache_coalesced_total{cluster=\"EU\"}"), 19.0);
+    assert_eq!(
+        metric(&metrics, "bc_cache_coalesced_total{cluster=\"EU\"}"),
+        19.0
+    );
 }
 
 #[actix_web::test]
@@ -77,16 +90,26 @@ async fn one_device_at_a_time_devices_in_parallel() {
     let gw = &gw;
     let work = (1..=8).map(|n| async move {
         let dev = device(n);
-        let (login, query, logout, query_again) =
-            tokio::join!(gw.login_seeded(n), gw.query(&dev), gw.logout(&dev), gw.query(&dev));
+        let (login, query, logout, query_again) = tokio::join!(
+            gw.login_seeded(n),
+            gw.query(&dev),
+            gw.logout(&dev),
+            gw.query(&dev)
+        );
         vec![login, query, logout, query_again]
     });
     let answers: Vec<Answer> = join_all(work).await.into_iter().flatten().collect();
     assert_eq!(answers.len(), 32);
     assert!(answers.iter().all(|a| a.status == 200));
     let stats = sim.stats();
-    assert_eq!(stats.max_concurrent_per_device, 1, "two operations on one device overlapped");
-    assert!(stats.max_concurrent_calls > 1, "devices did not run in parallel");
+    assert_eq!(
+        stats.max_concurrent_per_device, 1,
+        "two operations on one device overlapped"
+    );
+    assert!(
+        stats.max_concurrent_calls > 1,
+        "devices did not run in parallel"
+    );
 }
 
 #[actix_web::test]
@@ -100,15 +123,35 @@ async fn a_full_queue_sheds_with_1004_and_retry_after() {
     let answers = join_all((1..=8).map(|n| gw.login_seeded(n))).await;
     let shed: Vec<&Answer> = answers.iter().filter(|a| a.code == Some(1004)).collect();
     let done = answers.iter().filter(|a| a.code == Some(0)).count();
-    assert_eq!(shed.len() + done, 8, "only successes and sheds: {answers:#?}");
-    assert!(shed.len() >= 5, "1 in flight + 2 queued at most; shed {}", shed.len());
+    assert_eq!(
+        shed.len() + done,
+        8,
+        "only successes and sheds: {answers:#?}"
+    );
+    assert!(
+        shed.len() >= 5,
+        "1 in flight + 2 queued at most; shed {}",
+        shed.len()
+    );
     for answer in shed {
         assert_eq!(answer.status, 503);
-        assert!(answer.retry_after.as_deref().is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)));
+        assert!(answer
+            .retry_after
+            .as_deref()
+            .is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)));
     }
-    assert_eq!(sim.stats().calls_login as usize, done, "a shed request never reached CUCM");
+    assert_eq!(
+        sim.stats().calls_login as usize,
+        done,
+        "a shed request never reached CUCM"
+    );
     let metrics = gw.metrics().await;
-    assert!(metric(&metrics, "bc_load_shed_total{cluster=\"EU\",reason=\"queue_full\"}") >= 5.0);
+    assert!(
+        metric(
+            &metrics,
+            "bc_load_shed_total{cluster=\"EU\",reason=\"queue_full\"}"
+        ) >= 5.0
+    );
 }
 
 #[actix_web::test]
@@ -140,9 +183,11 @@ async fn shutdown_answers_every_request_in_flight() {
     let trigger = gw.take_shutdown_trigger();
     let requests = join_all((1..=5).map(|n| gw.login_seeded(n)));
     let stop_while_in_flight = async {
-        wait_until("all five logins are at CUCM", Duration::from_secs(5), || {
-            sim.stats().in_flight_ops == 5
-        })
+        wait_until(
+            "all five logins are at CUCM",
+            Duration::from_secs(5),
+            || sim.stats().in_flight_ops == 5,
+        )
         .await;
         let _ = trigger.send(());
     };

@@ -43,10 +43,7 @@ pub const CUCM_BUSY: u32 = 26;
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cluster {code}: {source}")]
-    Client {
-        code: String,
-        source: EmClientError,
-    },
+    Client { code: String, source: EmClientError },
 }
 
 /// Ask the cluster to carry out one operation before `deadline`.
@@ -82,13 +79,21 @@ pub struct ClusterActor {
 
 impl ClusterActor {
     /// Starts the actor on the current arbiter and returns the handle callers use.
-    pub fn launch(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<ClusterHandle, ClusterError> {
+    pub fn launch(
+        config: &ClusterConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<ClusterHandle, ClusterError> {
         let code: Arc<str> = Arc::from(config.normalized_code());
-        let em = EmClient::new(&code, &config.nodes, &config.client_settings(), metrics.clone())
-            .map_err(|source| ClusterError::Client {
-                code: code.to_string(),
-                source,
-            })?;
+        let em = EmClient::new(
+            &code,
+            &config.nodes,
+            &config.client_settings(),
+            metrics.clone(),
+        )
+        .map_err(|source| ClusterError::Client {
+            code: code.to_string(),
+            source,
+        })?;
         let em = Arc::new(em);
         let cluster_metrics = ClusterMetrics::new(&metrics, &code, config.max_concurrent);
         let cache = Arc::new(LoggedInCache::new(
@@ -147,19 +152,30 @@ impl ClusterActor {
         // A query that can share an identical one costs nothing: no admission check.
         if !self.would_join(&device, &pending) {
             if let Err(error) = self.admit(deadline) {
-                answer_all(pending.waiters, Reply {
-                    result: Err(error),
-                    node: None,
-                    from_cache: false,
-                });
+                answer_all(
+                    pending.waiters,
+                    Reply {
+                        result: Err(error),
+                        node: None,
+                        from_cache: false,
+                    },
+                );
                 return rx;
             }
         }
-        if matches!(pending.operation, Operation::Login { .. } | Operation::Logout { .. }) {
+        if matches!(
+            pending.operation,
+            Operation::Login { .. } | Operation::Logout { .. }
+        ) {
             // From now on the cached state of this device is about to change.
             self.cache.invalidate(&device);
         }
-        match self.devices.entry(device.clone()).or_default().push(pending) {
+        match self
+            .devices
+            .entry(device.clone())
+            .or_default()
+            .push(pending)
+        {
             Pushed::Joined => self.metrics.cache_coalesced.inc(),
             Pushed::Queued { needs_turn } => {
                 self.queued += 1;
@@ -202,9 +218,9 @@ impl ClusterActor {
     /// cap and the rate let through.
     fn expected_wait(&self) -> Duration {
         let ahead = self.queued as f64;
-        let by_concurrency = self
-            .call_time
-            .map_or(0.0, |t| t.as_secs_f64() * ahead / self.shaper.max_concurrent() as f64);
+        let by_concurrency = self.call_time.map_or(0.0, |t| {
+            t.as_secs_f64() * ahead / self.shaper.max_concurrent() as f64
+        });
         let by_rate = self.rate.map_or(0.0, |rate| {
             (ahead - f64::from(rate.burst.get())).max(0.0) / f64::from(rate.per_second.get())
         });
@@ -259,14 +275,17 @@ impl ClusterActor {
                 self.queued = self.queued.saturating_sub(1);
             }
             self.metrics.shed_deadline.inc();
-            answer_all(op.waiters, Reply {
-                result: Err(OpError::Overloaded {
-                    reason: "the deadline would pass before CUCM could answer",
-                    retry_after: self.expected_wait().max(Duration::from_secs(1)),
-                }),
-                node: None,
-                from_cache: false,
-            });
+            answer_all(
+                op.waiters,
+                Reply {
+                    result: Err(OpError::Overloaded {
+                        reason: "the deadline would pass before CUCM could answer",
+                        retry_after: self.expected_wait().max(Duration::from_secs(1)),
+                    }),
+                    node: None,
+                    from_cache: false,
+                },
+            );
         }
         self.after_turn(device.clone());
         true
@@ -482,13 +501,20 @@ pub struct ClusterHandle {
 
 impl std::fmt::Debug for ClusterHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterHandle").field("code", &self.code).finish()
+        f.debug_struct("ClusterHandle")
+            .field("code", &self.code)
+            .finish()
     }
 }
 
 impl ClusterHandle {
     /// Carries out one operation; always answers, by the deadline (plus a grace).
-    pub async fn submit(&self, operation: Operation, credentials: Credentials, deadline: Instant) -> Reply {
+    pub async fn submit(
+        &self,
+        operation: Operation,
+        credentials: Credentials,
+        deadline: Instant,
+    ) -> Reply {
         if let Operation::Query { device } = &operation {
             // Fast path: a fresh hit needs no actor hop. The actor removes a device's
             // entry when a change for it is queued, so this never jumps a change.

@@ -117,7 +117,10 @@ impl ClusterConfig {
             }
         }
         if !(1..=100).contains(&self.max_concurrent) {
-            return Err(invalid("max_concurrent", "must be 1-100 (CUCM's own range)"));
+            return Err(invalid(
+                "max_concurrent",
+                "must be 1-100 (CUCM's own range)",
+            ));
         }
         if self.max_requests_per_second > 0 && self.burst == 0 {
             return Err(invalid("burst", "must be at least 1 when a rate is set"));
@@ -126,7 +129,10 @@ impl ClusterConfig {
             return Err(invalid("timeout_ms", "must be 100-120000"));
         }
         if self.cache_ttl_ms > 3_600_000 {
-            return Err(invalid("cache_ttl_ms", "must be at most 3600000 (one hour)"));
+            return Err(invalid(
+                "cache_ttl_ms",
+                "must be at most 3600000 (one hour)",
+            ));
         }
         if !(1..=1_000_000).contains(&self.queue_limit) {
             return Err(invalid("queue_limit", "must be 1-1000000"));
@@ -174,7 +180,10 @@ mod tests {
     use super::*;
 
     fn cluster() -> ClusterConfig {
-        ClusterConfig::new("eu", vec!["https://cucm:8443/emservice/EMServiceServlet".into()])
+        ClusterConfig::new(
+            "eu",
+            vec!["https://cucm:8443/emservice/EMServiceServlet".into()],
+        )
     }
 
     #[test]
@@ -186,7 +195,8 @@ mod tests {
 
     #[test]
     fn each_bad_value_names_its_key() {
-        let cases: Vec<(fn(&mut ClusterConfig), &str)> = vec![
+        type Mutation = fn(&mut ClusterConfig);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|c| c.code = "".into(), "code"),
             (|c| c.code = "E U".into(), "code"),
             (|c| c.nodes.clear(), "nodes"),

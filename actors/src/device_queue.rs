@@ -220,7 +220,10 @@ mod tests {
     fn runs_in_arrival_order_one_at_a_time() {
         let mut queue = DeviceQueue::default();
         assert_eq!(queue.push(login()), Pushed::Queued { needs_turn: true });
-        assert_eq!(queue.push(query("pw")), Pushed::Queued { needs_turn: false });
+        assert_eq!(
+            queue.push(query("pw")),
+            Pushed::Queued { needs_turn: false }
+        );
         let (first, fresh) = queue.start().unwrap();
         assert!(fresh);
         assert!(matches!(first.operation, Operation::Login { .. }));
@@ -229,9 +232,15 @@ mod tests {
         assert_eq!(queue.push(login()), Pushed::Queued { needs_turn: false });
         assert!(queue.finish().is_some());
         assert_eq!(queue.turn(), Turn::Lined);
-        assert!(matches!(queue.start().unwrap().0.operation, Operation::Query { .. }));
+        assert!(matches!(
+            queue.start().unwrap().0.operation,
+            Operation::Query { .. }
+        ));
         queue.finish();
-        assert!(matches!(queue.start().unwrap().0.operation, Operation::Login { .. }));
+        assert!(matches!(
+            queue.start().unwrap().0.operation,
+            Operation::Login { .. }
+        ));
         queue.finish();
         assert!(queue.is_idle());
     }
@@ -245,7 +254,10 @@ mod tests {
         // Running and nothing queued: join the running query.
         assert_eq!(queue.push(query("pw")), Pushed::Joined);
         // Other credentials never share.
-        assert_eq!(queue.push(query("other")), Pushed::Queued { needs_turn: false });
+        assert_eq!(
+            queue.push(query("other")),
+            Pushed::Queued { needs_turn: false }
+        );
         let done = queue.finish().unwrap();
         assert_eq!(done.waiters.len(), 3);
     }
@@ -257,7 +269,10 @@ mod tests {
         queue.start();
         queue.push(login());
         // The running query predates the login: a new query must wait for the login.
-        assert_eq!(queue.push(query("pw")), Pushed::Queued { needs_turn: false });
+        assert_eq!(
+            queue.push(query("pw")),
+            Pushed::Queued { needs_turn: false }
+        );
         assert_eq!(queue.waiting(), 2);
     }
 

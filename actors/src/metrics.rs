@@ -54,24 +54,27 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, MetricsError> {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
-        let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, MetricsError> {
-            let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
-        let histogram = |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, MetricsError> {
-            let metric = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-                labels,
-            )?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, MetricsError> {
+                let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
+        let gauge =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, MetricsError> {
+                let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
+        let histogram =
+            |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, MetricsError> {
+                let metric = HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                    labels,
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
 
         let metrics = Self {
             requests: counter(
@@ -171,9 +174,9 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         #[cfg(target_os = "linux")]
-        metrics
-            .registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        metrics.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(metrics)
     }
 
@@ -220,7 +223,9 @@ impl ClusterMetrics {
             queue_wait: metrics.queue_wait.with_label_values(c),
             in_flight: metrics.cucm_in_flight.with_label_values(c),
             busy_retries: metrics.busy_retries.with_label_values(c),
-            shed_queue_full: metrics.load_shed.with_label_values(&[cluster, "queue_full"]),
+            shed_queue_full: metrics
+                .load_shed
+                .with_label_values(&[cluster, "queue_full"]),
             shed_deadline: metrics.load_shed.with_label_values(&[cluster, "deadline"]),
             cache_hits: metrics.cache_hits.with_label_values(c),
             cache_misses: metrics.cache_misses.with_label_values(c),

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actors::{ClusterActor, ClusterConfig, Credentials, DeviceName, Metrics, Operation, Outcome, UserId};
+use actors::{
+    ClusterActor, ClusterConfig, Credentials, DeviceName, Metrics, Operation, Outcome, UserId,
+};
 use futures_util::future::join_all;
 use sim::{Behavior, Latency, SimConfig, Simulator};
 
@@ -90,5 +92,8 @@ async fn operations_on_one_device_keep_arrival_order_while_devices_overlap() {
     }
     assert_eq!(stats.max_concurrent_per_device, 1);
     assert!(stats.max_concurrent_calls > 1, "devices ran in parallel");
-    assert_eq!(sim.logged_in_user(device(1).as_str()).as_deref(), Some("user9"));
+    assert_eq!(
+        sim.logged_in_user(device(1).as_str()).as_deref(),
+        Some("user9")
+    );
 }

@@ -24,7 +24,11 @@ pub struct AppState {
 }
 
 /// `/api/{call}[/{segments}...]`, GET or POST.
-pub async fn api(request: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+pub async fn api(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     let started = Instant::now();
     let path = request.uri().path();
     let mut segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -55,7 +59,16 @@ pub async fn api(request: HttpRequest, payload: web::Payload, state: web::Data<A
         Ok(message) => message,
         Err(failure) => {
             let doc = ResultDoc::failure(call, "", None, &failure);
-            return finish(&state, call, None, doc, started, &Fields::default(), None, false);
+            return finish(
+                &state,
+                call,
+                None,
+                doc,
+                started,
+                &Fields::default(),
+                None,
+                false,
+            );
         }
     };
     let mut fields = match message.as_deref().map(parse_message) {
@@ -63,7 +76,16 @@ pub async fn api(request: HttpRequest, payload: web::Payload, state: web::Data<A
         None => Fields::default(),
         Some(Err(error)) => {
             let doc = ResultDoc::failure(call, "", None, &Failure::Request(error));
-            return finish(&state, call, None, doc, started, &Fields::default(), None, false);
+            return finish(
+                &state,
+                call,
+                None,
+                doc,
+                started,
+                &Fields::default(),
+                None,
+                false,
+            );
         }
     };
     match apply_path(call, &segments[2..], &mut fields) {
@@ -80,14 +102,24 @@ pub async fn api(request: HttpRequest, payload: web::Payload, state: web::Data<A
     let valid = match validate(call, &fields) {
         Ok(valid) => valid,
         Err(error) => {
-            let doc = ResultDoc::failure(call, &echo_device, echo_user.as_deref(), &Failure::Request(error));
+            let doc = ResultDoc::failure(
+                call,
+                &echo_device,
+                echo_user.as_deref(),
+                &Failure::Request(error),
+            );
             return finish(&state, call, None, doc, started, &fields, None, false);
         }
     };
     let cluster = match state.router.route(valid.cluster_code.as_deref()) {
         Ok(cluster) => cluster,
         Err(error) => {
-            let doc = ResultDoc::failure(call, &echo_device, echo_user.as_deref(), &Failure::Route(error));
+            let doc = ResultDoc::failure(
+                call,
+                &echo_device,
+                echo_user.as_deref(),
+                &Failure::Route(error),
+            );
             return finish(&state, call, None, doc, started, &fields, None, false);
         }
     };
@@ -97,10 +129,17 @@ pub async fn api(request: HttpRequest, payload: web::Payload, state: web::Data<A
         _ => None,
     };
     let deadline = started + state.deadline;
-    let reply = cluster.submit(valid.operation, valid.credentials, deadline).await;
+    let reply = cluster
+        .submit(valid.operation, valid.credentials, deadline)
+        .await;
     let doc = match &reply.result {
         Ok(outcome) => ResultDoc::success(call, &device, user.as_deref(), outcome),
-        Err(error) => ResultDoc::failure(call, &device, user.as_deref(), &Failure::Operation(error.clone())),
+        Err(error) => ResultDoc::failure(
+            call,
+            &device,
+            user.as_deref(),
+            &Failure::Operation(error.clone()),
+        ),
     };
     let logged_user = match &reply.result {
         Ok(Outcome::CurrentUser(current)) => current.as_ref().map(|u| u.as_str().to_string()),
@@ -183,7 +222,9 @@ async fn read_message(
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|_| {
-            Failure::Request(super::request::RequestError::MalformedXml("the body could not be read".into()))
+            Failure::Request(super::request::RequestError::MalformedXml(
+                "the body could not be read".into(),
+            ))
         })?;
         if body.len() + chunk.len() > limit {
             return Err(Failure::BodyTooLarge { limit });
@@ -212,7 +253,10 @@ async fn read_message(
             return Ok(Some(trimmed.to_string()));
         }
     }
-    Ok(request.uri().query().and_then(|query| form_field(query, "xml")))
+    Ok(request
+        .uri()
+        .query()
+        .and_then(|query| form_field(query, "xml")))
 }
 
 fn form_field(encoded: &str, name: &str) -> Option<String> {
@@ -261,5 +305,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
     HttpResponse::ServiceUnavailable()
         .content_type("text/plain; charset=utf-8")
-        .body(format!("not ready: no usable CUCM node in {}\n", down.join(", ")))
+        .body(format!(
+            "not ready: no usable CUCM node in {}\n",
+            down.join(", ")
+        ))
 }

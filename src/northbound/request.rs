@@ -32,7 +32,12 @@ impl Call {
     fn path_fields(self) -> &'static [Field] {
         match self {
             Call::Version => &[],
-            Call::Login => &[Field::DeviceName, Field::UserId, Field::ClusterCode, Field::Pin],
+            Call::Login => &[
+                Field::DeviceName,
+                Field::UserId,
+                Field::ClusterCode,
+                Field::Pin,
+            ],
             Call::Logout | Call::GetLoggedInUser => &[Field::DeviceName, Field::ClusterCode],
         }
     }
@@ -123,7 +128,11 @@ pub fn parse_message(message: &str) -> Result<Fields, RequestError> {
 
 /// Path segments after the call take the place of the same-named elements.
 /// Returns `Ok(false)` when there are more segments than the call has fields.
-pub fn apply_path(call: Call, segments: &[&str], fields: &mut Fields) -> Result<bool, RequestError> {
+pub fn apply_path(
+    call: Call,
+    segments: &[&str],
+    fields: &mut Fields,
+) -> Result<bool, RequestError> {
     let names = call.path_fields();
     if segments.len() > names.len() {
         return Ok(false);
@@ -163,7 +172,8 @@ pub fn validate(call: Call, fields: &Fields) -> Result<ValidRequest, RequestErro
         // Version has no device: never validated; treated as a query defensively.
         Call::GetLoggedInUser | Call::Version => Operation::Query { device },
     };
-    let (Some(app_id), Some(app_certificate)) = (present(&fields.app_id), present(&fields.app_certificate))
+    let (Some(app_id), Some(app_certificate)) =
+        (present(&fields.app_id), present(&fields.app_certificate))
     else {
         return Err(RequestError::CredentialsMissing);
     };
@@ -218,7 +228,12 @@ mod tests {
     #[test]
     fn path_segments_override_and_are_percent_decoded() {
         let mut fields = parse_message(FULL).unwrap();
-        assert!(apply_path(Call::Login, &["SEP2", "multi.user%40example.com", "us"], &mut fields).unwrap());
+        assert!(apply_path(
+            Call::Login,
+            &["SEP2", "multi.user%40example.com", "us"],
+            &mut fields
+        )
+        .unwrap());
         assert_eq!(fields.device_name.as_deref(), Some("SEP2"));
         assert_eq!(fields.user_id.as_deref(), Some("multi.user@example.com"));
         assert_eq!(fields.cluster_code.as_deref(), Some("us"));
@@ -234,7 +249,10 @@ mod tests {
     fn faults_answer_in_the_specified_order() {
         let blank = Fields::default();
         // deviceName missing comes before the missing credentials and user.
-        assert_eq!(validate(Call::Login, &blank).unwrap_err(), RequestError::DeviceMissing);
+        assert_eq!(
+            validate(Call::Login, &blank).unwrap_err(),
+            RequestError::DeviceMissing
+        );
         let bad_device = Fields {
             device_name: Some("SEP 1".into()),
             ..Fields::default()
@@ -247,7 +265,10 @@ mod tests {
             device_name: Some("SEP1".into()),
             ..Fields::default()
         };
-        assert_eq!(validate(Call::Login, &no_user).unwrap_err(), RequestError::UserMissing);
+        assert_eq!(
+            validate(Call::Login, &no_user).unwrap_err(),
+            RequestError::UserMissing
+        );
         assert_eq!(
             validate(Call::Logout, &no_user).unwrap_err(),
             RequestError::CredentialsMissing
@@ -277,6 +298,9 @@ mod tests {
             parse_message("<request><deviceName>x</request>"),
             Err(RequestError::MalformedXml(_))
         ));
-        assert!(matches!(parse_message("hello"), Err(RequestError::MalformedXml(_))));
+        assert!(matches!(
+            parse_message("hello"),
+            Err(RequestError::MalformedXml(_))
+        ));
     }
 }

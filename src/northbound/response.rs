@@ -54,7 +54,10 @@ impl ResultDoc {
         let (user_id, text) = match outcome {
             Outcome::LoggedIn => {
                 let user = user.unwrap_or_default();
-                (Some(user.to_string()), format!("Login successful for {user} on device {device}"))
+                (
+                    Some(user.to_string()),
+                    format!("Login successful for {user} on device {device}"),
+                )
             }
             Outcome::LoggedOut => (None, format!("Logout successful for device {device}")),
             Outcome::CurrentUser(Some(current)) => (
@@ -71,7 +74,11 @@ impl ResultDoc {
             code: code::SUCCESS,
             text,
             device_name: device.to_string(),
-            user_id: if call.echoes_user() { user_id.or(Some(String::new())) } else { None },
+            user_id: if call.echoes_user() {
+                user_id.or(Some(String::new()))
+            } else {
+                None
+            },
             retry_after: None,
         }
     }
@@ -84,9 +91,13 @@ impl ResultDoc {
             code,
             text,
             device_name: device.to_string(),
-            user_id: call
-                .echoes_user()
-                .then(|| if call == Call::Login { user.unwrap_or_default().to_string() } else { String::new() }),
+            user_id: call.echoes_user().then(|| {
+                if call == Call::Login {
+                    user.unwrap_or_default().to_string()
+                } else {
+                    String::new()
+                }
+            }),
             retry_after,
         }
     }
@@ -95,7 +106,11 @@ impl ResultDoc {
         let mut out = String::with_capacity(256);
         out.push_str(XML_DECLARATION);
         out.push_str("\n<response>\n<result>\n");
-        let _ = writeln!(out, "<deviceName>{}</deviceName>", escape(&cut(&self.device_name)));
+        let _ = writeln!(
+            out,
+            "<deviceName>{}</deviceName>",
+            escape(&cut(&self.device_name))
+        );
         if let Some(user) = &self.user_id {
             let _ = writeln!(out, "<userID>{}</userID>", escape(&cut_to(user, 128)));
         }
@@ -111,8 +126,12 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
     use code::*;
     let ok = StatusCode::OK;
     match failure {
-        Failure::Request(RequestError::DeviceMissing) => (ok, DEVICE_ID_EMPTY, failure_text(failure), None),
-        Failure::Request(RequestError::CredentialsMissing) => (ok, CREDENTIALS_MISSING, failure_text(failure), None),
+        Failure::Request(RequestError::DeviceMissing) => {
+            (ok, DEVICE_ID_EMPTY, failure_text(failure), None)
+        }
+        Failure::Request(RequestError::CredentialsMissing) => {
+            (ok, CREDENTIALS_MISSING, failure_text(failure), None)
+        }
         Failure::Request(_) => (ok, INVALID_REQUEST, failure_text(failure), None),
         Failure::BodyTooLarge { limit } => (
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -126,7 +145,9 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
             format!("Cluster with code [{}] not found", cut_to(requested, 32)),
             None,
         ),
-        Failure::Route(RouteError::NoDefault) => (ok, CLUSTER_NOT_FOUND, failure_text(failure), None),
+        Failure::Route(RouteError::NoDefault) => {
+            (ok, CLUSTER_NOT_FOUND, failure_text(failure), None)
+        }
         Failure::Operation(error) => match error {
             OpError::Cucm { code, text } => (ok, *code, text.clone(), None),
             OpError::CucmUnknown { text } => (
@@ -135,14 +156,24 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
                 format!("CUCM reported a failure without a usable code: {text}"),
                 None,
             ),
-            OpError::Unavailable { reason } => (ok, CUCM_UNAVAILABLE, format!("CUCM unavailable: {reason}"), None),
+            OpError::Unavailable { reason } => (
+                ok,
+                CUCM_UNAVAILABLE,
+                format!("CUCM unavailable: {reason}"),
+                None,
+            ),
             OpError::InvalidResponse { detail } => (
                 ok,
                 INVALID_CUCM_RESPONSE,
-                format!("CUCM answered with something that is not a valid EM API response: {detail}"),
+                format!(
+                    "CUCM answered with something that is not a valid EM API response: {detail}"
+                ),
                 None,
             ),
-            OpError::Overloaded { reason, retry_after } => (
+            OpError::Overloaded {
+                reason,
+                retry_after,
+            } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 OVERLOADED,
                 format!("Overloaded: {reason}; retry later"),
@@ -186,7 +217,12 @@ mod tests {
 
     #[test]
     fn login_success_document_is_exactly_the_vendor_format() {
-        let doc = ResultDoc::success(Call::Login, "SEP1CE6C79BAF1F", Some("ALMUSER01"), &Outcome::LoggedIn);
+        let doc = ResultDoc::success(
+            Call::Login,
+            "SEP1CE6C79BAF1F",
+            Some("ALMUSER01"),
+            &Outcome::LoggedIn,
+        );
         assert_eq!(
             doc.render(),
             "<?xml version='1.0' encoding='UTF-8'?>\n<response>\n<result>\n\
@@ -200,7 +236,13 @@ mod tests {
         let logout = ResultDoc::success(Call::Logout, "SEP1", None, &Outcome::LoggedOut).render();
         assert!(!logout.contains("<userID>"));
         assert!(logout.contains("<text>Logout successful for device SEP1</text>"));
-        let nobody = ResultDoc::success(Call::GetLoggedInUser, "SEP1", None, &Outcome::CurrentUser(None)).render();
+        let nobody = ResultDoc::success(
+            Call::GetLoggedInUser,
+            "SEP1",
+            None,
+            &Outcome::CurrentUser(None),
+        )
+        .render();
         assert!(nobody.contains("<userID></userID>"));
         assert!(nobody.contains("<code>0</code>"));
         let someone = ResultDoc::success(
@@ -219,23 +261,56 @@ mod tests {
             let doc = ResultDoc::failure(Call::Login, "SEP1", Some("u"), &failure);
             (doc.status.as_u16(), doc.code)
         };
-        assert_eq!(case(Failure::Request(RequestError::DeviceMissing)), (200, 404));
-        assert_eq!(case(Failure::Request(RequestError::UserMissing)), (200, 1002));
-        assert_eq!(case(Failure::Request(RequestError::CredentialsMissing)), (200, 1006));
-        assert_eq!(case(Failure::Route(RouteError::UnknownCluster("X".into()))), (200, 1001));
+        assert_eq!(
+            case(Failure::Request(RequestError::DeviceMissing)),
+            (200, 404)
+        );
+        assert_eq!(
+            case(Failure::Request(RequestError::UserMissing)),
+            (200, 1002)
+        );
+        assert_eq!(
+            case(Failure::Request(RequestError::CredentialsMissing)),
+            (200, 1006)
+        );
+        assert_eq!(
+            case(Failure::Route(RouteError::UnknownCluster("X".into()))),
+            (200, 1001)
+        );
         assert_eq!(case(Failure::BodyTooLarge { limit: 10 }), (413, 1002));
         assert_eq!(
-            case(Failure::Operation(OpError::Cucm { code: 25, text: "User logged in elsewhere".into() })),
+            case(Failure::Operation(OpError::Cucm {
+                code: 25,
+                text: "User logged in elsewhere".into()
+            })),
             (200, 25)
         );
-        assert_eq!(case(Failure::Operation(OpError::CucmUnknown { text: "Unknown Error".into() })), (200, 1008));
-        assert_eq!(case(Failure::Operation(OpError::Unavailable { reason: "x".into() })), (200, 1003));
-        assert_eq!(case(Failure::Operation(OpError::InvalidResponse { detail: "x".into() })), (200, 1005));
+        assert_eq!(
+            case(Failure::Operation(OpError::CucmUnknown {
+                text: "Unknown Error".into()
+            })),
+            (200, 1008)
+        );
+        assert_eq!(
+            case(Failure::Operation(OpError::Unavailable {
+                reason: "x".into()
+            })),
+            (200, 1003)
+        );
+        assert_eq!(
+            case(Failure::Operation(OpError::InvalidResponse {
+                detail: "x".into()
+            })),
+            (200, 1005)
+        );
         let shed = ResultDoc::failure(
             Call::Login,
             "SEP1",
             None,
-            &Failure::Operation(OpError::Overloaded { reason: "full", retry_after: Duration::from_secs(3) }),
+            &Failure::Operation(OpError::Overloaded {
+                reason: "full",
+                retry_after: Duration::from_secs(3),
+            }),
         );
         assert_eq!((shed.status.as_u16(), shed.code), (503, 1004));
         assert_eq!(shed.retry_after, Some(Duration::from_secs(3)));
@@ -254,7 +329,10 @@ mod tests {
         assert!(!rendered.contains("<script>"));
         assert!(rendered.contains("&lt;script&gt;"));
         assert!(doc.text.chars().count() < 70, "{}", doc.text);
-        let device_line = rendered.lines().find(|l| l.starts_with("<deviceName>")).unwrap();
+        let device_line = rendered
+            .lines()
+            .find(|l| l.starts_with("<deviceName>"))
+            .unwrap();
         assert!(device_line.chars().count() < 100, "{device_line}");
     }
 

@@ -48,7 +48,11 @@ impl Gateway {
     }
 
     /// One cluster `code` over these nodes, with a tweak applied to its settings.
-    pub async fn with_cluster(code: &str, nodes: Vec<String>, tweak: impl FnOnce(&mut ClusterConfig)) -> Self {
+    pub async fn with_cluster(
+        code: &str,
+        nodes: Vec<String>,
+        tweak: impl FnOnce(&mut ClusterConfig),
+    ) -> Self {
         let mut cluster = ClusterConfig::new(code, nodes);
         // Tests are not about the rate limit unless they say so.
         cluster.max_requests_per_second = 0;
@@ -86,13 +90,21 @@ impl Gateway {
     }
 
     pub async fn get(&self, path: &str) -> Answer {
-        let response = self.client.get(self.url(path)).send().await.expect("gateway reachable");
+        let response = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("gateway reachable");
         Answer::read(response).await
     }
 
     pub async fn login(&self, device: &str, user: &str) -> Answer {
-        self.post_form(&format!("/api/login/{device}/{user}"), &format!("<request>{CREDS}</request>"))
-            .await
+        self.post_form(
+            &format!("/api/login/{device}/{user}"),
+            &format!("<request>{CREDS}</request>"),
+        )
+        .await
     }
 
     /// Seeded user n on seeded device n.
@@ -101,13 +113,19 @@ impl Gateway {
     }
 
     pub async fn logout(&self, device: &str) -> Answer {
-        self.post_form(&format!("/api/logout/{device}"), &format!("<request>{CREDS}</request>"))
-            .await
+        self.post_form(
+            &format!("/api/logout/{device}"),
+            &format!("<request>{CREDS}</request>"),
+        )
+        .await
     }
 
     pub async fn query(&self, device: &str) -> Answer {
-        self.post_form(&format!("/api/getloggedinuser/{device}"), &format!("<request>{CREDS}</request>"))
-            .await
+        self.post_form(
+            &format!("/api/getloggedinuser/{device}"),
+            &format!("<request>{CREDS}</request>"),
+        )
+        .await
     }
 
     pub async fn metrics(&self) -> String {
@@ -173,7 +191,10 @@ impl Answer {
         if let Ok(root) = actors::xml::parse(&body) {
             if let Some(result) = root.descendant("result").or(Some(&root)) {
                 code = result.child("code").and_then(|c| c.text.parse().ok());
-                text = result.child("text").map(|t| t.text.clone()).unwrap_or_default();
+                text = result
+                    .child("text")
+                    .map(|t| t.text.clone())
+                    .unwrap_or_default();
                 device = result.child("deviceName").map(|d| d.text.clone());
                 user = result.child("userID").map(|u| u.text.clone());
             }

@@ -12,9 +12,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::sync::{Mutex, MutexGuard};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use reqwest::StatusCode;
+use std::sync::{Mutex, MutexGuard};
 
 use super::codec::{decode, EmRequest, EmResponse};
 use crate::metrics::Metrics;
@@ -79,7 +79,9 @@ struct Node {
 impl Node {
     fn health(&self) -> MutexGuard<'_, NodeHealth> {
         // Plain data behind the lock: a panic elsewhere cannot leave it inconsistent.
-        self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.health
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -172,10 +174,9 @@ impl EmClient {
     /// True while at least one node is not being skipped.
     pub fn any_node_usable(&self) -> bool {
         let now = Instant::now();
-        self.nodes.iter().any(|n| {
-            n.health().skip_until
-                .is_none_or(|until| until <= now)
-        })
+        self.nodes
+            .iter()
+            .any(|n| n.health().skip_until.is_none_or(|until| until <= now))
     }
 
     pub fn node_labels(&self) -> Vec<Arc<str>> {
@@ -197,7 +198,9 @@ impl EmClient {
         for (position, &index) in order.iter().enumerate() {
             let node = &self.nodes[index];
             let now = Instant::now();
-            let Some(remaining) = deadline.checked_duration_since(now).filter(|d| !d.is_zero())
+            let Some(remaining) = deadline
+                .checked_duration_since(now)
+                .filter(|d| !d.is_zero())
             else {
                 last_problem = format!("deadline reached before trying {}", node.label);
                 break;
@@ -246,7 +249,13 @@ impl EmClient {
         }
     }
 
-    async fn attempt(&self, node: &Node, operation: &str, body: &str, timeout: Duration) -> Attempt {
+    async fn attempt(
+        &self,
+        node: &Node,
+        operation: &str,
+        body: &str,
+        timeout: Duration,
+    ) -> Attempt {
         let started = Instant::now();
         let (attempt, outcome) = self.exchange(node, body, timeout).await;
         let labels = [self.cluster.as_str(), &*node.label, operation];
@@ -270,7 +279,12 @@ impl EmClient {
     }
 
     /// One HTTP exchange; the second value is the metric outcome for non-answers.
-    async fn exchange(&self, node: &Node, body: &str, timeout: Duration) -> (Attempt, &'static str) {
+    async fn exchange(
+        &self,
+        node: &Node,
+        body: &str,
+        timeout: Duration,
+    ) -> (Attempt, &'static str) {
         let sent = self
             .http
             .post(&node.url)
@@ -383,7 +397,10 @@ enum ReadProblem {
     Broken,
 }
 
-async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, ReadProblem> {
+async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, ReadProblem> {
     let mut body = Vec::new();
     loop {
         match response.chunk().await {
@@ -405,7 +422,9 @@ pub fn node_label(url: &str) -> String {
     let without_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority = without_scheme.split('/').next().unwrap_or(without_scheme);
     // Never let credentials embedded in a URL reach a label.
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     authority.to_string()
 }
 
@@ -419,7 +438,10 @@ mod tests {
             node_label("https://cucm-eu-1:8443/emservice/EMServiceServlet"),
             "cucm-eu-1:8443"
         );
-        assert_eq!(node_label("http://user:pw@10.0.0.1:8080/x"), "10.0.0.1:8080");
+        assert_eq!(
+            node_label("http://user:pw@10.0.0.1:8080/x"),
+            "10.0.0.1:8080"
+        );
         assert_eq!(node_label("host"), "host");
     }
 }

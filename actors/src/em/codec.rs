@@ -24,7 +24,9 @@ pub enum EmRequest<'a> {
         device: &'a DeviceName,
     },
     /// `deviceUserQuery`: who is logged in on these devices (one or more).
-    DeviceUserQuery { devices: &'a [DeviceName] },
+    DeviceUserQuery {
+        devices: &'a [DeviceName],
+    },
 }
 
 impl EmRequest<'_> {
@@ -194,7 +196,10 @@ fn read_failure(failure: &Element) -> (Option<u32>, String) {
 /// CUCM's texts sometimes carry stray quotes and line breaks (EM-API.md §2.2).
 fn clean_text(text: &str) -> String {
     let cleaned = text.trim().trim_matches('"').trim();
-    truncate(&cleaned.split_whitespace().collect::<Vec<_>>().join(" "), 200)
+    truncate(
+        &cleaned.split_whitespace().collect::<Vec<_>>().join(" "),
+        200,
+    )
 }
 
 fn percent_decode(value: &str) -> String {
@@ -292,12 +297,20 @@ mod tests {
             Ok(EmResponse::Failure { code: None, text: "Query type undetermined".into() })
         );
         assert_eq!(
-            decode("<response><failure><error code=\"0\">Unknown Error</error></failure></response>"),
-            Ok(EmResponse::Failure { code: Some(0), text: "Unknown Error".into() })
+            decode(
+                "<response><failure><error code=\"0\">Unknown Error</error></failure></response>"
+            ),
+            Ok(EmResponse::Failure {
+                code: Some(0),
+                text: "Unknown Error".into()
+            })
         );
         assert_eq!(
             decode("<response><failure><error>no code</error></failure></response>"),
-            Ok(EmResponse::Failure { code: None, text: "no code".into() })
+            Ok(EmResponse::Failure {
+                code: None,
+                text: "no code".into()
+            })
         );
     }
 
