@@ -43,12 +43,11 @@ impl Running {
             let line = lines
                 .recv_timeout(Duration::from_secs(30))
                 .unwrap_or_else(|_| panic!("no 'serving' line; saw: {seen:#?}"));
-            if let Some(rest) = line.split("listen=").nth(1) {
-                break rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
+            // Text format: `listen=ADDR`; JSON format: `"listen":"ADDR"`.
+            let text = line.split("listen=").nth(1).and_then(|r| r.split_whitespace().next());
+            let json = line.split("\"listen\":\"").nth(1).and_then(|r| r.split('"').next());
+            if let Some(addr) = text.or(json) {
+                break addr.to_string();
             }
             seen.push(line);
         };
@@ -186,4 +185,40 @@ async fn sigterm_lets_requests_in_flight_finish() {
     let status = running.child.wait().expect("the gateway exits");
     assert!(status.success(), "clean exit after SIGTERM: {status:?}");
     assert_eq!(sim.stats().calls_login, 5);
+}
+
+#[actix_web::test]
+async fn json_logs_carry_one_line_per_request_and_no_credential() {
+    let sim = simulator(2, |_| {});
+    let config = std::env::temp_dir().join(format!("bc-json-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nworkers = 1\nlog_format = \"json\"\n[[cluster]]\ncode = \"EU\"\nnodes = [\"{}\"]\n",
+            sim.url()
+        ),
+    )
+    .unwrap();
+    let mut running = Running::start(&["--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    let client = reqwest::Client::new();
+    login(&client, running.url(&format!("/api/login/{}/user1", device(1))))
+        .await
+        .expect(200, 0);
+    running.terminate();
+    running.child.wait().expect("exits");
+    let lines: Vec<String> = running.lines.try_iter().collect();
+    assert!(lines.iter().all(|l| !l.contains("bcsecret")), "the appCertificate reached a log line");
+    let request = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "request")
+        .unwrap_or_else(|| panic!("no request line in {lines:#?}"));
+    assert_eq!(request["operation"], "login");
+    assert_eq!(request["cluster"], "EU");
+    assert_eq!(request["device"], device(1).as_str());
+    assert_eq!(request["user"], "user1");
+    assert_eq!(request["code"], 0);
+    assert!(request["duration_ms"].as_f64().is_some());
+    assert!(request["node"].as_str().is_some_and(|n| n.starts_with("127.0.0.1:")));
 }
