@@ -44,8 +44,14 @@ impl Running {
                 .recv_timeout(Duration::from_secs(30))
                 .unwrap_or_else(|_| panic!("no 'serving' line; saw: {seen:#?}"));
             // Text format: `listen=ADDR`; JSON format: `"listen":"ADDR"`.
-            let text = line.split("listen=").nth(1).and_then(|r| r.split_whitespace().next());
-            let json = line.split("\"listen\":\"").nth(1).and_then(|r| r.split('"').next());
+            let text = line
+                .split("listen=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next());
+            let json = line
+                .split("\"listen\":\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next());
             if let Some(addr) = text.or(json) {
                 break addr.to_string();
             }
@@ -70,6 +76,16 @@ impl Drop for Running {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A config file for one cluster over `node`, with `extra` top-level keys.
+fn config_file(name: &str, node: &str, extra: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("bc-{name}-{}.toml", std::process::id()));
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nworkers = 1\n{extra}\n[[cluster]]\ncode = \"EU\"\nnodes = [\"{node}\"]\n"
+    );
+    std::fs::write(&path, text).expect("temp config written");
+    path
 }
 
 async fn login(client: &reqwest::Client, url: String) -> Answer {
@@ -153,15 +169,7 @@ async fn demo_mode_serves_an_embedded_cluster() {
 #[actix_web::test]
 async fn sigterm_lets_requests_in_flight_finish() {
     let sim = simulator(5, |c| c.behavior = latency_ms(500));
-    let config = std::env::temp_dir().join(format!("bc-sigterm-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\nworkers = 1\n[[cluster]]\ncode = \"EU\"\nnodes = [\"{}\"]\n",
-            sim.url()
-        ),
-    )
-    .unwrap();
+    let config = config_file("sigterm", &sim.url(), "");
     let mut running = Running::start(&["--config", config.to_str().unwrap()]);
     let _ = std::fs::remove_file(&config);
     let client = reqwest::Client::new();
@@ -190,25 +198,23 @@ async fn sigterm_lets_requests_in_flight_finish() {
 #[actix_web::test]
 async fn json_logs_carry_one_line_per_request_and_no_credential() {
     let sim = simulator(2, |_| {});
-    let config = std::env::temp_dir().join(format!("bc-json-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\nworkers = 1\nlog_format = \"json\"\n[[cluster]]\ncode = \"EU\"\nnodes = [\"{}\"]\n",
-            sim.url()
-        ),
-    )
-    .unwrap();
+    let config = config_file("json", &sim.url(), "log_format = \"json\"");
     let mut running = Running::start(&["--config", config.to_str().unwrap()]);
     let _ = std::fs::remove_file(&config);
     let client = reqwest::Client::new();
-    login(&client, running.url(&format!("/api/login/{}/user1", device(1))))
-        .await
-        .expect(200, 0);
+    login(
+        &client,
+        running.url(&format!("/api/login/{}/user1", device(1))),
+    )
+    .await
+    .expect(200, 0);
     running.terminate();
     running.child.wait().expect("exits");
     let lines: Vec<String> = running.lines.try_iter().collect();
-    assert!(lines.iter().all(|l| !l.contains("bcsecret")), "the appCertificate reached a log line");
+    assert!(
+        lines.iter().all(|l| !l.contains("bcsecret")),
+        "the appCertificate reached a log line"
+    );
     let request = lines
         .iter()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -220,5 +226,7 @@ async fn json_logs_carry_one_line_per_request_and_no_credential() {
     assert_eq!(request["user"], "user1");
     assert_eq!(request["code"], 0);
     assert!(request["duration_ms"].as_f64().is_some());
-    assert!(request["node"].as_str().is_some_and(|n| n.starts_with("127.0.0.1:")));
+    assert!(request["node"]
+        .as_str()
+        .is_some_and(|n| n.starts_with("127.0.0.1:")));
 }

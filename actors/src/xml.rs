@@ -192,6 +192,15 @@ fn trim_texts(element: &mut Element) {
     }
 }
 
+/// Cuts a value to `max_chars` characters, marking the cut with `…`: for values
+/// echoed into documents and texts, which must stay a sane length.
+pub fn shorten(value: &str, max_chars: usize) -> String {
+    match value.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}…", &value[..cut]),
+        None => value.to_string(),
+    }
+}
+
 /// Escapes a value for element text or an attribute value.
 pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
     quick_xml::escape::escape(value)
@@ -240,6 +249,12 @@ mod tests {
     fn bounds_depth() {
         let deep = "<a>".repeat(40) + &"</a>".repeat(40);
         assert_eq!(parse(&deep), Err(XmlError::TooDeep));
+    }
+
+    #[test]
+    fn shortens_on_character_boundaries() {
+        assert_eq!(shorten("abc", 3), "abc");
+        assert_eq!(shorten("ééé", 2), "éé…");
     }
 
     #[test]

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
-use actors::{Metrics, Outcome, Router};
+use actors::{ClusterHandle, Metrics, Outcome, Reply, Router};
 use futures_util::StreamExt;
 
-use super::request::{apply_path, parse_message, validate, Call, Fields};
+use super::request::{apply_path, parse_message, validate, Call, Fields, ValidRequest};
 use super::response::{version_document, Failure, ResultDoc, CONTENT_TYPE};
 
 /// What every handler shares.
@@ -55,72 +55,14 @@ pub async fn api(
         return xml_response(StatusCode::OK, version_document(), None);
     }
 
-    let message = match read_message(&request, payload, state.max_body_bytes).await {
-        Ok(message) => message,
-        Err(failure) => {
-            let doc = ResultDoc::failure(call, "", None, &failure);
-            return finish(
-                &state,
-                call,
-                None,
-                doc,
-                started,
-                &Fields::default(),
-                None,
-                false,
-            );
-        }
-    };
-    let mut fields = match message.as_deref().map(parse_message) {
-        Some(Ok(fields)) => fields,
-        None => Fields::default(),
-        Some(Err(error)) => {
-            let doc = ResultDoc::failure(call, "", None, &Failure::Request(error));
-            return finish(
-                &state,
-                call,
-                None,
-                doc,
-                started,
-                &Fields::default(),
-                None,
-                false,
-            );
-        }
-    };
-    match apply_path(call, &segments[2..], &mut fields) {
-        Ok(true) => {}
-        Ok(false) => return plain(StatusCode::NOT_FOUND, "not found\n"),
-        Err(error) => {
-            let doc = ResultDoc::failure(call, "", None, &Failure::Request(error));
-            return finish(&state, call, None, doc, started, &fields, None, false);
-        }
-    }
-    let echo_device = fields.device_name.clone().unwrap_or_default();
-    let echo_user = fields.user_id.clone();
-
-    let valid = match validate(call, &fields) {
-        Ok(valid) => valid,
-        Err(error) => {
-            let doc = ResultDoc::failure(
-                call,
-                &echo_device,
-                echo_user.as_deref(),
-                &Failure::Request(error),
-            );
-            return finish(&state, call, None, doc, started, &fields, None, false);
-        }
-    };
-    let cluster = match state.router.route(valid.cluster_code.as_deref()) {
-        Ok(cluster) => cluster,
-        Err(error) => {
-            let doc = ResultDoc::failure(
-                call,
-                &echo_device,
-                echo_user.as_deref(),
-                &Failure::Route(error),
-            );
-            return finish(&state, call, None, doc, started, &fields, None, false);
+    let message = read_message(&request, payload, state.max_body_bytes).await;
+    let (valid, cluster) = match admit(&state, call, &segments[2..], message) {
+        Ok(admitted) => admitted,
+        Err(Rejection::NotFound) => return plain(StatusCode::NOT_FOUND, "not found\n"),
+        Err(Rejection::Failure(failure, fields)) => {
+            let device = fields.device_name.as_deref().unwrap_or_default();
+            let doc = ResultDoc::failure(call, device, fields.user_id.as_deref(), &failure);
+            return finish(&state, call, None, doc, started, &fields, None);
         }
     };
     let device = valid.operation.device().as_str().to_string();
@@ -157,13 +99,57 @@ pub async fn api(
         doc,
         started,
         &fields,
-        reply.node.as_deref(),
-        reply.from_cache,
+        Some(&reply),
     )
 }
 
-/// Counts, logs one line, and renders.
-#[allow(clippy::too_many_arguments)]
+/// Why a request is answered before reaching a cluster.
+enum Rejection {
+    /// More path segments than the call has fields: not an API path.
+    NotFound,
+    /// Answered with a code; the fields are what the caller sent, for the echo and log.
+    Failure(Failure, Box<Fields>),
+}
+
+/// Everything before the cluster, in the spec's order of faults: the body, the XML,
+/// the path segments, the values, the credentials, the cluster code.
+fn admit<'a>(
+    state: &'a AppState,
+    call: Call,
+    path_segments: &[&str],
+    message: Result<Option<String>, Failure>,
+) -> Result<(ValidRequest, &'a ClusterHandle), Rejection> {
+    let nothing = |failure| Rejection::Failure(failure, Box::default());
+    let mut fields = match message.map_err(nothing)?.as_deref().map(parse_message) {
+        Some(parsed) => parsed.map_err(|e| nothing(Failure::Request(e)))?,
+        None => Fields::default(),
+    };
+    match apply_path(call, path_segments, &mut fields) {
+        Ok(true) => {}
+        Ok(false) => return Err(Rejection::NotFound),
+        Err(error) => {
+            return Err(Rejection::Failure(
+                Failure::Request(error),
+                Box::new(fields),
+            ))
+        }
+    }
+    let valid = match validate(call, &fields) {
+        Ok(valid) => valid,
+        Err(error) => {
+            return Err(Rejection::Failure(
+                Failure::Request(error),
+                Box::new(fields),
+            ))
+        }
+    };
+    match state.router.route(valid.cluster_code.as_deref()) {
+        Ok(cluster) => Ok((valid, cluster)),
+        Err(error) => Err(Rejection::Failure(Failure::Route(error), Box::new(fields))),
+    }
+}
+
+/// Counts, logs one line, and renders. `reply` is there when a cluster answered.
 fn finish(
     state: &AppState,
     call: Call,
@@ -171,9 +157,10 @@ fn finish(
     doc: ResultDoc,
     started: Instant,
     fields: &Fields,
-    node: Option<&str>,
-    from_cache: bool,
+    reply: Option<&Reply>,
 ) -> HttpResponse {
+    let node = reply.and_then(|r| r.node.as_deref());
+    let from_cache = reply.is_some_and(|r| r.from_cache);
     // Unrouted requests share one label: a caller's cluster code never becomes one.
     let cluster_label = cluster.unwrap_or("none");
     let elapsed = started.elapsed();

@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actors::{xml::escape, OpError, Outcome, RouteError};
+use actors::xml::{escape, shorten};
+use actors::{OpError, Outcome, RouteError};
 
 use super::request::{Call, RequestError};
 
@@ -109,10 +110,10 @@ impl ResultDoc {
         let _ = writeln!(
             out,
             "<deviceName>{}</deviceName>",
-            escape(&cut(&self.device_name))
+            escape(&shorten(&self.device_name, MAX_ECHO_CHARS))
         );
         if let Some(user) = &self.user_id {
-            let _ = writeln!(out, "<userID>{}</userID>", escape(&cut_to(user, 128)));
+            let _ = writeln!(out, "<userID>{}</userID>", escape(&shorten(user, 128)));
         }
         let _ = writeln!(out, "<code>{}</code>", self.code);
         let _ = writeln!(out, "<text>{}</text>", escape(&self.text));
@@ -142,7 +143,7 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
         Failure::Route(RouteError::UnknownCluster(requested)) => (
             ok,
             CLUSTER_NOT_FOUND,
-            format!("Cluster with code [{}] not found", cut_to(requested, 32)),
+            format!("Cluster with code [{}] not found", shorten(requested, 32)),
             None,
         ),
         Failure::Route(RouteError::NoDefault) => {
@@ -197,17 +198,6 @@ pub fn version_document() -> String {
     format!(
         "{XML_DECLARATION}\n<result>\n<appversion>1.4</appversion>\n<appname>Business Connector</appname>\n</result>\n"
     )
-}
-
-fn cut(value: &str) -> String {
-    cut_to(value, MAX_ECHO_CHARS)
-}
-
-fn cut_to(value: &str, max_chars: usize) -> String {
-    match value.char_indices().nth(max_chars) {
-        Some((index, _)) => format!("{}…", &value[..index]),
-        None => value.to_string(),
-    }
 }
 
 #[cfg(test)]

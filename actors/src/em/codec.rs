@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use percent_encoding::percent_decode_str;
 
 use crate::operation::{Credentials, DeviceName, UserId};
-use crate::xml::{self, escape, Element};
+use crate::xml::{self, escape, shorten, Element};
 
 /// A request document for EMServiceServlet.
 #[derive(Debug, Clone, Copy)]
@@ -134,7 +134,7 @@ pub enum CodecError {
 pub fn decode(body: &str) -> Result<EmResponse, CodecError> {
     let root = xml::parse(body)?;
     if root.name != "response" {
-        return Err(CodecError::UnexpectedRoot(truncate(&root.name, 40)));
+        return Err(CodecError::UnexpectedRoot(shorten(&root.name, 40)));
     }
     if root.child("success").is_some() {
         return Ok(EmResponse::Success);
@@ -196,7 +196,7 @@ fn read_failure(failure: &Element) -> (Option<u32>, String) {
 /// CUCM's texts sometimes carry stray quotes and line breaks (EM-API.md §2.2).
 fn clean_text(text: &str) -> String {
     let cleaned = text.trim().trim_matches('"').trim();
-    truncate(
+    shorten(
         &cleaned.split_whitespace().collect::<Vec<_>>().join(" "),
         200,
     )
@@ -207,13 +207,6 @@ fn percent_decode(value: &str) -> String {
     percent_decode_str(value.trim())
         .decode_utf8_lossy()
         .into_owned()
-}
-
-fn truncate(value: &str, max_chars: usize) -> String {
-    match value.char_indices().nth(max_chars) {
-        Some((cut, _)) => format!("{}…", &value[..cut]),
-        None => value.to_string(),
-    }
 }
 
 #[cfg(test)]
