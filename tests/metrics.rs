@@ -18,7 +18,10 @@ type Catalogue = BTreeMap<String, BTreeSet<String>>;
 
 fn catalogue(exposition: &str) -> Catalogue {
     let mut families = Catalogue::new();
-    for line in exposition.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+    for line in exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
         let name_end = line.find(['{', ' ']).unwrap_or(line.len());
         let labels = families.entry(line[..name_end].to_string()).or_default();
         if let Some(inner) = line.get(name_end..).and_then(|rest| rest.strip_prefix('{')) {
@@ -68,19 +71,27 @@ async fn a_mixed_workload_shows_in_every_family() {
         eu.burst = 2;
     }
     // A second cluster with no usable node at all.
-    config.clusters.push(actors::ClusterConfig::new("DOWN", vec![dead_node()]));
+    config
+        .clusters
+        .push(actors::ClusterConfig::new("DOWN", vec![dead_node()]));
     config.default_cluster = Some("EU".into());
     let gw = Gateway::start(config).await;
 
     // A burst that queues (2 in flight, 6 waiting) and sheds the rest.
     let burst = join_all((1..=10).map(|n| gw.login_seeded(n)));
     let mid_burst = async {
-        wait_until("two logins are at CUCM", Duration::from_secs(5), || sim.stats().in_flight_ops == 2).await;
+        wait_until("two logins are at CUCM", Duration::from_secs(5), || {
+            sim.stats().in_flight_ops == 2
+        })
+        .await;
         gw.metrics().await
     };
     let (logins, during) = tokio::join!(burst, mid_burst);
     assert_eq!(metric(&during, "bc_cucm_in_flight{cluster=\"EU\"}"), 2.0);
-    assert!(metric(&during, "bc_queue_depth{cluster=\"EU\"}") >= 1.0, "{during}");
+    assert!(
+        metric(&during, "bc_queue_depth{cluster=\"EU\"}") >= 1.0,
+        "{during}"
+    );
     assert!(logins.iter().any(|a| a.code == Some(0)));
     assert!(logins.iter().any(|a| a.code == Some(1004)));
 
@@ -90,20 +101,30 @@ async fn a_mixed_workload_shows_in_every_family() {
     let nobody_yet = device(15);
     join_all((0..5).map(|_| gw.query(&nobody_yet))).await;
     gw.logout(&device(1)).await;
-    gw.post_form(&format!("/api/login/{}/user20/DOWN", device(20)), &format!("<request>{CREDS}</request>"))
-        .await
-        .expect(200, 1003);
+    gw.post_form(
+        &format!("/api/login/{}/user20/DOWN", device(20)),
+        &format!("<request>{CREDS}</request>"),
+    )
+    .await
+    .expect(200, 1003);
 
     let after = gw.metrics().await;
     std::fs::create_dir_all(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).ok();
     // Kept for `promtool check metrics` in .ci/run.
-    std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/target/metrics-sample.prom"), &after).unwrap();
+    std::fs::write(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/metrics-sample.prom"),
+        &after,
+    )
+    .unwrap();
 
     let nonzero = [
         ("bc_requests_total", &["code=\"0\""][..]),
         ("bc_requests_total", &["code=\"1004\""]),
         ("bc_requests_total", &["code=\"1003\"", "cluster=\"DOWN\""]),
-        ("bc_request_duration_seconds_count", &["operation=\"login\""]),
+        (
+            "bc_request_duration_seconds_count",
+            &["operation=\"login\""],
+        ),
         ("bc_cucm_calls_total", &["outcome=\"success\""]),
         ("bc_cucm_calls_total", &["outcome=\"busy\""]),
         ("bc_cucm_calls_total", &["outcome=\"refused\""]),
@@ -124,14 +145,27 @@ async fn a_mixed_workload_shows_in_every_family() {
         ("process_open_fds", &[]),
     ];
     for (name, matching) in nonzero {
-        assert!(total(&after, name, matching) > 0.0, "{name}{matching:?} is zero or missing:\n{after}");
+        assert!(
+            total(&after, name, matching) > 0.0,
+            "{name}{matching:?} is zero or missing:\n{after}"
+        );
     }
     // Whole seconds in the prometheus crate: present, but zero for a short test.
-    assert!(after.contains("\nprocess_cpu_seconds_total "), "process CPU is exported");
-    assert_eq!(total(&after, "bc_node_up", &["cluster=\"DOWN\""]), 0.0, "the dead cluster's node is down");
+    assert!(
+        after.contains("\nprocess_cpu_seconds_total "),
+        "process CPU is exported"
+    );
+    assert_eq!(
+        total(&after, "bc_node_up", &["cluster=\"DOWN\""]),
+        0.0,
+        "the dead cluster's node is down"
+    );
     // No device, user or credential ever becomes a label.
     for secret_or_unbounded in ["bcsecret", "bcapp", "SEP0000", "user1"] {
-        assert!(!after.contains(secret_or_unbounded), "{secret_or_unbounded} leaked into /metrics");
+        assert!(
+            !after.contains(secret_or_unbounded),
+            "{secret_or_unbounded} leaked into /metrics"
+        );
     }
     // Every family has HELP text.
     for family in catalogue(&after).keys() {
@@ -140,7 +174,8 @@ async fn a_mixed_workload_shows_in_every_family() {
             .trim_end_matches("_sum")
             .trim_end_matches("_count");
         assert!(
-            after.contains(&format!("# HELP {family} ")) || after.contains(&format!("# HELP {base} ")),
+            after.contains(&format!("# HELP {family} "))
+                || after.contains(&format!("# HELP {base} ")),
             "{family} has no HELP"
         );
     }
@@ -152,23 +187,33 @@ async fn a_mixed_workload_shows_in_every_family() {
 fn check_expressions_use_existing_series(families: &Catalogue) {
     let root = env!("CARGO_MANIFEST_DIR");
     let mut expressions = Vec::new();
-    let dashboards = std::fs::read_dir(format!("{root}/grafana/dashboards")).expect("grafana/dashboards exists");
+    let dashboards =
+        std::fs::read_dir(format!("{root}/grafana/dashboards")).expect("grafana/dashboards exists");
     for entry in dashboards {
         let path = entry.unwrap().path();
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         collect_queries(&json, &mut expressions);
     }
-    let rules = std::fs::read_to_string(format!("{root}/grafana/alerts.yml")).expect("grafana/alerts.yml exists");
+    let rules = std::fs::read_to_string(format!("{root}/grafana/alerts.yml"))
+        .expect("grafana/alerts.yml exists");
     let alert_exprs: Vec<String> = rules
         .lines()
         .filter_map(|l| l.trim().strip_prefix("expr:"))
         .map(|e| e.trim().trim_matches(['"', '\'']).to_string())
         .collect();
     assert!(alert_exprs.len() >= 5, "five alert rules or more");
-    assert!(!alert_exprs.iter().any(|e| e == "|" || e == ">"), "one-line exprs only");
+    assert!(
+        !alert_exprs.iter().any(|e| e == "|" || e == ">"),
+        "one-line exprs only"
+    );
     expressions.extend(alert_exprs);
-    assert!(expressions.len() >= 20, "the dashboard has its panels: {}", expressions.len());
+    assert!(
+        expressions.len() >= 20,
+        "the dashboard has its panels: {}",
+        expressions.len()
+    );
 
     for expression in &expressions {
         let used = used_series(expression);
@@ -179,7 +224,10 @@ fn check_expressions_use_existing_series(families: &Catalogue) {
                 .get(metric)
                 .unwrap_or_else(|| panic!("{metric} (in {expression:?}) is not exported"));
             for label in labels {
-                assert!(known.contains(label), "{metric} has no label {label:?} (in {expression:?})");
+                assert!(
+                    known.contains(label),
+                    "{metric} has no label {label:?} (in {expression:?})"
+                );
             }
             labels_of_expression.extend(known.iter().cloned());
         }
@@ -197,7 +245,9 @@ fn collect_queries(value: &serde_json::Value, out: &mut Vec<String>) {
         serde_json::Value::Object(map) => {
             for (key, value) in map {
                 match value {
-                    serde_json::Value::String(text) if (key == "expr" || key == "query") && text.contains("_") => {
+                    serde_json::Value::String(text)
+                        if (key == "expr" || key == "query") && text.contains("_") =>
+                    {
                         out.push(text.clone())
                     }
                     other => collect_queries(other, out),
@@ -223,9 +273,15 @@ fn used_series(expression: &str) -> Vec<(String, Vec<String>)> {
             let name = expression[i..end].to_string();
             let mut labels = Vec::new();
             if expression[end..].starts_with('{') {
-                let close = expression[end..].find('}').map_or(expression.len(), |c| end + c);
+                let close = expression[end..]
+                    .find('}')
+                    .map_or(expression.len(), |c| end + c);
                 for matcher in split_matchers(&expression[end + 1..close]) {
-                    let label: String = matcher.trim().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                    let label: String = matcher
+                        .trim()
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
                     if !label.is_empty() {
                         labels.push(label);
                     }
@@ -235,7 +291,10 @@ fn used_series(expression: &str) -> Vec<(String, Vec<String>)> {
                 i = end;
             }
             // label_values(metric, label)
-            if expression[..found_start(expression, &name, i)].trim_end().ends_with("label_values(") {
+            if expression[..found_start(expression, &name, i)]
+                .trim_end()
+                .ends_with("label_values(")
+            {
                 if let Some(label) = expression[i..].split([',', ')']).nth(1) {
                     labels.push(label.trim().to_string());
                 }
@@ -248,7 +307,9 @@ fn used_series(expression: &str) -> Vec<(String, Vec<String>)> {
 }
 
 fn found_start(expression: &str, name: &str, before: usize) -> usize {
-    expression[..before.min(expression.len())].rfind(name).unwrap_or(0)
+    expression[..before.min(expression.len())]
+        .rfind(name)
+        .unwrap_or(0)
 }
 
 /// Splits `a="x,y", b=~"z"` on the commas outside quotes.
@@ -275,7 +336,9 @@ fn grouping_labels(expression: &str) -> Vec<String> {
     for keyword in ["by", "without"] {
         let mut rest = expression;
         while let Some(at) = rest.find(keyword) {
-            let before_ok = at == 0 || !rest.as_bytes()[at - 1].is_ascii_alphanumeric() && rest.as_bytes()[at - 1] != b'_';
+            let before_ok = at == 0
+                || !rest.as_bytes()[at - 1].is_ascii_alphanumeric()
+                    && rest.as_bytes()[at - 1] != b'_';
             let after = rest[at + keyword.len()..].trim_start();
             if before_ok && after.starts_with('(') {
                 if let Some(close) = after.find(')') {
@@ -302,15 +365,24 @@ fn the_expression_reader_finds_metrics_labels_and_groupings() {
     assert_eq!(
         used,
         vec![
-            ("bc_requests_total".to_string(), vec!["cluster".to_string(), "code".to_string()]),
+            (
+                "bc_requests_total".to_string(),
+                vec!["cluster".to_string(), "code".to_string()]
+            ),
             ("bc_cucm_in_flight".to_string(), vec![]),
         ]
     );
-    assert_eq!(grouping_labels("max by (cluster) (bc_node_up) == 0"), vec!["cluster"]);
+    assert_eq!(
+        grouping_labels("max by (cluster) (bc_node_up) == 0"),
+        vec!["cluster"]
+    );
     assert_eq!(
         used_series("label_values(bc_requests_total, cluster)"),
         vec![("bc_requests_total".to_string(), vec!["cluster".to_string()])]
     );
     let families = catalogue("# HELP x y\nbc_node_up{cluster=\"EU\",node=\"a:1\"} 1\nbc_build_info{version=\"0.1.0\"} 1\n");
-    assert_eq!(families["bc_node_up"], BTreeSet::from(["cluster".to_string(), "node".to_string()]));
+    assert_eq!(
+        families["bc_node_up"],
+        BTreeSet::from(["cluster".to_string(), "node".to_string()])
+    );
 }
