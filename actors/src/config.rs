@@ -105,14 +105,15 @@ impl ClusterConfig {
             return Err(invalid("nodes", "at least one EM service URL is needed"));
         }
         for node in &self.nodes {
-            let lower = node.to_ascii_lowercase();
-            let host = lower
-                .strip_prefix("https://")
-                .or_else(|| lower.strip_prefix("http://"));
-            if host.is_none_or(|h| h.is_empty() || h.starts_with('/')) {
+            let parsed = reqwest::Url::parse(node).ok();
+            let usable = parsed.as_ref().is_some_and(|url| {
+                matches!(url.scheme(), "http" | "https")
+                    && url.host_str().is_some_and(|h| !h.is_empty())
+            });
+            if !usable {
                 return Err(invalid(
                     "nodes",
-                    format!("{node:?} is not an http:// or https:// URL"),
+                    format!("{node:?} is not an http:// or https:// URL with a host"),
                 ));
             }
         }
@@ -202,6 +203,8 @@ mod tests {
             (|c| c.nodes.clear(), "nodes"),
             (|c| c.nodes = vec!["cucm:8443".into()], "nodes"),
             (|c| c.nodes = vec!["https://".into()], "nodes"),
+            (|c| c.nodes = vec!["https://cucm:99999/x".into()], "nodes"),
+            (|c| c.nodes = vec!["ftp://cucm/x".into()], "nodes"),
             (|c| c.max_concurrent = 0, "max_concurrent"),
             (|c| c.burst = 0, "burst"),
             (|c| c.timeout_ms = 5, "timeout_ms"),
