@@ -69,6 +69,10 @@ pub struct EmClientSettings {
 
 struct Node {
     url: String,
+    /// `url` parsed once: parsing it for every call was a measurable share of a
+    /// pass-through request (BENCHMARKS.md). `None` keeps reqwest's own error for a
+    /// URL it cannot parse.
+    parsed: Option<reqwest::Url>,
     /// `host:port`: the bounded label for metrics and logs.
     label: Arc<str>,
     health: Mutex<NodeHealth>,
@@ -132,6 +136,9 @@ impl EmClient {
             .connect_timeout(settings.timeout.min(MAX_CONNECT_TIMEOUT))
             .pool_idle_timeout(Duration::from_secs(50))
             .tcp_nodelay(true)
+            // The EM API answers in place; a redirected POST would arrive as a GET
+            // without its document. Not following also skips per-call policy work.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("business-connector/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = &settings.ca_file {
             let pem = std::fs::read(path).map_err(|source| EmClientError::CaFile {
@@ -155,6 +162,7 @@ impl EmClient {
                 up.set(1);
                 Node {
                     url: url.clone(),
+                    parsed: reqwest::Url::parse(url).ok(),
                     failovers: metrics.node_failovers.with_label_values(&[cluster, &label]),
                     label,
                     health: Mutex::new(NodeHealth::default()),
@@ -191,7 +199,10 @@ impl EmClient {
         credentials: &Credentials,
         deadline: Instant,
     ) -> Result<Answered, CallError> {
-        let body = request.encode(credentials);
+        // Form-encoded once per call, not once per attempt.
+        let body = form_urlencoded::Serializer::new(String::new())
+            .append_pair("xml", &request.encode(credentials))
+            .finish();
         let mut last_problem = String::from("no node configured");
         let mut saw_garbage = None;
         let order = self.node_order();
@@ -285,11 +296,17 @@ impl EmClient {
         body: &str,
         timeout: Duration,
     ) -> (Attempt, &'static str) {
-        let sent = self
-            .http
-            .post(&node.url)
+        let builder = match &node.parsed {
+            Some(url) => self.http.post(url.clone()),
+            None => self.http.post(&node.url),
+        };
+        let sent = builder
             .timeout(timeout)
-            .form(&[("xml", body)])
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body.to_string())
             .send()
             .await;
         let response = match sent {

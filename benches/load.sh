@@ -1,0 +1,526 @@
+#!/usr/bin/env bash
+# Business Connector load harness: "does the gateway add latency?" and "what happens
+# at 8:55 on Monday?", measured side by side in one run. See BENCHMARKS.md.
+#
+#   benches/load.sh [all|latency|storm|memory]     (default: all)
+#
+# Stages:
+#   latency  direct to cucm-sim / nginx proxy_pass / gateway pass-through / gateway
+#            cache hits: peak (wrk) and fixed-rate open-loop latency (bc-load),
+#            RUNS runs each, interleaved, medians reported.
+#   storm    1,000 logins at once against --max-concurrent 5 --latency-ms 100, the
+#            logouts back, and 100,000 getloggedinuser over 1,000 devices.
+#   memory   gateway RSS with 100,000 devices cached and 10,000 client connections.
+#
+# Knobs (environment): RUNS=3 DURATION=10 (s per peak/fixed-rate run) WARMUP=2
+# CONNS=32 FIXED_RATE (req/s; default half the lower pass-through peak)
+# GEN_CPU=0 SUT_CPU=1 (load generator vs everything under test) SIM_CPU (default:
+# SUT_CPU, so a proxy and its backend share one core) PORT_BASE=18080
+# CARGO_TARGET_DIR (where the release binaries are built).
+#
+# Raw results: target/bench-results/<timestamp>/ (not committed).
+set -euo pipefail
+
+STAGE=${1:-all}
+case "$STAGE" in all | latency | storm | memory) ;; *)
+    echo "usage: $0 [all|latency|storm|memory]" >&2
+    exit 2
+    ;;
+esac
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+OUT=$ROOT/target/bench-results/$(date +%Y%m%d-%H%M%S)
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+CONNS=${CONNS:-32}
+GEN_CPU=${GEN_CPU:-0}
+SUT_CPU=${SUT_CPU:-1}
+SIM_CPU=${SIM_CPU:-$SUT_CPU}
+PORT_BASE=${PORT_BASE:-18080}
+DEVICES=1000
+
+P_SIM=$PORT_BASE
+P_NGINX=$((PORT_BASE + 1))
+P_GW_PASS=$((PORT_BASE + 2))
+P_GW_CACHE=$((PORT_BASE + 3))
+P_STORM_SIM=$((PORT_BASE + 10))
+P_STORM_GW=$((PORT_BASE + 11))
+P_MEM_SIM=$((PORT_BASE + 20))
+P_MEM_GW=$((PORT_BASE + 21))
+
+mkdir -p "$OUT"
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" | tee -a "$OUT/harness.log" >&2; }
+die() {
+    log "ERROR: $*"
+    exit 1
+}
+
+# ---------------------------------------------------------------- processes
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CPU CMD...: runs CMD pinned to CPU, output to $OUT/NAME.log; sets STARTED_PID.
+start() {
+    local name=$1 cpu=$2
+    shift 2
+    taskset -c "$cpu" "$@" >"$OUT/$name.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+stop() {
+    local pid=$1 i
+    kill "$pid" 2>/dev/null || return 0
+    for i in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+wait_port() {
+    local port=$1 i
+    for i in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    die "nothing listening on 127.0.0.1:$port after 10 s"
+}
+
+port_free() {
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+        die "127.0.0.1:$1 is already in use (set PORT_BASE)"
+    fi
+}
+
+# start_sim NAME PORT ARGS...: sets SIM_PID and SIM_STATS (the control stats URL).
+start_sim() {
+    local name=$1 port=$2 i
+    shift 2
+    port_free "$port"
+    start "$name" "$SIM_CPU" "$BIN/cucm-sim" --listen "127.0.0.1:$port" "$@"
+    SIM_PID=$STARTED_PID
+    SIM_STATS=
+    for i in $(seq 1 100); do
+        SIM_STATS=$(sed -n 's/^control: //p' "$OUT/$name.log" | head -n1)
+        [ -n "$SIM_STATS" ] && break
+        sleep 0.1
+    done
+    [ -n "$SIM_STATS" ] || die "cucm-sim did not print its control address (see $OUT/$name.log)"
+}
+
+# gateway_config FILE PORT SIM_PORT KEY=VALUE... (cluster keys after "--")
+gateway_config() {
+    local file=$1 port=$2 sim_port=$3
+    shift 3
+    {
+        echo "listen = \"127.0.0.1:$port\""
+        while [ $# -gt 0 ] && [ "$1" != "--" ]; do
+            echo "$1"
+            shift
+        done
+        [ $# -gt 0 ] && shift
+        echo
+        echo "[[cluster]]"
+        echo 'code = "SIM"'
+        echo "nodes = [\"http://127.0.0.1:$sim_port/emservice/EMServiceServlet\"]"
+        for line in "$@"; do echo "$line"; done
+    } >"$file"
+}
+
+# start_gateway NAME CONFIG PORT: sets GW_PID.
+start_gateway() {
+    local name=$1 config=$2 port=$3
+    port_free "$port"
+    start "$name" "$SUT_CPU" "$BIN/business-connector" --config "$config"
+    GW_PID=$STARTED_PID
+    wait_port "$port"
+}
+
+# ---------------------------------------------------------------- setup
+machine_info() {
+    {
+        echo "date: $(date -Is)"
+        echo "nproc: $(nproc)"
+        echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
+        echo "kernel: $(uname -r)"
+        echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+        echo "git: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+        echo "placement: load generator on CPU $GEN_CPU; nginx and gateway on CPU $SUT_CPU; simulator on CPU $SIM_CPU"
+        echo "runs=$RUNS duration=${DURATION}s warmup=${WARMUP}s connections=$CONNS"
+    } | tee "$OUT/machine.txt" >&2
+}
+
+# What else is using the machine (the box is shared): load average and top processes.
+other_work() {
+    {
+        echo "--- $1: loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
+        ps -eo pcpu,pid,comm --sort=-pcpu | head -n 6
+    } >>"$OUT/other-work.txt"
+    log "$1: loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+need_tools() {
+    local missing=()
+    command -v taskset >/dev/null || missing+=(util-linux)
+    command -v jq >/dev/null || missing+=(jq)
+    if [ "$STAGE" = all ] || [ "$STAGE" = latency ]; then
+        command -v wrk >/dev/null || missing+=(wrk)
+        command -v nginx >/dev/null || missing+=(nginx)
+        command -v curl >/dev/null || missing+=(curl)
+    fi
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing: ${missing[*]}"
+        if ! { apt-get update -qq && apt-get install -y -qq "${missing[@]}"; } >>"$OUT/apt.log" 2>&1; then
+            die "missing ${missing[*]} and apt-get could not install them (see $OUT/apt.log)"
+        fi
+    fi
+    [ "$(nproc)" -ge 2 ] || die "needs 2 CPUs: one for the load generator, one for the servers"
+}
+
+build() {
+    log "building release binaries (business-connector, cucm-sim, bc-load, bc-storm)"
+    (cd "$ROOT" && cargo build --release -q -p business-connector -p sim -p bc-benches --bins) ||
+        die "cargo build failed"
+}
+
+# ---------------------------------------------------------------- stage: latency
+write_wrk_script() {
+    cat >"$OUT/bc.lua" <<'LUA'
+-- Rotates POSTs over devices 1..BC_DEVICES; BC_MODE = em (EM deviceUserQuery to
+-- /emservice/EMServiceServlet) or northbound (POST /api/getloggedinuser/{device}).
+local mode = os.getenv("BC_MODE") or "northbound"
+local devices = tonumber(os.getenv("BC_DEVICES") or "1000")
+local requests = {}
+local index = 0
+local function encode(s)
+  return (s:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", string.byte(c)) end))
+end
+init = function(args)
+  local creds = "<appID>bcapp</appID><appCertificate>bcsecret</appCertificate>"
+  local headers = { ["Content-Type"] = "application/x-www-form-urlencoded" }
+  for i = 1, devices do
+    local device = string.format("SEP%012X", i)
+    if mode == "em" then
+      local xml = "<query><appInfo>" .. creds .. "</appInfo><deviceUserQuery><deviceName>"
+        .. device .. "</deviceName></deviceUserQuery></query>"
+      requests[i] = wrk.format("POST", "/emservice/EMServiceServlet", headers, "xml=" .. encode(xml))
+    else
+      requests[i] = wrk.format("POST", "/api/getloggedinuser/" .. device, headers,
+        "xml=" .. encode("<request>" .. creds .. "</request>"))
+    end
+  end
+end
+request = function()
+  index = index % devices + 1
+  return requests[index]
+end
+LUA
+}
+
+write_nginx_config() {
+    mkdir -p "$OUT/nginx"
+    cat >"$OUT/nginx/nginx.conf" <<NGINX
+# What a team would put in front of CUCM: one worker, keep-alive upstream.
+worker_processes 1;
+daemon off;
+user root;
+pid $OUT/nginx/nginx.pid;
+error_log $OUT/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log $OUT/nginx/access.log;
+    client_body_temp_path $OUT/nginx/body;
+    proxy_temp_path $OUT/nginx/proxy;
+    fastcgi_temp_path $OUT/nginx/fastcgi;
+    uwsgi_temp_path $OUT/nginx/uwsgi;
+    scgi_temp_path $OUT/nginx/scgi;
+    upstream cucm {
+        server 127.0.0.1:$P_SIM;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        location / {
+            proxy_pass http://cucm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+NGINX
+}
+
+# wrk_peak SCENARIO PORT MODE RUN: one peak run, appended as JSON to peak.jsonl.
+wrk_peak() {
+    local scenario=$1 port=$2 mode=$3 run=$4 raw sim_before sim_after
+    raw="$OUT/wrk-$scenario-$run.txt"
+    sim_before=$(sim_queries)
+    BC_MODE=$mode BC_DEVICES=$DEVICES taskset -c "$GEN_CPU" \
+        wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$OUT/bc.lua" "http://127.0.0.1:$port" >"$raw"
+    sim_after=$(sim_queries)
+    awk -v scenario="$scenario" -v run="$run" -v sim_calls=$((sim_after - sim_before)) '
+        function us(v) {
+            if (v ~ /us$/) return v + 0;
+            if (v ~ /ms$/) return v * 1000;
+            if (v ~ /s$/) return v * 1000000;
+            return v + 0;
+        }
+        /^ +50%/ { p50 = us($2) }
+        /^ +99%/ { p99 = us($2) }
+        /requests in/ { requests = $1 }
+        /^Requests\/sec:/ { rps = $2 }
+        /Non-2xx/ { non2xx = $NF }
+        /Socket errors/ { errors = $0 }
+        END {
+            printf "{\"scenario\":\"%s\",\"run\":%d,\"rps\":%s,\"requests\":%d,\"p50_us\":%d,\"p99_us\":%d,\"non2xx\":%d,\"sim_calls\":%d,\"socket_errors\":\"%s\"}\n",
+                scenario, run, rps, requests, p50, p99, non2xx + 0, sim_calls, errors
+        }' "$raw" >>"$OUT/peak.jsonl"
+}
+
+# Device-user queries the latency simulator has received so far.
+sim_queries() {
+    curl -fsS "$LAT_SIM_STATS?log=false" | jq '.calls_device_user_query'
+}
+
+# load_fixed SCENARIO PORT MODE RATE RUN: one open-loop run, appended to fixed.jsonl.
+load_fixed() {
+    local scenario=$1 port=$2 mode=$3 rate=$4 run=$5
+    taskset -c "$GEN_CPU" "$BIN/bc-load" --url "http://127.0.0.1:$port" --mode "$mode" \
+        --rate "$rate" --duration "$DURATION" --warmup "$WARMUP" --connections "$CONNS" \
+        --devices "$DEVICES" |
+        jq -c --arg scenario "$scenario" --argjson run "$run" '. + {scenario: $scenario, run: $run}' \
+            >>"$OUT/fixed.jsonl"
+}
+
+# median FILE SCENARIO FIELD
+median() {
+    jq -s --arg s "$2" --arg f "$3" \
+        '[.[] | select(.scenario == $s) | .[$f]] | sort | if length == 0 then 0 else .[(length - 1) / 2 | floor] end' "$1"
+}
+
+SCENARIOS=(direct nginx gateway cache)
+declare -A PORT=([direct]=$P_SIM [nginx]=$P_NGINX [gateway]=$P_GW_PASS [cache]=$P_GW_CACHE)
+declare -A MODE=([direct]=em [nginx]=em [gateway]=northbound [cache]=northbound)
+
+stage_latency() {
+    log "== latency: direct / nginx / gateway pass-through / gateway cache"
+    write_wrk_script
+    write_nginx_config
+    start_sim sim-latency "$P_SIM" --devices "$DEVICES" --users "$DEVICES"
+    LAT_SIM_STATS=$SIM_STATS
+    wait_port "$P_SIM"
+    port_free "$P_NGINX"
+    start nginx "$SUT_CPU" nginx -p "$OUT/nginx" -e "$OUT/nginx/error.log" -c "$OUT/nginx/nginx.conf"
+    NGINX_PID=$STARTED_PID
+    wait_port "$P_NGINX"
+    # Pass-through: no cache, no rate limit, a cap CUCM's gate would never see reached.
+    gateway_config "$OUT/gateway-pass.toml" "$P_GW_PASS" "$P_SIM" 'workers = 1' -- \
+        'max_concurrent = 100' 'max_requests_per_second = 0' 'cache_ttl_ms = 0' 'queue_limit = 100000'
+    start_gateway gateway-pass "$OUT/gateway-pass.toml" "$P_GW_PASS"
+    # Cache: a TTL longer than the run, so every measured answer is a hit.
+    gateway_config "$OUT/gateway-cache.toml" "$P_GW_CACHE" "$P_SIM" 'workers = 1' -- \
+        'max_concurrent = 100' 'max_requests_per_second = 0' 'cache_ttl_ms = 3600000' 'queue_limit = 100000'
+    local pass_pid=$GW_PID
+    start_gateway gateway-cache "$OUT/gateway-cache.toml" "$P_GW_CACHE"
+    CACHE_GW_PID=$GW_PID
+    GW_PID=$pass_pid
+
+    log "sanity and warm-up (every answer must be a success)"
+    local scenario run rate
+    for scenario in "${SCENARIOS[@]}"; do
+        taskset -c "$GEN_CPU" "$BIN/bc-load" --url "http://127.0.0.1:${PORT[$scenario]}" \
+            --mode "${MODE[$scenario]}" --rate 2000 --duration 2 --warmup 0.5 \
+            --connections "$CONNS" --devices "$DEVICES" >"$OUT/sanity-$scenario.json"
+        jq -e '.errors == 0 and .unexpected == 0' "$OUT/sanity-$scenario.json" >/dev/null ||
+            die "$scenario: errors or unexpected answers in the warm-up: $(cat "$OUT/sanity-$scenario.json")"
+    done
+
+    other_work "before peak"
+    for run in $(seq 1 "$RUNS"); do
+        for scenario in "${SCENARIOS[@]}"; do
+            log "peak run $run/$RUNS: $scenario"
+            wrk_peak "$scenario" "${PORT[$scenario]}" "${MODE[$scenario]}" "$run"
+        done
+    done
+    other_work "after peak"
+
+    if [ -n "${FIXED_RATE:-}" ]; then
+        rate=$FIXED_RATE
+    else
+        rate=$(jq -s '[.[] | select(.scenario == "nginx" or .scenario == "gateway")] as $runs
+            | [("nginx", "gateway") as $s | [$runs[] | select(.scenario == $s) | .rps] | sort | .[(length - 1) / 2 | floor]]
+            | min / 2 | floor' "$OUT/peak.jsonl")
+    fi
+    log "fixed rate: $rate req/s (half the lower pass-through peak unless FIXED_RATE)"
+    echo "$rate" >"$OUT/fixed-rate.txt"
+    for run in $(seq 1 "$RUNS"); do
+        for scenario in "${SCENARIOS[@]}"; do
+            log "fixed-rate run $run/$RUNS: $scenario"
+            load_fixed "$scenario" "${PORT[$scenario]}" "${MODE[$scenario]}" "$rate" "$run"
+        done
+    done
+    other_work "after fixed rate"
+    local pid
+    for pid in "$GW_PID" "$CACHE_GW_PID" "$NGINX_PID" "$SIM_PID"; do stop "$pid"; done
+    print_latency_tables "$rate"
+}
+
+print_latency_tables() {
+    local rate=$1 s
+    {
+        echo
+        echo "PEAK (wrk -t1 -c$CONNS -d${DURATION}s, median of $RUNS)"
+        printf '%-10s %12s %10s %10s %12s\n' scenario req/s p50_ms p99_ms sim_calls/req
+        for s in "${SCENARIOS[@]}"; do
+            printf '%-10s %12.0f %10.3f %10.3f %12s\n' "$s" "$(median "$OUT/peak.jsonl" "$s" rps)" \
+                "$(jq -n "$(median "$OUT/peak.jsonl" "$s" p50_us) / 1000")" \
+                "$(jq -n "$(median "$OUT/peak.jsonl" "$s" p99_us) / 1000")" \
+                "$(jq -s --arg s "$s" '[.[] | select(.scenario == $s)] | (map(.sim_calls) | add) / (map(.requests) | add) * 1000 | round / 1000' "$OUT/peak.jsonl")"
+        done
+        echo
+        echo "FIXED RATE $rate req/s (bc-load open loop, $CONNS connections, ${DURATION}s, median of $RUNS)"
+        printf '%-10s %12s %10s %10s %10s %8s\n' scenario achieved p50_ms p99_ms p99.9_ms errors
+        for s in "${SCENARIOS[@]}"; do
+            printf '%-10s %12.0f %10.3f %10.3f %10.3f %8s\n' "$s" "$(median "$OUT/fixed.jsonl" "$s" achieved_rate)" \
+                "$(jq -n "$(median "$OUT/fixed.jsonl" "$s" p50_us) / 1000")" \
+                "$(jq -n "$(median "$OUT/fixed.jsonl" "$s" p99_us) / 1000")" \
+                "$(jq -n "$(median "$OUT/fixed.jsonl" "$s" p999_us) / 1000")" \
+                "$(jq -s --arg s "$s" '[.[] | select(.scenario == $s) | .errors + .unexpected] | add' "$OUT/fixed.jsonl")"
+        done
+        local d n g c
+        d=$(median "$OUT/peak.jsonl" direct rps)
+        n=$(median "$OUT/peak.jsonl" nginx rps)
+        g=$(median "$OUT/peak.jsonl" gateway rps)
+        c=$(median "$OUT/peak.jsonl" cache rps)
+        echo
+        echo "RATIOS (medians)"
+        echo "  pass-through throughput gateway/nginx:  $(jq -n "$g / $n * 100 | round / 100")   (target >= 1.0)"
+        echo "  pass-through throughput gateway/direct: $(jq -n "$g / $d * 100 | round / 100")"
+        echo "  cache-hit throughput cache/nginx:       $(jq -n "$c / $n * 100 | round / 100")   (target >= 3.0)"
+        echo "  added p99 at $rate req/s, gateway - direct: $(jq -n "($(median "$OUT/fixed.jsonl" gateway p99_us) - $(median "$OUT/fixed.jsonl" direct p99_us)) / 1000") ms (target <= 1 ms)"
+        echo "  added p99 at $rate req/s, nginx - direct:   $(jq -n "($(median "$OUT/fixed.jsonl" nginx p99_us) - $(median "$OUT/fixed.jsonl" direct p99_us)) / 1000") ms"
+    } | tee "$OUT/latency-tables.txt"
+}
+
+# ---------------------------------------------------------------- stage: storm
+stage_storm() {
+    log "== storm: cucm-sim --max-concurrent 5 --latency-ms 100"
+    start_sim sim-storm "$P_STORM_SIM" --devices "$DEVICES" --users "$DEVICES" --max-concurrent 5 --latency-ms 100
+    local stats=$SIM_STATS run
+    wait_port "$P_STORM_SIM"
+    # The storm needs more than the default 15 s deadline (the physical minimum is
+    # 20 s); the cache TTL must outlast the first pass over 1,000 devices (also 20 s).
+    gateway_config "$OUT/gateway-storm.toml" "$P_STORM_GW" "$P_STORM_SIM" 'deadline_ms = 60000' -- \
+        'max_concurrent = 5' 'max_requests_per_second = 0' 'cache_ttl_ms = 60000'
+    other_work "before storm"
+    for run in $(seq 1 "$RUNS"); do
+        start_gateway gateway-storm-$run "$OUT/gateway-storm.toml" "$P_STORM_GW"
+        log "login storm run $run/$RUNS: 1,000 logins at once"
+        taskset -c "$GEN_CPU" "$BIN/bc-storm" --gateway "127.0.0.1:$P_STORM_GW" login \
+            --devices "$DEVICES" --sim-stats "$stats" | jq -c --argjson run "$run" '. + {run: $run}' \
+            | tee -a "$OUT/storm.jsonl" >&2
+        log "logout storm run $run/$RUNS: 1,000 logouts at once"
+        taskset -c "$GEN_CPU" "$BIN/bc-storm" --gateway "127.0.0.1:$P_STORM_GW" login --logout \
+            --devices "$DEVICES" --sim-stats "$stats" | jq -c --argjson run "$run" '. + {run: $run}' \
+            | tee -a "$OUT/storm.jsonl" >&2
+        stop "$GW_PID"
+        # A fresh gateway: the query storm starts from an empty cache.
+        start_gateway gateway-query-$run "$OUT/gateway-storm.toml" "$P_STORM_GW"
+        log "query storm run $run/$RUNS: 100,000 getloggedinuser over 1,000 devices"
+        taskset -c "$GEN_CPU" "$BIN/bc-storm" --gateway "127.0.0.1:$P_STORM_GW" query \
+            --devices "$DEVICES" --requests 100000 --connections 1000 --sim-stats "$stats" |
+            jq -c --argjson run "$run" '. + {run: $run}' | tee -a "$OUT/storm.jsonl" >&2
+        stop "$GW_PID"
+    done
+    other_work "after storm"
+    stop "$SIM_PID"
+    {
+        echo
+        echo "STORMS (median of $RUNS; sim --max-concurrent 5 --latency-ms 100; gateway max_concurrent 5, rps 0, deadline 60 s)"
+        local kind
+        for kind in login_storm logout_storm; do
+            printf '%-13s elapsed %6.2f s  min %5.1f s  ratio %5.3f  code26-to-callers %s  not-success %s  sim max_concurrent_ops %s  sim busy answers %s\n' \
+                "$kind" "$(median "$OUT/storm.jsonl" "$kind" elapsed_s)" \
+                "$(median "$OUT/storm.jsonl" "$kind" physical_min_s)" \
+                "$(median "$OUT/storm.jsonl" "$kind" ratio_to_min)" \
+                "$(jq -s --arg k "$kind" '[.[] | select(.scenario == $k) | .code26_to_callers] | add' "$OUT/storm.jsonl")" \
+                "$(jq -s --arg k "$kind" '[.[] | select(.scenario == $k) | .not_success] | add' "$OUT/storm.jsonl")" \
+                "$(jq -s --arg k "$kind" '[.[] | select(.scenario == $k) | .sim_max_concurrent_ops] | max' "$OUT/storm.jsonl")" \
+                "$(median "$OUT/storm.jsonl" "$kind" sim_busy_answers)"
+        done
+        printf '%-13s elapsed %6.2f s  CUCM deviceUserQuery calls %s (ideal 1000, max over runs %s)  not-success %s\n' \
+            query_storm "$(median "$OUT/storm.jsonl" query_storm elapsed_s)" \
+            "$(median "$OUT/storm.jsonl" query_storm sim_calls_device_user_query)" \
+            "$(jq -s '[.[] | select(.scenario == "query_storm") | .sim_calls_device_user_query] | max' "$OUT/storm.jsonl")" \
+            "$(jq -s '[.[] | select(.scenario == "query_storm") | .not_success] | add' "$OUT/storm.jsonl")"
+    } | tee "$OUT/storm-tables.txt"
+}
+
+# ---------------------------------------------------------------- stage: memory
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+stage_memory() {
+    log "== memory: 100,000 devices cached, 10,000 client connections"
+    start_sim sim-memory "$P_MEM_SIM" --devices 100000
+    wait_port "$P_MEM_SIM"
+    gateway_config "$OUT/gateway-memory.toml" "$P_MEM_GW" "$P_MEM_SIM" -- \
+        'max_concurrent = 64' 'max_requests_per_second = 0' 'cache_ttl_ms = 3600000'
+    start_gateway gateway-memory "$OUT/gateway-memory.toml" "$P_MEM_GW"
+    local idle filled
+    idle=$(rss_kib "$GW_PID")
+    log "filling the cache: 100,000 getloggedinuser, one per device"
+    taskset -c "$GEN_CPU" "$BIN/bc-storm" --gateway "127.0.0.1:$P_MEM_GW" fill --devices 100000 \
+        --connections 64 | tee "$OUT/memory-fill.json" >&2
+    jq -e '.not_success == 0' "$OUT/memory-fill.json" >/dev/null || die "cache fill had failures"
+    filled=$(rss_kib "$GW_PID")
+    log "holding 10,000 connections"
+    taskset -c "$GEN_CPU" "$BIN/bc-storm" --gateway "127.0.0.1:$P_MEM_GW" hold --connections 10000 \
+        --seconds 10 --pid "$GW_PID" | tee "$OUT/memory-hold.json" >&2
+    stop "$GW_PID"
+    stop "$SIM_PID"
+    {
+        echo
+        echo "MEMORY (gateway VmRSS; workers = 0 → $(nproc) HTTP workers)"
+        printf '  idle after start:                          %8.1f MiB\n' "$(jq -n "$idle / 1024")"
+        printf '  100,000 devices cached:                    %8.1f MiB\n' "$(jq -n "$filled / 1024")"
+        printf '  + 10,000 client connections (peak):        %8.1f MiB  (target <= 64 MiB; connections failed: %s, server fds peak: %s)\n' \
+            "$(jq '.rss_peak_kib / 1024' "$OUT/memory-hold.json")" \
+            "$(jq '.connections_failed' "$OUT/memory-hold.json")" "$(jq '.server_fds_peak' "$OUT/memory-hold.json")"
+    } | tee "$OUT/memory-tables.txt"
+}
+
+# ---------------------------------------------------------------- main
+need_tools
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" -ge 12000 ] || die "ulimit -n is $(ulimit -n); the memory scenario needs 12,000 descriptors"
+machine_info
+build
+case "$STAGE" in
+all)
+    stage_latency
+    stage_storm
+    stage_memory
+    ;;
+latency) stage_latency ;;
+storm) stage_storm ;;
+memory) stage_memory ;;
+esac
+log "raw results in $OUT"
+for table in latency storm memory; do
+    [ -f "$OUT/$table-tables.txt" ] && cat "$OUT/$table-tables.txt"
+done
+exit 0
