@@ -40,9 +40,12 @@ impl Running {
         });
         let mut seen = Vec::new();
         let addr = loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("no 'serving' line; saw: {seen:#?}"));
+            let Ok(line) = lines.recv_timeout(Duration::from_secs(30)) else {
+                // Never leave a gateway running behind a failed test.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no 'serving' line; saw: {seen:#?}");
+            };
             // Text format: `listen=ADDR`; JSON format: `"listen":"ADDR"`.
             let text = line
                 .split("listen=")
