@@ -41,6 +41,10 @@ async fn a_dead_first_node_is_skipped() {
 #[actix_web::test]
 async fn every_node_dead_is_1003_and_not_ready() {
     let gw = Gateway::with_cluster("EU", vec![dead_node(), dead_node()], |_| {}).await;
+    // Not ready from the start, before any call has failed.
+    let ready = gw.client.get(gw.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    assert!(ready.text().await.unwrap().contains("EU"));
     gw.login("SEP000000000001", "user1").await.expect(200, 1003);
     gw.query("SEP000000000001").await.expect(200, 1003);
     let ready = gw.client.get(gw.url("/readyz")).send().await.unwrap();

@@ -556,9 +556,9 @@ impl ClusterHandle {
         }
     }
 
-    /// Readiness: at least one node is not being skipped.
-    pub fn any_node_usable(&self) -> bool {
-        self.em.any_node_usable()
+    /// Readiness: at least one node is not being skipped and accepts connections.
+    pub async fn ready(&self) -> bool {
+        self.em.any_node_reachable().await
     }
 
     pub fn cache(&self) -> &LoggedInCache {

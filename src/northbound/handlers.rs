@@ -279,13 +279,16 @@ pub async fn healthz() -> HttpResponse {
     plain(StatusCode::OK, "ok\n")
 }
 
-/// Ready when every cluster has at least one node not being skipped.
+/// Ready when every cluster has a node that is not being skipped after failures and
+/// accepts a connection now.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let down: Vec<&str> = state
-        .router
-        .clusters()
-        .filter(|c| !c.any_node_usable())
-        .map(|c| &*c.code)
+    let clusters: Vec<&ClusterHandle> = state.router.clusters().collect();
+    let ready = futures_util::future::join_all(clusters.iter().map(|c| c.ready())).await;
+    let down: Vec<&str> = clusters
+        .iter()
+        .zip(ready)
+        .filter(|(_, ready)| !ready)
+        .map(|(c, _)| &*c.code)
         .collect();
     if down.is_empty() {
         return plain(StatusCode::OK, "ready\n");
@@ -293,7 +296,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::ServiceUnavailable()
         .content_type("text/plain; charset=utf-8")
         .body(format!(
-            "not ready: no usable CUCM node in {}\n",
+            "not ready: no reachable CUCM node in {}\n",
             down.join(", ")
         ))
 }

@@ -25,6 +25,9 @@ const MAX_HOLD_OFF: Duration = Duration::from_secs(30);
 /// A refused or black-holed connection is known quickly; never wait the whole call
 /// timeout to find out.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A readiness probe is a TCP connect; a node that cannot take one in this long is
+/// not ready.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// EM answers are a few hundred bytes; a bigger body is not an EM answer.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
@@ -179,12 +182,35 @@ impl EmClient {
         })
     }
 
-    /// True while at least one node is not being skipped.
-    pub fn any_node_usable(&self) -> bool {
+    /// Readiness: true when a node that is not being skipped accepts a TCP
+    /// connection now. Probes only; routing state is left to real calls (a hung node
+    /// accepts connections, so a probe must never mark a node usable).
+    pub async fn any_node_reachable(&self) -> bool {
         let now = Instant::now();
-        self.nodes
+        let targets: Vec<String> = self
+            .nodes
             .iter()
-            .any(|n| n.health().skip_until.is_none_or(|until| until <= now))
+            .filter(|n| n.health().skip_until.is_none_or(|until| until <= now))
+            .filter_map(|n| {
+                let url = n.parsed.as_ref()?;
+                Some(format!(
+                    "{}:{}",
+                    url.host_str()?,
+                    url.port_or_known_default()?
+                ))
+            })
+            .collect();
+        let probes = targets.iter().map(|target| async move {
+            let connect = tokio::net::TcpStream::connect(target.as_str());
+            matches!(
+                tokio::time::timeout(PROBE_TIMEOUT, connect).await,
+                Ok(Ok(_))
+            )
+        });
+        futures_util::future::join_all(probes)
+            .await
+            .into_iter()
+            .any(|reachable| reachable)
     }
 
     pub fn node_labels(&self) -> Vec<Arc<str>> {
