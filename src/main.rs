@@ -8,11 +8,6 @@ use business_connector::config::{Config, LogFormat};
 use business_connector::{demo, server};
 use clap::Parser;
 
-// The profile under load showed ~10% of the gateway's CPU in the system allocator
-// (BENCHMARKS.md); mimalloc is faster for this many small, short-lived allocations.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(
     version,
