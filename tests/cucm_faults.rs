@@ -8,6 +8,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use sim::Faults;
 
+/// A simulated cluster (2 devices and users) with these faults on from the start.
+fn faulty(faults: Faults) -> sim::SimHandle {
+    simulator(2, |c| c.behavior = common::faults(faults))
+}
+
 #[actix_web::test]
 async fn a_dead_first_node_is_skipped() {
     let sim = simulator(2, |_| {});
@@ -55,11 +60,9 @@ async fn every_node_dead_is_1003_and_not_ready() {
 
 #[actix_web::test]
 async fn a_hung_node_times_out_a_login_once_and_queries_fail_over() {
-    let hung = simulator(2, |c| {
-        c.behavior = faults(Faults {
-            hang: true,
-            ..Faults::default()
-        })
+    let hung = faulty(Faults {
+        hang: true,
+        ..Faults::default()
     });
     let good = simulator(2, |_| {});
     let gw =
@@ -83,11 +86,9 @@ async fn a_hung_node_times_out_a_login_once_and_queries_fail_over() {
 
 #[actix_web::test]
 async fn a_query_moves_past_a_hung_node() {
-    let hung = simulator(2, |c| {
-        c.behavior = faults(Faults {
-            hang: true,
-            ..Faults::default()
-        })
+    let hung = faulty(Faults {
+        hang: true,
+        ..Faults::default()
     });
     let good = simulator(2, |_| {});
     good.login_directly(&device(2), "user2");
@@ -101,11 +102,9 @@ async fn a_query_moves_past_a_hung_node() {
 
 #[actix_web::test]
 async fn a_hung_cluster_does_not_hurt_another() {
-    let hung = simulator(2, |c| {
-        c.behavior = faults(Faults {
-            hang: true,
-            ..Faults::default()
-        })
+    let hung = faulty(Faults {
+        hang: true,
+        ..Faults::default()
     });
     let fine = simulator(2, |_| {});
     let mut config = business_connector::config::Config::single_cluster(
@@ -144,11 +143,9 @@ async fn a_hung_cluster_does_not_hurt_another() {
 
 #[actix_web::test]
 async fn garbage_from_cucm_is_1005() {
-    let sim = simulator(2, |c| {
-        c.behavior = faults(Faults {
-            garbage: true,
-            ..Faults::default()
-        })
+    let sim = faulty(Faults {
+        garbage: true,
+        ..Faults::default()
     });
     let gw = Gateway::with_cluster("EU", vec![sim.url()], |_| {}).await;
     gw.login(&device(1), "user1").await.expect(200, 1005);
@@ -157,11 +154,9 @@ async fn garbage_from_cucm_is_1005() {
 
 #[actix_web::test]
 async fn http_503_moves_a_login_on_but_500_does_not() {
-    let unavailable = simulator(2, |c| {
-        c.behavior = faults(Faults {
-            http_status: Some(503),
-            ..Faults::default()
-        })
+    let unavailable = faulty(Faults {
+        http_status: Some(503),
+        ..Faults::default()
     });
     let good = simulator(2, |_| {});
     let gw = Gateway::with_cluster("EU", vec![unavailable.url(), good.url()], |_| {}).await;
@@ -170,11 +165,9 @@ async fn http_503_moves_a_login_on_but_500_does_not() {
     assert_eq!(good.logged_in_user(&device(1)).as_deref(), Some("user1"));
     gw.shutdown().await;
 
-    let broken = simulator(2, |c| {
-        c.behavior = faults(Faults {
-            http_status: Some(500),
-            ..Faults::default()
-        })
+    let broken = faulty(Faults {
+        http_status: Some(500),
+        ..Faults::default()
     });
     let good = simulator(2, |_| {});
     let gw = Gateway::with_cluster("EU", vec![broken.url(), good.url()], |_| {}).await;
@@ -188,11 +181,9 @@ async fn http_503_moves_a_login_on_but_500_does_not() {
     gw.query(&device(1)).await.expect(200, 0);
 
     // A single node answering 503: nothing else to try.
-    let only = simulator(2, |c| {
-        c.behavior = faults(Faults {
-            http_status: Some(503),
-            ..Faults::default()
-        })
+    let only = faulty(Faults {
+        http_status: Some(503),
+        ..Faults::default()
     });
     let gw = Gateway::with_cluster("EU", vec![only.url()], |_| {}).await;
     gw.login(&device(1), "user1").await.expect(200, 1003);
@@ -228,11 +219,9 @@ async fn busy_every_other_call_is_never_seen_by_callers() {
 
 #[actix_web::test]
 async fn cucm_failure_code_0_is_1008_never_success() {
-    let sim = simulator(2, |c| {
-        c.behavior = faults(Faults {
-            fail_code: Some(0),
-            ..Faults::default()
-        })
+    let sim = faulty(Faults {
+        fail_code: Some(0),
+        ..Faults::default()
     });
     let gw = Gateway::with_cluster("EU", vec![sim.url()], |_| {}).await;
     let login = gw.login(&device(1), "user1").await;
