@@ -560,10 +560,6 @@ impl ClusterHandle {
     pub async fn ready(&self) -> bool {
         self.em.any_node_reachable().await
     }
-
-    pub fn cache(&self) -> &LoggedInCache {
-        &self.cache
-    }
 }
 
 fn answer_all(waiters: Vec<oneshot::Sender<Reply>>, reply: Reply) {

@@ -187,16 +187,11 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
         String::from_utf8_lossy(&buffer).into_owned()
     }
-
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
 }
 
 /// Per-cluster handles resolved once, so the hot path does no label lookups.
 #[derive(Clone)]
 pub struct ClusterMetrics {
-    pub cluster: String,
     pub queue_depth: IntGauge,
     pub queue_wait: Histogram,
     pub in_flight: IntGauge,
@@ -218,7 +213,6 @@ impl ClusterMetrics {
             .with_label_values(c)
             .set(max_concurrent as i64);
         Self {
-            cluster: cluster.to_string(),
             queue_depth: metrics.queue_depth.with_label_values(c),
             queue_wait: metrics.queue_wait.with_label_values(c),
             in_flight: metrics.cucm_in_flight.with_label_values(c),

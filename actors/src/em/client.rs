@@ -213,10 +213,6 @@ impl EmClient {
             .any(|reachable| reachable)
     }
 
-    pub fn node_labels(&self) -> Vec<Arc<str>> {
-        self.nodes.iter().map(|n| n.label.clone()).collect()
-    }
-
     /// Sends one EM request, moving across nodes as the retry rules allow, and never
     /// past `deadline`.
     pub async fn call(
