@@ -171,7 +171,7 @@ async fn demo_mode_serves_an_embedded_cluster() {
 
 #[actix_web::test]
 async fn sigterm_lets_requests_in_flight_finish() {
-    let sim = simulator(5, |c| c.behavior = latency_ms(500));
+    let sim = simulator(5, |c| c.behavior = latency_ms(1000));
     let config = config_file("sigterm", &sim.url(), "");
     let mut running = Running::start(&["--config", config.to_str().unwrap()]);
     let _ = std::fs::remove_file(&config);

@@ -51,7 +51,7 @@ async fn a_mixed_workload_shows_in_every_family() {
     // One good node behind a dead one; CUCM says busy every third operation.
     let sim = simulator(20, |c| {
         c.behavior = Behavior {
-            latency: Latency::Fixed(Duration::from_millis(150)),
+            latency: Latency::Fixed(Duration::from_millis(500)),
             faults: Faults {
                 busy_every: Some(3),
                 ..Faults::default()

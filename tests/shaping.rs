@@ -58,7 +58,7 @@ async fn repeated_queries_cost_one_cucm_call() {
 async fn concurrent_identical_queries_share_one_call_even_without_cache() {
     let sim = simulator(2, |c| {
         c.behavior = Behavior {
-            query_latency: Some(Latency::Fixed(Duration::from_millis(200))),
+            query_latency: Some(Latency::Fixed(Duration::from_millis(1000))),
             ..Behavior::default()
         }
     });
@@ -178,7 +178,7 @@ async fn a_wait_beyond_the_deadline_is_shed_not_timed_out() {
 
 #[actix_web::test]
 async fn shutdown_answers_every_request_in_flight() {
-    let sim = simulator(5, |c| c.behavior = latency_ms(400));
+    let sim = simulator(5, |c| c.behavior = latency_ms(1000));
     let mut gw = Gateway::with_cluster("EU", vec![sim.url()], |_| {}).await;
     let trigger = gw.take_shutdown_trigger();
     let requests = join_all((1..=5).map(|n| gw.login_seeded(n)));
