@@ -337,6 +337,18 @@ mod tests {
     }
 
     #[test]
+    fn tolerates_declarations_doctypes_and_comments() {
+        assert_eq!(
+            decode("<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?>\n<!-- EM -->\n<response><success/></response>"),
+            Ok(EmResponse::Success)
+        );
+        assert_eq!(
+            decode("<!DOCTYPE response SYSTEM \"em.dtd\"><response>\r\n<success></success>\r\n</response>\r\n"),
+            Ok(EmResponse::Success)
+        );
+    }
+
+    #[test]
     fn rejects_what_is_not_an_em_response() {
         assert!(matches!(
             decode("<html><body>Service Unavailable</body></html>"),
