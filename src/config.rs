@@ -39,9 +39,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Northbound HTTP address.
+    /// Northbound HTTP address (a bad one is a parse error naming the key and line).
     #[serde(default = "defaults::listen")]
-    pub listen: String,
+    pub listen: SocketAddr,
     /// Where requests without a cluster code go (optional with a single cluster).
     #[serde(default)]
     pub default_cluster: Option<String>,
@@ -63,8 +63,8 @@ pub struct Config {
 }
 
 mod defaults {
-    pub fn listen() -> String {
-        "0.0.0.0:8080".into()
+    pub fn listen() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([0, 0, 0, 0], 8080))
     }
     pub fn deadline_ms() -> u64 {
         15_000
@@ -101,10 +101,11 @@ impl Config {
         Ok(config)
     }
 
-    /// A config for one cluster with every default (tests, demo).
-    pub fn single_cluster(listen: &str, cluster: ClusterConfig) -> Self {
+    /// A config for one cluster with every default, listening on a free loopback
+    /// port unless the caller sets `listen` (tests, demo).
+    pub fn single_cluster(cluster: ClusterConfig) -> Self {
         Self {
-            listen: listen.to_string(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             default_cluster: None,
             deadline_ms: defaults::deadline_ms(),
             max_body_bytes: defaults::max_body_bytes(),
@@ -117,13 +118,6 @@ impl Config {
 
     /// Errors as (cluster index, key, message).
     fn validate(&self) -> Result<(), (Option<usize>, &'static str, String)> {
-        if self.listen.parse::<SocketAddr>().is_err() {
-            return Err((
-                None,
-                "listen",
-                format!("{:?} is not an address like 0.0.0.0:8080", self.listen),
-            ));
-        }
         if !(100..=600_000).contains(&self.deadline_ms) {
             return Err((None, "deadline_ms", "must be 100-600000".into()));
         }
@@ -162,13 +156,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-
-    pub fn listen_addr(&self) -> SocketAddr {
-        // Validated in `parse`; the fallback only serves hand-built configs.
-        self.listen
-            .parse()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
     }
 
     pub fn deadline(&self) -> Duration {
@@ -235,7 +222,7 @@ mod tests {
     #[test]
     fn minimal_config_gets_every_default() {
         let config = Config::parse("[[cluster]]\ncode = \"EU\"\nnodes = [\"https://cucm:8443/emservice/EMServiceServlet\"]\n").unwrap();
-        assert_eq!(config.listen, "0.0.0.0:8080");
+        assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.deadline_ms, 15_000);
         assert_eq!(config.max_body_bytes, 65_536);
         let cluster = &config.clusters[0];
@@ -294,6 +281,15 @@ mod tests {
         assert!(error.contains("cluster[1].code (line 5)"), "{error}");
         let error = Config::parse("").unwrap_err().to_string();
         assert!(error.contains("cluster"), "{error}");
+    }
+
+    #[test]
+    fn a_bad_listen_address_names_key_and_line() {
+        let error = Config::parse("deadline_ms = 100\nlisten = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("listen"), "{error}");
+        assert!(error.contains("line 2"), "{error}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Demo mode: without `--config`, the gateway runs against an embedded simulated
 //! cluster `DEMO`, so `cargo run --release` shows the whole product on a fresh machine.
 
+use std::net::SocketAddr;
+
 use actors::ClusterConfig;
 use sim::{SimConfig, SimHandle, Simulator};
 
@@ -12,14 +14,16 @@ const DEMO_USERS: usize = 100;
 
 /// The simulated CUCM and the config that points the gateway at it. Keep the
 /// `SimHandle` alive as long as the gateway runs.
-pub fn start(listen: &str) -> Result<(SimHandle, Config), sim::SimError> {
+pub fn start(listen: SocketAddr) -> Result<(SimHandle, Config), sim::SimError> {
     let simulator = Simulator::start(SimConfig {
         devices: DEMO_DEVICES,
         users: DEMO_USERS,
         ..SimConfig::default()
     })?;
     let cluster = ClusterConfig::new("DEMO", vec![simulator.url()]);
-    Ok((simulator, Config::single_cluster(listen, cluster)))
+    let mut config = Config::single_cluster(cluster);
+    config.listen = listen;
+    Ok((simulator, config))
 }
 
 /// Copy-paste lines that exercise every call against the demo.

@@ -1,6 +1,6 @@
 //! `business-connector`: serve the gateway from a TOML config, or the demo without one.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -19,35 +19,40 @@ struct Args {
     config: Option<PathBuf>,
     /// Override the config's `listen` address (the demo defaults to 127.0.0.1:8080).
     #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
+    listen: Option<SocketAddr>,
     /// Check the config and exit.
-    #[arg(long)]
+    #[arg(long, requires = "config")]
     check_config: bool,
 }
 
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (demo_sim, mut config) = match &args.config {
-        Some(path) => (None, Config::load(path)?),
+    let (demo_sim, config) = match &args.config {
+        Some(path) => {
+            let mut config = Config::load(path)?;
+            if args.check_config {
+                println!("config OK: {} cluster(s)", config.clusters.len());
+                return Ok(());
+            }
+            if let Some(listen) = args.listen {
+                config.listen = listen;
+            }
+            (None, config)
+        }
         None => {
-            let listen = args.listen.as_deref().unwrap_or("127.0.0.1:8080");
+            let listen = args
+                .listen
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080)));
             let (sim, config) =
                 demo::start(listen).context("starting the demo's simulated cluster")?;
             (Some(sim), config)
         }
     };
-    if let Some(listen) = args.listen {
-        config.listen = listen;
-    }
-    if args.check_config {
-        println!("config OK: {} cluster(s)", config.clusters.len());
-        return Ok(());
-    }
     let _log_writer = init_logging(config.log_format);
 
-    let listener = TcpListener::bind(config.listen_addr())
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener =
+        TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let bound = listener.local_addr()?;
     tracing::info!(listen = %bound, clusters = config.clusters.len(), "business-connector {} serving", env!("CARGO_PKG_VERSION"));
     if demo_sim.is_some() {

@@ -271,7 +271,6 @@ async fn unknown_paths_methods_and_oversized_bodies() {
     let sim = simulator(1, |_| {});
     let gw = Gateway::start({
         let mut config = business_connector::config::Config::single_cluster(
-            "127.0.0.1:0",
             actors::ClusterConfig::new("EU", vec![sim.url()]),
         );
         config.max_body_bytes = 4096;
@@ -325,7 +324,6 @@ async fn cluster_routing_default_and_case() {
     let eu = simulator(2, |_| {});
     let us = simulator(2, |_| {});
     let mut config = business_connector::config::Config::single_cluster(
-        "127.0.0.1:0",
         actors::ClusterConfig::new("EU", vec![eu.url()]),
     );
     config

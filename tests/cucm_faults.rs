@@ -108,7 +108,6 @@ async fn a_hung_cluster_does_not_hurt_another() {
     });
     let fine = simulator(2, |_| {});
     let mut config = business_connector::config::Config::single_cluster(
-        "127.0.0.1:0",
         actors::ClusterConfig::new("SLOW", vec![hung.url()]),
     );
     config.clusters[0].timeout_ms = 2_000;

@@ -60,7 +60,6 @@ async fn a_mixed_workload_shows_in_every_family() {
         }
     });
     let mut config = business_connector::config::Config::single_cluster(
-        "127.0.0.1:0",
         actors::ClusterConfig::new("EU", vec![dead_node(), sim.url()]),
     );
     {

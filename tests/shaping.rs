@@ -158,7 +158,6 @@ async fn a_full_queue_sheds_with_1004_and_retry_after() {
 async fn a_wait_beyond_the_deadline_is_shed_not_timed_out() {
     let sim = simulator(10, |c| c.behavior = latency_ms(250));
     let mut config = business_connector::config::Config::single_cluster(
-        "127.0.0.1:0",
         actors::ClusterConfig::new("EU", vec![sim.url()]),
     );
     config.deadline_ms = 1_000;

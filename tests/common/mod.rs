@@ -57,7 +57,7 @@ impl Gateway {
         // Tests are not about the rate limit unless they say so.
         cluster.max_requests_per_second = 0;
         tweak(&mut cluster);
-        Self::start(Config::single_cluster("127.0.0.1:0", cluster)).await
+        Self::start(Config::single_cluster(cluster)).await
     }
 
     pub fn url(&self, path: &str) -> String {
