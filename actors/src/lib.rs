@@ -1,11 +1,13 @@
 //! The actor core of Business Connector.
 //!
 //! A request becomes an [`Operation`] routed by the [`Router`] to the
-//! [`ClusterActor`](cluster::ClusterActor) of its cluster, which serializes work per
-//! device ([`device_queue`]), shapes CUCM calls ([`shaper`]), answers from and feeds
-//! the [`cache`], and calls CUCM through the [`em`] client. Everything it observes is
-//! counted in [`metrics`].
+//! [`ClusterActor`](cluster::ClusterActor) of its cluster. The actor only wires: the
+//! [`scheduler`] decides what goes to CUCM when (per-device order from
+//! [`device_queue`], slots and rate from [`shaper`], load shedding, busy back-off); the
+//! [`em`] client calls CUCM and [`em::rules`] says what an answer means; the [`cache`]
+//! answers repeated queries. Everything observed is counted in [`metrics`].
 
+pub mod backoff;
 pub mod cache;
 pub mod cluster;
 pub mod config;
@@ -14,6 +16,7 @@ pub mod em;
 pub mod metrics;
 pub mod operation;
 pub mod router;
+pub mod scheduler;
 pub mod shaper;
 pub mod xml;
 

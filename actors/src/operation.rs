@@ -178,30 +178,9 @@ impl Operation {
         }
     }
 
-    pub fn kind(&self) -> OperationKind {
-        match self {
-            Operation::Login { .. } => OperationKind::Login,
-            Operation::Logout { .. } => OperationKind::Logout,
-            Operation::Query { .. } => OperationKind::Query,
-        }
-    }
-}
-
-/// Operation without its values: a bounded metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum OperationKind {
-    Login,
-    Logout,
-    Query,
-}
-
-impl OperationKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OperationKind::Login => "login",
-            OperationKind::Logout => "logout",
-            OperationKind::Query => "getloggedinuser",
-        }
+    /// Whether it changes who is logged in (then it is never sent twice).
+    pub fn mutates(&self) -> bool {
+        !matches!(self, Operation::Query { .. })
     }
 }
 
@@ -246,6 +225,26 @@ pub struct Reply {
     pub node: Option<Arc<str>>,
     /// Answered from the logged-in cache, without calling CUCM.
     pub from_cache: bool,
+}
+
+impl Reply {
+    /// Refused or failed without a CUCM answer.
+    pub fn failed(error: OpError) -> Self {
+        Self {
+            result: Err(error),
+            node: None,
+            from_cache: false,
+        }
+    }
+
+    /// Who is logged in, from the cache.
+    pub fn cached(user: Option<UserId>) -> Self {
+        Self {
+            result: Ok(Outcome::CurrentUser(user)),
+            node: None,
+            from_cache: true,
+        }
+    }
 }
 
 #[cfg(test)]

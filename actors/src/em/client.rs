@@ -4,7 +4,7 @@
 //! (soonest to recover first). A node that refuses, times out, answers HTTP 5xx or
 //! garbage is skipped for a hold-off that doubles with each failure (1 s … 30 s).
 //!
-//! Retry rules (SPEC.md §3 "Nodes"): a query may move to the next node after any
+//! Retry rules: a query may move to the next node after any
 //! failure. A login or logout moves on only when it surely did not take effect — the
 //! connection was refused or CUCM answered HTTP 503. After a timeout or another 5xx it
 //! is never sent again (the caller gets 1003), because CUCM may have executed it.
@@ -17,11 +17,13 @@ use reqwest::StatusCode;
 use std::sync::{Mutex, MutexGuard};
 
 use super::codec::{decode, EmRequest, EmResponse};
+use super::rules::code;
+use crate::backoff::ExpBackoff;
 use crate::metrics::Metrics;
 use crate::operation::Credentials;
 
-const FIRST_HOLD_OFF: Duration = Duration::from_secs(1);
-const MAX_HOLD_OFF: Duration = Duration::from_secs(30);
+/// A failed node is skipped for 1 s, doubling with each failure in a row up to 30 s.
+const NODE_HOLD_OFF: ExpBackoff = ExpBackoff::new(Duration::from_secs(1), Duration::from_secs(30));
 /// A refused or black-holed connection is known quickly; never wait the whole call
 /// timeout to find out.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -293,7 +295,10 @@ impl EmClient {
         let (attempt, outcome) = self.exchange(node, body, timeout).await;
         let labels = [self.cluster.as_str(), &*node.label, operation];
         let outcome = match &attempt {
-            Attempt::Answer(EmResponse::Failure { code: Some(26), .. }) => "busy",
+            Attempt::Answer(EmResponse::Failure {
+                code: Some(code::BUSY),
+                ..
+            }) => "busy",
             Attempt::Answer(EmResponse::Failure { .. }) => "failure",
             Attempt::Answer(_) => "success",
             _ => outcome,
@@ -422,10 +427,7 @@ impl EmClient {
     fn mark_down(&self, node: &Node) {
         let mut health = node.health();
         health.consecutive_failures = health.consecutive_failures.saturating_add(1);
-        let hold_off = FIRST_HOLD_OFF
-            .saturating_mul(1 << (health.consecutive_failures - 1).min(5))
-            .min(MAX_HOLD_OFF);
-        health.skip_until = Some(Instant::now() + hold_off);
+        health.skip_until = Some(Instant::now() + NODE_HOLD_OFF.delay(health.consecutive_failures));
         node.up.set(0);
     }
 }

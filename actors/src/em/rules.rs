@@ -1,0 +1,527 @@
+//! What a CUCM answer means: (operation, EM answer or call error) → (result for the
+//! caller, what the cache learns). Every rule about CUCM's codes lives here, as named
+//! constants, so the actor only carries results around and a rule is tested without a
+//! clock or a socket.
+
+use std::sync::Arc;
+
+use super::client::{Answered, CallError};
+use super::codec::{DeviceState, EmResponse};
+use crate::operation::{OpError, Operation, Outcome, UserId};
+
+/// CUCM's EM service codes the gateway acts on.
+pub mod code {
+    /// Code 0 in a `<failure>` is no code at all: CUCM's own "Unknown Error".
+    pub const UNKNOWN: u32 = 0;
+    pub const INVALID_APP_USER: u32 = 3;
+    pub const DEVICE_DOES_NOT_EXIST: u32 = 11;
+    pub const ANOTHER_USER_LOGGED_IN: u32 = 18;
+    pub const NO_USER_LOGGED_IN: u32 = 19;
+    pub const USER_NOT_FOUND: u32 = 23;
+    /// "Maximum Concurrent Requests" reached: retry later.
+    pub const BUSY: u32 = 26;
+}
+
+/// What the logged-in cache learns from an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheEffect {
+    /// Nothing: the answer says nothing about who is on the device.
+    Unchanged,
+    /// Who is logged in on the device now (`None`: nobody).
+    Set(Option<UserId>),
+}
+
+/// The meaning of one CUCM exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interpretation {
+    pub result: Result<Outcome, OpError>,
+    /// The node that answered, when one did.
+    pub node: Option<Arc<str>>,
+    pub cache: CacheEffect,
+    /// CUCM accepted the application user's credentials (a cache hit may then be
+    /// served to them).
+    pub credentials_accepted: bool,
+}
+
+impl Interpretation {
+    fn refused(error: OpError) -> Self {
+        Self {
+            result: Err(error),
+            node: None,
+            cache: CacheEffect::Unchanged,
+            credentials_accepted: false,
+        }
+    }
+}
+
+/// CUCM's answer (or the lack of one) → the caller's result and the cache effect.
+pub fn interpret(operation: &Operation, result: Result<Answered, CallError>) -> Interpretation {
+    let answered = match result {
+        Ok(answered) => answered,
+        Err(CallError::Unavailable(reason)) => {
+            return Interpretation::refused(OpError::Unavailable { reason })
+        }
+        Err(CallError::InvalidResponse(detail)) => {
+            return Interpretation::refused(OpError::InvalidResponse { detail })
+        }
+    };
+    let (result, cache, credentials_accepted) = match (operation, answered.response) {
+        (_, EmResponse::Failure { code, text }) => {
+            // "No user logged in" is knowledge too (a logout of a free phone).
+            let cache = if code == Some(code::NO_USER_LOGGED_IN) {
+                CacheEffect::Set(None)
+            } else {
+                CacheEffect::Unchanged
+            };
+            (Err(failure(code, text)), cache, false)
+        }
+        (Operation::Login { user, .. }, EmResponse::Success) => (
+            Ok(Outcome::LoggedIn),
+            CacheEffect::Set(Some(user.clone())),
+            true,
+        ),
+        (Operation::Logout { .. }, EmResponse::Success) => {
+            (Ok(Outcome::LoggedOut), CacheEffect::Set(None), true)
+        }
+        (Operation::Query { device }, EmResponse::DeviceUsers(devices)) => {
+            let entry = match devices.len() {
+                // One device asked, one answered: take it even if CUCM spelled the
+                // name differently.
+                1 => devices.into_iter().next(),
+                _ => devices.into_iter().find(|d| d.device == device.as_str()),
+            };
+            match entry.map(|d| d.state) {
+                Some(state) => query_state(state),
+                None => (
+                    Err(OpError::InvalidResponse {
+                        detail: "deviceUserResults without the device asked for".into(),
+                    }),
+                    CacheEffect::Unchanged,
+                    false,
+                ),
+            }
+        }
+        (_, response) => (
+            Err(OpError::InvalidResponse {
+                detail: format!("an answer of the wrong kind: {}", response_kind(&response)),
+            }),
+            CacheEffect::Unchanged,
+            false,
+        ),
+    };
+    Interpretation {
+        result,
+        node: Some(answered.node),
+        cache,
+        credentials_accepted,
+    }
+}
+
+/// One device's entry in a `deviceUserResults`.
+fn query_state(state: DeviceState) -> (Result<Outcome, OpError>, CacheEffect, bool) {
+    match state {
+        DeviceState::LoggedIn(user) => match UserId::parse(&user) {
+            Ok(user) => (
+                Ok(Outcome::CurrentUser(Some(user.clone()))),
+                CacheEffect::Set(Some(user)),
+                true,
+            ),
+            Err(_) => (
+                Err(OpError::InvalidResponse {
+                    detail: "CUCM named a user ID that is not valid".into(),
+                }),
+                CacheEffect::Unchanged,
+                false,
+            ),
+        },
+        DeviceState::Nobody => (Ok(Outcome::CurrentUser(None)), CacheEffect::Set(None), true),
+        DeviceState::DoesNotExist => (
+            Err(OpError::Cucm {
+                code: code::DEVICE_DOES_NOT_EXIST,
+                text: cucm_message(code::DEVICE_DOES_NOT_EXIST).into(),
+            }),
+            CacheEffect::Unchanged,
+            false,
+        ),
+        DeviceState::Failure { code, text } => {
+            (Err(failure(code, text)), CacheEffect::Unchanged, false)
+        }
+    }
+}
+
+/// Whether CUCM answered "busy" (a retry later may succeed).
+pub fn is_busy(result: &Result<Answered, CallError>) -> bool {
+    matches!(
+        result,
+        Ok(Answered {
+            response: EmResponse::Failure {
+                code: Some(code::BUSY),
+                ..
+            },
+            ..
+        })
+    )
+}
+
+/// A `<failure>`: its code passed through (CUCM's message when it sent no text), or
+/// an unknown failure when the code is 0 or missing.
+fn failure(code: Option<u32>, text: String) -> OpError {
+    match code {
+        Some(code) if code != code::UNKNOWN => OpError::Cucm {
+            code,
+            text: if text.is_empty() {
+                cucm_message(code).to_string()
+            } else {
+                text
+            },
+        },
+        _ => OpError::CucmUnknown { text },
+    }
+}
+
+fn response_kind(response: &EmResponse) -> &'static str {
+    match response {
+        EmResponse::Success => "success",
+        EmResponse::Failure { .. } => "failure",
+        EmResponse::DeviceUsers(_) => "deviceUserResults",
+    }
+}
+
+/// CUCM's message for an EM service code, for answers that carry a code without
+/// text. The texts are those of Cisco's EM API developer guide.
+pub fn cucm_message(code: u32) -> &'static str {
+    match code {
+        1 => "Error on Parsing",
+        2 => "Cannot authorize App user",
+        3 => "Invalid App User",
+        4 => "Policy Validation error",
+        5 => "Device logon disabled",
+        6 => "Database Error",
+        7 => "Logout Request Error",
+        8 => "Query type undetermined",
+        9 => "Dir. User Info Error",
+        10 => "User lacks app proxy rights",
+        11 => "Device does not exist",
+        12 => "Dev. Profile not found",
+        18 => "Another user logged in",
+        19 => "No user logged in",
+        20 => "Hoteling flag error",
+        21 => "Hoteling Status error",
+        22 => "Device logon disabled",
+        23 => "User not found",
+        25 => "User logged in elsewhere",
+        26 => "Busy, please try again",
+        27 => "Change Password",
+        28 => "Untrusted IP Error",
+        29 => "RIS down-contact admin",
+        30 => "Proxy not allowed",
+        31..=47 => "Extension Mobility Cross Cluster error",
+        _ => "CUCM error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::em::codec::DeviceUser;
+    use crate::operation::DeviceName;
+
+    fn device() -> DeviceName {
+        DeviceName::parse("SEP1").unwrap()
+    }
+
+    fn user(id: &str) -> UserId {
+        UserId::parse(id).unwrap()
+    }
+
+    fn login() -> Operation {
+        Operation::Login {
+            device: device(),
+            user: user("alice"),
+        }
+    }
+
+    fn logout() -> Operation {
+        Operation::Logout { device: device() }
+    }
+
+    fn query() -> Operation {
+        Operation::Query { device: device() }
+    }
+
+    fn answered(response: EmResponse) -> Result<Answered, CallError> {
+        Ok(Answered {
+            response,
+            node: Arc::from("cucm-1:8443"),
+        })
+    }
+
+    fn failed(code: Option<u32>, text: &str) -> Result<Answered, CallError> {
+        answered(EmResponse::Failure {
+            code,
+            text: text.into(),
+        })
+    }
+
+    fn one_device(name: &str, state: DeviceState) -> Result<Answered, CallError> {
+        answered(EmResponse::DeviceUsers(vec![DeviceUser {
+            device: name.into(),
+            state,
+        }]))
+    }
+
+    fn cucm(code: u32, text: &str) -> Result<Outcome, OpError> {
+        Err(OpError::Cucm {
+            code,
+            text: text.into(),
+        })
+    }
+
+    /// One row per rule: operation, what came back, what the caller gets, the cache
+    /// effect, whether the credentials count as accepted.
+    #[test]
+    fn every_code_rule() {
+        use CacheEffect::{Set, Unchanged};
+        let rows: Vec<(
+            &str,
+            Operation,
+            Result<Answered, CallError>,
+            Result<Outcome, OpError>,
+            CacheEffect,
+            bool,
+        )> = vec![
+            (
+                "login ok",
+                login(),
+                answered(EmResponse::Success),
+                Ok(Outcome::LoggedIn),
+                Set(Some(user("alice"))),
+                true,
+            ),
+            (
+                "logout ok",
+                logout(),
+                answered(EmResponse::Success),
+                Ok(Outcome::LoggedOut),
+                Set(None),
+                true,
+            ),
+            (
+                "3 bad app user",
+                login(),
+                failed(Some(3), "Invalid App User"),
+                cucm(3, "Invalid App User"),
+                Unchanged,
+                false,
+            ),
+            (
+                "11 no device",
+                login(),
+                failed(Some(11), ""),
+                cucm(11, "Device does not exist"),
+                Unchanged,
+                false,
+            ),
+            (
+                "18 occupied",
+                login(),
+                failed(Some(18), "Another user logged in"),
+                cucm(18, "Another user logged in"),
+                Unchanged,
+                false,
+            ),
+            (
+                "19 nobody on logout",
+                logout(),
+                failed(Some(19), "No user logged in"),
+                cucm(19, "No user logged in"),
+                Set(None),
+                false,
+            ),
+            (
+                "23 unknown user",
+                login(),
+                failed(Some(23), ""),
+                cucm(23, "User not found"),
+                Unchanged,
+                false,
+            ),
+            (
+                "25 elsewhere",
+                login(),
+                failed(Some(25), "x"),
+                cucm(25, "x"),
+                Unchanged,
+                false,
+            ),
+            (
+                "26 busy passes when not retried",
+                login(),
+                failed(Some(26), ""),
+                cucm(26, "Busy, please try again"),
+                Unchanged,
+                false,
+            ),
+            (
+                "0 is no code",
+                login(),
+                failed(Some(0), "Unknown Error"),
+                Err(OpError::CucmUnknown {
+                    text: "Unknown Error".into(),
+                }),
+                Unchanged,
+                false,
+            ),
+            (
+                "missing code",
+                logout(),
+                failed(None, "odd"),
+                Err(OpError::CucmUnknown { text: "odd".into() }),
+                Unchanged,
+                false,
+            ),
+            (
+                "query someone",
+                query(),
+                one_device("SEP1", DeviceState::LoggedIn("bob".into())),
+                Ok(Outcome::CurrentUser(Some(user("bob")))),
+                Set(Some(user("bob"))),
+                true,
+            ),
+            (
+                "query other spelling",
+                query(),
+                one_device("sep1", DeviceState::Nobody),
+                Ok(Outcome::CurrentUser(None)),
+                Set(None),
+                true,
+            ),
+            (
+                "query no device",
+                query(),
+                one_device("SEP1", DeviceState::DoesNotExist),
+                cucm(11, "Device does not exist"),
+                Unchanged,
+                false,
+            ),
+            (
+                "query per-device failure",
+                query(),
+                one_device(
+                    "SEP1",
+                    DeviceState::Failure {
+                        code: Some(3),
+                        text: String::new(),
+                    },
+                ),
+                cucm(3, "Invalid App User"),
+                Unchanged,
+                false,
+            ),
+            (
+                "query invalid user",
+                query(),
+                one_device("SEP1", DeviceState::LoggedIn("a\u{1}b".into())),
+                Err(OpError::InvalidResponse {
+                    detail: "CUCM named a user ID that is not valid".into(),
+                }),
+                Unchanged,
+                false,
+            ),
+            (
+                "query whole failure",
+                query(),
+                failed(Some(19), ""),
+                cucm(19, "No user logged in"),
+                Set(None),
+                false,
+            ),
+            (
+                "login answered with results",
+                login(),
+                one_device("SEP1", DeviceState::Nobody),
+                Err(OpError::InvalidResponse {
+                    detail: "an answer of the wrong kind: deviceUserResults".into(),
+                }),
+                Unchanged,
+                false,
+            ),
+            (
+                "query answered success",
+                query(),
+                answered(EmResponse::Success),
+                Err(OpError::InvalidResponse {
+                    detail: "an answer of the wrong kind: success".into(),
+                }),
+                Unchanged,
+                false,
+            ),
+            (
+                "unavailable",
+                login(),
+                Err(CallError::Unavailable("down".into())),
+                Err(OpError::Unavailable {
+                    reason: "down".into(),
+                }),
+                Unchanged,
+                false,
+            ),
+            (
+                "garbage",
+                query(),
+                Err(CallError::InvalidResponse("junk".into())),
+                Err(OpError::InvalidResponse {
+                    detail: "junk".into(),
+                }),
+                Unchanged,
+                false,
+            ),
+        ];
+        for (name, operation, result, expected, cache, accepted) in rows {
+            let called = result.is_ok();
+            let meaning = interpret(&operation, result);
+            assert_eq!(meaning.result, expected, "{name}");
+            assert_eq!(meaning.cache, cache, "{name}");
+            assert_eq!(meaning.credentials_accepted, accepted, "{name}");
+            assert_eq!(meaning.node.is_some(), called, "{name}");
+        }
+    }
+
+    #[test]
+    fn several_devices_answered_are_matched_by_name() {
+        let result = answered(EmResponse::DeviceUsers(vec![
+            DeviceUser {
+                device: "SEP9".into(),
+                state: DeviceState::LoggedIn("x".into()),
+            },
+            DeviceUser {
+                device: "SEP1".into(),
+                state: DeviceState::Nobody,
+            },
+        ]));
+        assert_eq!(
+            interpret(&query(), result).result,
+            Ok(Outcome::CurrentUser(None))
+        );
+        let missing = answered(EmResponse::DeviceUsers(vec![]));
+        assert!(matches!(
+            interpret(&query(), missing).result,
+            Err(OpError::InvalidResponse { .. })
+        ));
+    }
+
+    #[test]
+    fn only_code_26_is_busy() {
+        assert!(is_busy(&failed(Some(code::BUSY), "")));
+        assert!(!is_busy(&failed(Some(25), "")));
+        assert!(!is_busy(&answered(EmResponse::Success)));
+        assert!(!is_busy(&Err(CallError::Unavailable("x".into()))));
+    }
+
+    #[test]
+    fn every_documented_code_has_its_message() {
+        assert_eq!(cucm_message(code::BUSY), "Busy, please try again");
+        assert_eq!(cucm_message(40), "Extension Mobility Cross Cluster error");
+        assert_eq!(cucm_message(999), "CUCM error");
+    }
+}

@@ -1,0 +1,575 @@
+//! `Scheduler`: which operation goes to CUCM next, and which are refused.
+//!
+//! One model owns everything about an operation between its arrival and its CUCM call:
+//! the per-device queues, the ready line of devices whose next operation may start, the
+//! count of operations not yet sent (what `queue_limit` bounds), the slots and rate of
+//! the [`Shaper`], the estimate of how long CUCM takes, and the busy back-off. The
+//! cluster actor asks it what to do and carries out the answer; nothing here touches a
+//! clock of its own (the caller passes `now`) or a socket, so every rule is unit-tested.
+//!
+//! Fairness: a device is in the ready line at most once (its own queue keeps the rest),
+//! so a device with a hundred queued operations cannot starve the others. A device
+//! retrying after CUCM said busy goes to the front: it had its turn already.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock, DefaultClock};
+
+use crate::backoff::{jittered, ExpBackoff};
+use crate::device_queue::{DeviceQueue, PendingOp, Pushed, Turn};
+use crate::operation::{Credentials, DeviceName, OpError, Operation};
+use crate::shaper::{Held, Rate, Shaper};
+
+/// CUCM said busy: wait this long before the first retry, doubling up to the max.
+const BUSY_BACK_OFF: ExpBackoff =
+    ExpBackoff::new(Duration::from_millis(100), Duration::from_secs(2));
+/// Shortest time worth a retry after CUCM said busy.
+const MIN_RETRY_WINDOW: Duration = Duration::from_millis(50);
+/// A refused caller is told to come back after at least this long.
+const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Weight of the newest CUCM call time in the running estimate.
+const CALL_TIME_WEIGHT: f64 = 0.2;
+
+/// Why an operation is refused before it is queued (code 1004 for the caller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// `queue_limit` operations are already waiting.
+    QueueFull { retry_after: Duration },
+    /// The expected wait ends after the caller's deadline.
+    MissesDeadline { retry_after: Duration },
+}
+
+impl Shed {
+    pub fn into_error(self) -> OpError {
+        match self {
+            Shed::QueueFull { retry_after } => OpError::Overloaded {
+                reason: "the cluster's queue is full",
+                retry_after,
+            },
+            Shed::MissesDeadline { retry_after } => OpError::Overloaded {
+                reason: "the wait for CUCM would exceed the deadline",
+                retry_after,
+            },
+        }
+    }
+}
+
+/// What became of an offered operation.
+#[derive(Debug)]
+pub enum Offer {
+    /// It shares an identical query already queued or running: nothing new to send.
+    Joined,
+    /// Queued behind its device's earlier operations.
+    Queued,
+    /// Refused; the operation comes back so its waiters can be answered.
+    Shed(Shed, PendingOp),
+}
+
+/// An operation that may go to CUCM now: what the EM call needs.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub device: DeviceName,
+    pub operation: Operation,
+    pub credentials: Credentials,
+    pub deadline: Instant,
+    /// How long it waited in the gateway; `None` for a retry after busy.
+    pub waited: Option<Duration>,
+}
+
+/// What the actor should do next.
+#[derive(Debug)]
+pub enum Step {
+    /// Send this to CUCM; report its end with [`Scheduler::complete`].
+    Start(Started),
+    /// It cannot finish before its deadline: answer it 1004 without calling CUCM.
+    Expired(PendingOp, OpError),
+    /// The rate limit holds the next call back this long.
+    Wait(Duration),
+    /// Nothing may start: nothing is ready, or every slot is taken.
+    Blocked,
+}
+
+/// How a CUCM call ended, as far as scheduling cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallEnd {
+    /// CUCM answered after `took` (a busy answer is `busy`).
+    Answered { took: Duration, busy: bool },
+    /// No answer (timeout, refused, garbage): teaches nothing about CUCM's speed.
+    NoAnswer,
+}
+
+/// What to do with a finished call's operation.
+#[derive(Debug)]
+pub enum Completion {
+    /// CUCM was busy and the deadline allows a retry: call
+    /// [`Scheduler::retry_due`] after this long.
+    RetryAfter(Duration),
+    /// The operation is over: answer its waiters.
+    Done(PendingOp),
+    /// The device had nothing running (cannot happen when driven correctly).
+    Unknown,
+}
+
+pub struct Scheduler<C: Clock = DefaultClock> {
+    devices: HashMap<DeviceName, DeviceQueue>,
+    /// Devices whose next operation may start, in the order they got ready.
+    ready: VecDeque<DeviceName>,
+    /// Accepted operations not yet sent to CUCM.
+    queued: usize,
+    queue_limit: usize,
+    shaper: Shaper<C>,
+    /// Recent CUCM call time (exponentially weighted), to foresee a missed deadline.
+    call_time: Option<Duration>,
+}
+
+impl<C: Clock> std::fmt::Debug for Scheduler<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("devices", &self.devices.len())
+            .field("ready", &self.ready.len())
+            .field("queued", &self.queued)
+            .field("shaper", &self.shaper)
+            .finish()
+    }
+}
+
+impl Scheduler<DefaultClock> {
+    pub fn new(max_concurrent: usize, rate: Option<Rate>, queue_limit: usize) -> Self {
+        Self::with_shaper(Shaper::new(max_concurrent, rate), queue_limit)
+    }
+}
+
+impl<C: Clock + Clone> Scheduler<C> {
+    pub fn with_shaper(shaper: Shaper<C>, queue_limit: usize) -> Self {
+        Self {
+            devices: HashMap::new(),
+            ready: VecDeque::new(),
+            queued: 0,
+            queue_limit,
+            shaper,
+            call_time: None,
+        }
+    }
+
+    /// Whether the device has an operation queued or running (then a cache entry may
+    /// be about to change and must not answer for it).
+    pub fn has_pending(&self, device: &DeviceName) -> bool {
+        self.devices.contains_key(device)
+    }
+
+    /// Takes an operation in: shares an identical query, queues it, or refuses it when
+    /// the queue is full or the wait would outlast its deadline.
+    pub fn offer(&mut self, op: PendingOp, now: Instant) -> Offer {
+        let device = op.operation.device().clone();
+        let joins = self
+            .devices
+            .get(&device)
+            .is_some_and(|queue| queue.would_join(&op));
+        // Sharing an identical query costs nothing: no room needed.
+        if !joins {
+            if let Err(shed) = self.room_for(op.deadline, now) {
+                return Offer::Shed(shed, op);
+            }
+        }
+        match self.devices.entry(device.clone()).or_default().push(op) {
+            Pushed::Joined => Offer::Joined,
+            Pushed::Queued { needs_turn } => {
+                self.queued += 1;
+                if needs_turn {
+                    self.ready.push_back(device);
+                }
+                Offer::Queued
+            }
+        }
+    }
+
+    fn room_for(&self, deadline: Instant, now: Instant) -> Result<(), Shed> {
+        let expected = self.expected_wait();
+        let retry_after = expected.max(MIN_RETRY_AFTER);
+        if self.queued >= self.queue_limit {
+            return Err(Shed::QueueFull { retry_after });
+        }
+        if now + expected > deadline {
+            return Err(Shed::MissesDeadline { retry_after });
+        }
+        Ok(())
+    }
+
+    /// How long a new operation would likely wait: the work ahead divided by what the
+    /// cap and the rate let through.
+    pub fn expected_wait(&self) -> Duration {
+        let ahead = self.queued as f64;
+        let by_concurrency = self.call_time.map_or(0.0, |t| {
+            t.as_secs_f64() * ahead / self.shaper.max_concurrent() as f64
+        });
+        let by_rate = self.shaper.rate().map_or(0.0, |rate| {
+            (ahead - f64::from(rate.burst.get())).max(0.0) / f64::from(rate.per_second.get())
+        });
+        Duration::from_secs_f64(by_concurrency.max(by_rate))
+    }
+
+    /// The next thing to do. Call it until it answers `Wait` or `Blocked`.
+    pub fn next_step(&mut self, now: Instant) -> Step {
+        loop {
+            let Some(device) = self.ready.front() else {
+                return Step::Blocked;
+            };
+            let Some(queue) = self.devices.get(device) else {
+                // A device is lined up only while it has a queue; never spin on one
+                // that has not.
+                self.ready.pop_front();
+                continue;
+            };
+            // Late means: it cannot finish before its deadline. Starting it anyway
+            // would risk a login that CUCM executes after the caller was told it failed.
+            let latest_start = now + self.call_time.unwrap_or_default();
+            if queue.next().is_some_and(|op| op.deadline <= latest_start) {
+                if let Some(step) = self.expire_front() {
+                    return step;
+                }
+                continue;
+            }
+            return match self.shaper.try_acquire() {
+                Ok(()) => match self.start_front() {
+                    Some(started) => Step::Start(started),
+                    None => {
+                        self.shaper.release();
+                        continue;
+                    }
+                },
+                Err(Held::AtCapacity) => Step::Blocked,
+                Err(Held::RateLimited(wait)) => Step::Wait(wait),
+            };
+        }
+    }
+
+    fn expire_front(&mut self) -> Option<Step> {
+        let device = self.ready.pop_front()?;
+        let (op, never_started) = self.devices.get_mut(&device)?.drop_next()?;
+        if never_started {
+            self.queued = self.queued.saturating_sub(1);
+        }
+        self.after_turn(device);
+        let error = OpError::Overloaded {
+            reason: "the deadline would pass before CUCM could answer",
+            retry_after: self.expected_wait().max(MIN_RETRY_AFTER),
+        };
+        Some(Step::Expired(op, error))
+    }
+
+    fn start_front(&mut self) -> Option<Started> {
+        let device = self.ready.pop_front()?;
+        let (op, first_time) = self.devices.get_mut(&device)?.start()?;
+        let started = Started {
+            device: device.clone(),
+            operation: op.operation.clone(),
+            credentials: op.credentials.clone(),
+            deadline: op.deadline,
+            waited: first_time.then(|| op.accepted_at.elapsed()),
+        };
+        if first_time {
+            self.queued = self.queued.saturating_sub(1);
+        }
+        Some(started)
+    }
+
+    /// A started call ended. `unit` is a random sample in 0..1 for the back-off jitter.
+    pub fn complete(
+        &mut self,
+        device: &DeviceName,
+        end: CallEnd,
+        now: Instant,
+        unit: f64,
+    ) -> Completion {
+        self.shaper.release();
+        if let CallEnd::Answered { took, .. } = end {
+            // Only real answers teach how long CUCM takes; a timeout says nothing.
+            self.call_time = Some(match self.call_time {
+                Some(previous) => {
+                    previous.mul_f64(1.0 - CALL_TIME_WEIGHT) + took.mul_f64(CALL_TIME_WEIGHT)
+                }
+                None => took,
+            });
+        }
+        let Some(queue) = self.devices.get_mut(device) else {
+            return Completion::Unknown;
+        };
+        if let CallEnd::Answered { busy: true, .. } = end {
+            if let Some(op) = queue.current_mut() {
+                op.busy_answers += 1;
+                let back_off = jittered(BUSY_BACK_OFF.delay(op.busy_answers), unit);
+                if now + back_off + MIN_RETRY_WINDOW < op.deadline {
+                    // CUCM is at its own limit: wait, then retry ahead of newcomers.
+                    queue.back_off();
+                    return Completion::RetryAfter(back_off);
+                }
+            }
+        }
+        let done = queue.finish();
+        self.after_turn(device.clone());
+        done.map_or(Completion::Unknown, Completion::Done)
+    }
+
+    /// A busy back-off is over: the device retries before anyone who came later.
+    pub fn retry_due(&mut self, device: &DeviceName) {
+        if let Some(queue) = self.devices.get_mut(device) {
+            if queue.turn() == Turn::BackingOff {
+                queue.line_up();
+                self.ready.push_front(device.clone());
+            }
+        }
+    }
+
+    /// A device's turn is over: it lines up for its next operation or goes idle.
+    fn after_turn(&mut self, device: DeviceName) {
+        match self.devices.get(&device).map(DeviceQueue::turn) {
+            Some(Turn::Lined) => self.ready.push_back(device),
+            Some(Turn::Idle) => {
+                self.devices.remove(&device);
+            }
+            _ => {}
+        }
+    }
+
+    /// Operations accepted and not yet sent to CUCM.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.shaper.in_flight()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operation::{Reply, UserId};
+    use governor::clock::FakeRelativeClock;
+    use std::num::NonZeroU32;
+    use tokio::sync::oneshot;
+
+    const LONG: Duration = Duration::from_secs(60);
+
+    fn device(n: u32) -> DeviceName {
+        DeviceName::parse(&format!("SEP{n}")).unwrap()
+    }
+
+    fn pending(operation: Operation, deadline: Instant) -> PendingOp {
+        let (tx, rx) = oneshot::channel::<Reply>();
+        drop(rx);
+        PendingOp::new(operation, Credentials::new("app", "pw"), deadline, tx)
+    }
+
+    fn login(n: u32, deadline: Instant) -> PendingOp {
+        pending(
+            Operation::Login {
+                device: device(n),
+                user: UserId::parse("alice").unwrap(),
+            },
+            deadline,
+        )
+    }
+
+    fn query(n: u32, deadline: Instant) -> PendingOp {
+        pending(Operation::Query { device: device(n) }, deadline)
+    }
+
+    fn scheduler(
+        max_concurrent: usize,
+        rate: Option<(u32, u32)>,
+        queue_limit: usize,
+    ) -> (Scheduler<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        let rate = rate.map(|(per_second, burst)| Rate {
+            per_second: NonZeroU32::new(per_second).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        });
+        let shaper = Shaper::with_clock(max_concurrent, rate, clock.clone());
+        (Scheduler::with_shaper(shaper, queue_limit), clock)
+    }
+
+    fn started(step: Step) -> Started {
+        match step {
+            Step::Start(started) => started,
+            other => panic!("expected a start, got {other:?}"),
+        }
+    }
+
+    fn answered() -> CallEnd {
+        CallEnd::Answered {
+            took: Duration::from_millis(100),
+            busy: false,
+        }
+    }
+
+    #[test]
+    fn sends_in_arrival_order_within_the_cap() {
+        let (mut s, _) = scheduler(2, None, 100);
+        let now = Instant::now();
+        for n in 1..=3 {
+            assert!(matches!(s.offer(login(n, now + LONG), now), Offer::Queued));
+        }
+        assert_eq!(s.queued(), 3);
+        assert_eq!(started(s.next_step(now)).device, device(1));
+        assert_eq!(started(s.next_step(now)).device, device(2));
+        assert!(matches!(s.next_step(now), Step::Blocked));
+        assert_eq!((s.in_flight(), s.queued()), (2, 1));
+        assert!(matches!(
+            s.complete(&device(1), answered(), now, 0.5),
+            Completion::Done(_)
+        ));
+        assert_eq!(started(s.next_step(now)).device, device(3));
+        assert!(!s.has_pending(&device(1)), "an idle device is forgotten");
+    }
+
+    #[test]
+    fn one_device_one_operation_at_a_time_and_others_are_not_starved() {
+        let (mut s, _) = scheduler(5, None, 100);
+        let now = Instant::now();
+        for _ in 0..3 {
+            s.offer(login(1, now + LONG), now);
+        }
+        s.offer(login(2, now + LONG), now);
+        // Device 1's second operation waits for its first; device 2 goes meanwhile.
+        assert_eq!(started(s.next_step(now)).device, device(1));
+        assert_eq!(started(s.next_step(now)).device, device(2));
+        assert!(matches!(s.next_step(now), Step::Blocked));
+        s.complete(&device(1), answered(), now, 0.5);
+        assert_eq!(started(s.next_step(now)).device, device(1));
+    }
+
+    #[test]
+    fn identical_queries_join_without_needing_room() {
+        let (mut s, _) = scheduler(1, None, 1);
+        let now = Instant::now();
+        assert!(matches!(s.offer(query(1, now + LONG), now), Offer::Queued));
+        assert!(matches!(s.offer(query(1, now + LONG), now), Offer::Joined));
+        assert!(matches!(
+            s.offer(query(2, now + LONG), now),
+            Offer::Shed(Shed::QueueFull { .. }, _)
+        ));
+        let Completion::Done(op) = ({
+            started(s.next_step(now));
+            s.complete(&device(1), answered(), now, 0.5)
+        }) else {
+            panic!("the query should be done");
+        };
+        assert_eq!(op.waiters.len(), 2);
+    }
+
+    #[test]
+    fn sheds_when_the_rate_makes_the_deadline_unreachable() {
+        // 1 call/s with a burst of 1: the tenth queued operation waits ~9 s.
+        let (mut s, _) = scheduler(5, Some((1, 1)), 100);
+        let now = Instant::now();
+        for n in 1..=10 {
+            assert!(matches!(s.offer(login(n, now + LONG), now), Offer::Queued));
+        }
+        let shed = s.offer(login(11, now + Duration::from_secs(5)), now);
+        let Offer::Shed(Shed::MissesDeadline { retry_after }, _) = shed else {
+            panic!("expected a deadline shed, got {shed:?}");
+        };
+        assert_eq!(retry_after, Duration::from_secs(9));
+        assert!(matches!(
+            s.offer(login(12, now + Duration::from_secs(20)), now),
+            Offer::Queued
+        ));
+    }
+
+    #[test]
+    fn the_rate_limit_asks_to_wait_for_the_next_token() {
+        let (mut s, clock) = scheduler(5, Some((10, 1)), 100);
+        let now = Instant::now();
+        s.offer(login(1, now + LONG), now);
+        s.offer(login(2, now + LONG), now);
+        started(s.next_step(now));
+        assert!(matches!(s.next_step(now), Step::Wait(w) if w == Duration::from_millis(100)));
+        clock.advance(Duration::from_millis(100));
+        assert_eq!(started(s.next_step(now)).device, device(2));
+    }
+
+    #[test]
+    fn busy_backs_off_then_retries_ahead_of_newcomers() {
+        let (mut s, _) = scheduler(1, None, 100);
+        let now = Instant::now();
+        s.offer(login(1, now + LONG), now);
+        let first = started(s.next_step(now));
+        assert!(first.waited.is_some());
+        s.offer(login(2, now + LONG), now);
+        let busy = CallEnd::Answered {
+            took: Duration::from_millis(10),
+            busy: true,
+        };
+        let Completion::RetryAfter(after) = s.complete(&device(1), busy, now, 0.5) else {
+            panic!("busy should back off");
+        };
+        assert_eq!(after, Duration::from_millis(100));
+        // During the back-off the slot is free for others.
+        assert_eq!(started(s.next_step(now)).device, device(2));
+        s.offer(login(3, now + LONG), now);
+        s.complete(&device(2), answered(), now, 0.5);
+        s.retry_due(&device(1));
+        let retry = started(s.next_step(now));
+        assert_eq!(retry.device, device(1), "the retry goes before device 3");
+        assert!(retry.waited.is_none());
+        // The second busy answer doubles the back-off.
+        let Completion::RetryAfter(after) = s.complete(&device(1), busy, now, 0.5) else {
+            panic!("busy should back off again");
+        };
+        assert_eq!(after, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn busy_is_passed_on_when_the_deadline_leaves_no_room_for_a_retry() {
+        let (mut s, _) = scheduler(1, None, 100);
+        let now = Instant::now();
+        s.offer(login(1, now + Duration::from_millis(120)), now);
+        started(s.next_step(now));
+        let busy = CallEnd::Answered {
+            took: Duration::from_millis(10),
+            busy: true,
+        };
+        assert!(matches!(
+            s.complete(&device(1), busy, now, 0.5),
+            Completion::Done(_)
+        ));
+    }
+
+    #[test]
+    fn an_operation_that_cannot_finish_in_time_expires_without_a_call() {
+        let (mut s, _) = scheduler(1, None, 100);
+        let now = Instant::now();
+        s.offer(login(1, now + LONG), now);
+        started(s.next_step(now));
+        // CUCM took 2 s: an operation due in 1 s can no longer make it.
+        s.offer(login(2, now + Duration::from_secs(1)), now);
+        s.offer(login(3, now + LONG), now);
+        s.complete(
+            &device(1),
+            CallEnd::Answered {
+                took: Duration::from_secs(2),
+                busy: false,
+            },
+            now,
+            0.5,
+        );
+        assert!(matches!(
+            s.next_step(now),
+            Step::Expired(_, OpError::Overloaded { .. })
+        ));
+        assert_eq!(started(s.next_step(now)).device, device(3));
+        assert_eq!(s.queued(), 0);
+    }
+
+    #[test]
+    fn a_call_without_an_answer_teaches_no_call_time() {
+        let (mut s, _) = scheduler(1, None, 100);
+        let now = Instant::now();
+        s.offer(login(1, now + LONG), now);
+        started(s.next_step(now));
+        s.complete(&device(1), CallEnd::NoAnswer, now, 0.5);
+        assert_eq!(s.expected_wait(), Duration::ZERO);
+    }
+}
