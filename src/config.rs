@@ -1,4 +1,4 @@
-//! The TOML configuration (SPEC.md §4): parsing with `deny_unknown_fields`, defaults,
+//! The TOML configuration: parsing with `deny_unknown_fields`, defaults,
 //! and a `validate` step whose errors name the key and its line.
 
 use std::collections::HashSet;
@@ -168,40 +168,37 @@ impl Config {
 }
 
 /// The line (1-based) where `key` is set: in the top-level table, or in the
-/// `index`-th `[[cluster]]` table. `None` when the key is absent (a default).
+/// `index`-th `[[cluster]]` table (its header when the key is left out). Read from the
+/// TOML parser's own spans, so quoted keys, dotted keys and inline tables count too.
+/// `None` when the key is absent (a default).
 fn line_of(text: &str, cluster_index: Option<usize>, key: &str) -> Option<usize> {
-    let mut current: Option<usize> = None;
-    let mut in_other_table = false;
-    let mut clusters_seen = 0usize;
-    for (number, line) in text.lines().enumerate() {
-        let trimmed = line.trim();
-        if trimmed.starts_with("[[cluster]]") {
-            current = Some(clusters_seen);
-            clusters_seen += 1;
-            in_other_table = false;
-            continue;
-        }
-        if trimmed.starts_with('[') {
-            in_other_table = true;
-            continue;
-        }
-        if in_other_table || current != cluster_index {
-            continue;
-        }
-        if let Some(rest) = trimmed.strip_prefix(key) {
-            if rest.trim_start().starts_with('=') {
-                return Some(number + 1);
+    use toml::de::{DeTable, DeValue};
+    let find = |table: &DeTable<'_>| {
+        table
+            .iter()
+            .find(|(name, _)| name.get_ref().as_ref() == key)
+            .map(|(name, _)| name.span().start)
+    };
+    let document = DeTable::parse(text).ok()?;
+    let offset = match cluster_index {
+        None => find(document.get_ref())?,
+        Some(index) => {
+            let clusters = document
+                .get_ref()
+                .iter()
+                .find(|(name, _)| name.get_ref().as_ref() == "cluster")?
+                .1;
+            let DeValue::Array(clusters) = clusters.get_ref() else {
+                return None;
+            };
+            let cluster = clusters.get(index)?;
+            match cluster.get_ref() {
+                DeValue::Table(table) => find(table).unwrap_or(cluster.span().start),
+                _ => cluster.span().start,
             }
         }
-    }
-    // A cluster whose failing key was left out: point at its table header.
-    cluster_index.and_then(|index| {
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| l.trim().starts_with("[[cluster]]"))
-            .nth(index)
-            .map(|(n, _)| n + 1)
-    })
+    };
+    Some(text.get(..offset)?.matches('\n').count() + 1)
 }
 
 #[cfg(test)]
@@ -279,6 +276,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("cluster[1].code (line 5)"), "{error}");
+        let error = Config::parse(
+            "[[cluster]]\ncode = \"EU\"\n\"nodes\" = [\"http://a\"]\n\"max_concurrent\" = 0\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("cluster[0].max_concurrent (line 4)"),
+            "{error}"
+        );
+        let error = Config::parse("deadline_ms = 15000\ncluster = [{ code = \"EU\", nodes = [\"http://a\"] },\n  { code = \"US\", nodes = [\"http://b\"], timeout_ms = 0 }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cluster[1].timeout_ms (line 3)"), "{error}");
         let error = Config::parse("").unwrap_err().to_string();
         assert!(error.contains("cluster"), "{error}");
     }

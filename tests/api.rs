@@ -1,5 +1,5 @@
-//! The northbound contract (SPEC.md §1) end to end: the real server on port 0 against
-//! a simulated CUCM. Every call, every request form, every code and HTTP status.
+//! The northbound contract (the Business Connector 1.4 API) end to end: the real
+//! server on port 0 against a simulated CUCM. Every call, every request form, every code and HTTP status.
 
 mod common;
 

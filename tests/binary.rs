@@ -134,6 +134,35 @@ fn check_config_accepts_the_example_and_names_bad_keys() {
     );
 }
 
+#[test]
+fn a_bad_config_is_one_line_with_key_line_and_reason_and_no_backtrace() {
+    let bad = std::env::temp_dir().join(format!("bc-bad-run-{}.toml", std::process::id()));
+    std::fs::write(
+        &bad,
+        "deadline_ms = 15000\n[[cluster]]\ncode = \"EU\"\nnodes = [\"http://cucm\"]\n\"max_concurrent\" = 0\n",
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    for backtrace in [None, Some("1"), Some("full")] {
+        let mut command = Command::new(BINARY);
+        command.args(["--config", bad.to_str().unwrap()]);
+        match backtrace {
+            Some(value) => command.env("RUST_BACKTRACE", value),
+            None => command.env_remove("RUST_BACKTRACE"),
+        };
+        let output = command.output().unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(
+            stderr,
+            "business-connector: config: cluster[0].max_concurrent (line 5): must be 1-100 (CUCM's own range)\n"
+        );
+        seen.push(stderr);
+    }
+    let _ = std::fs::remove_file(&bad);
+    assert!(seen.windows(2).all(|w| w[0] == w[1]));
+}
+
 #[actix_web::test]
 async fn demo_mode_serves_an_embedded_cluster() {
     let running = Running::start(&["--listen", "127.0.0.1:0"]);

@@ -1,4 +1,4 @@
-//! What the gateway does when CUCM misbehaves (SPEC.md §3 "Nodes", "Deadlines"):
+//! What the gateway does when CUCM misbehaves (failover between nodes, deadlines):
 //! dead and hung nodes, garbage, HTTP errors, busy answers, unknown failures, TLS.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The metric catalogue under a mixed workload (SPEC.md §5), and the promise that the
+//! The metric catalogue under a mixed workload, and the promise that the
 //! Grafana dashboard and the alert rules only use series and labels that exist.
 //!
 //! The expressions are read from `grafana/` itself, so there is no second list to

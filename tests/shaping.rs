@@ -1,5 +1,5 @@
 //! Shaping, ordering, caching and shedding as the simulator measures them
-//! (SPEC.md §3), and graceful shutdown with requests in flight.
+//!, and graceful shutdown with requests in flight.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! One cluster's settings, as the `[[cluster]]` table of the TOML config (SPEC.md §4).
+//! One cluster's settings, as the `[[cluster]]` table of the TOML config.
 
 use std::num::NonZeroU32;
 use std::time::Duration;

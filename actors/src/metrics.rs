@@ -1,4 +1,4 @@
-//! The metric catalogue (SPEC.md §5): every series the gateway exports, in one place.
+//! The metric catalogue: every series the gateway exports, in one place.
 //!
 //! A private registry (no process-global state, so tests can run side by side), `bc_`
 //! prefix, counters end in `_total`, durations are `_seconds` histograms. Labels are

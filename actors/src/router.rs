@@ -1,4 +1,4 @@
-//! `Router`: cluster code → the cluster's handle (SPEC.md §3 "Clusters").
+//! `Router`: cluster code → the cluster's handle.
 //!
 //! Built once at start and read-only afterwards, so it needs no actor of its own:
 //! routing is a map lookup on the request path.

@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the gateway's per-request hot path, in the order a request
-//! meets them: northbound parse and validation, cache lookup, device queue and shaper,
+//! meets them: northbound parse and validation, cache lookup, device queue and scheduler,
 //! EM encode, EM decode, northbound render.
 //!
 //! `cargo bench -p bc-benches` (short measurement times: the whole run takes about a
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use actors::cache::LoggedInCache;
 use actors::device_queue::{DeviceQueue, PendingOp};
 use actors::em::codec::{decode, EmRequest};
-use actors::shaper::Shaper;
+use actors::scheduler::{CallEnd, Scheduler};
 use actors::{Credentials, DeviceName, Operation, Outcome, UserId};
 use business_connector::northbound::request::{apply_path, parse_message, validate, Call};
 use business_connector::northbound::response::ResultDoc;
@@ -195,15 +195,22 @@ fn queues(c: &mut Criterion) {
         )
     });
     let devices: Vec<DeviceName> = (1..=1000).map(device).collect();
-    let mut shaper = Shaper::new(5, None);
+    let mut scheduler = Scheduler::new(5, None, 100_000);
     let mut next = 0usize;
-    group.bench_function("shaper/enqueue_admit_release", |b| {
+    group.bench_function("scheduler/offer_start_complete", |b| {
         b.iter(|| {
             next = (next + 1) % devices.len();
-            shaper.enqueue(devices[next].clone());
-            let admitted = shaper.try_admit();
-            shaper.release();
-            admitted
+            let device = devices[next].clone();
+            let now = Instant::now();
+            scheduler.offer(
+                pending(Operation::Logout {
+                    device: device.clone(),
+                }),
+                now,
+            );
+            let step = scheduler.next_step(now);
+            let completion = scheduler.complete(&device, CallEnd::NoAnswer, now, 0.5);
+            (step, completion)
         })
     });
     group.finish();

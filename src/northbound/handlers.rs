@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
-use actors::{ClusterHandle, Metrics, Outcome, Reply, Router};
+use actors::{ClusterHandle, Metrics, Operation, Outcome, Router};
 use futures_util::StreamExt;
 
+use super::record::{RequestRecord, Source};
 use super::request::{apply_path, parse_message, validate, Call, Fields, ValidRequest};
 use super::response::{version_document, Failure, ResultDoc, CONTENT_TYPE};
 
@@ -56,139 +57,98 @@ pub async fn api(
     }
 
     let message = read_message(&request, payload, state.max_body_bytes).await;
-    let (valid, cluster) = match admit(&state, call, &segments[2..], message) {
-        Ok(admitted) => admitted,
-        Err(Rejection::NotFound) => return plain(StatusCode::NOT_FOUND, "not found\n"),
-        Err(Rejection::Failure(failure, fields)) => {
-            let device = fields.device_name.as_deref().unwrap_or_default();
-            let doc = ResultDoc::failure(call, device, fields.user_id.as_deref(), &failure);
-            return finish(&state, call, None, doc, started, &fields, None);
+    let mut record = RequestRecord::new(call, started);
+    let doc = match screen(&state, call, &segments[2..], message, &mut record) {
+        Err(Screened::NotFound) => return plain(StatusCode::NOT_FOUND, "not found\n"),
+        Err(Screened::Refused(failure)) => ResultDoc::failure(
+            call,
+            record.device.as_deref().unwrap_or_default(),
+            record.user.as_deref(),
+            &failure,
+        ),
+        Ok((valid, cluster)) => {
+            let deadline = started + state.deadline;
+            let reply = cluster
+                .submit(valid.operation, valid.credentials, deadline)
+                .await;
+            record.node = reply.node.clone();
+            record.source = match (&reply.node, reply.from_cache) {
+                (_, true) => Source::Cache,
+                (Some(_), false) => Source::Cucm,
+                (None, false) => Source::Gateway,
+            };
+            let device = record.device.as_deref().unwrap_or_default();
+            match &reply.result {
+                Ok(outcome) => {
+                    if let Outcome::CurrentUser(current) = outcome {
+                        record.user = current.as_ref().map(|u| u.as_str().to_string());
+                    }
+                    ResultDoc::success(call, device, record.user.as_deref(), outcome)
+                }
+                Err(error) => ResultDoc::failure(
+                    call,
+                    device,
+                    record.user.as_deref(),
+                    &Failure::Operation(error.clone()),
+                ),
+            }
         }
     };
-    let device = valid.operation.device().as_str().to_string();
-    let user = match &valid.operation {
-        actors::Operation::Login { user, .. } => Some(user.as_str().to_string()),
-        _ => None,
-    };
-    let deadline = started + state.deadline;
-    let reply = cluster
-        .submit(valid.operation, valid.credentials, deadline)
-        .await;
-    let doc = match &reply.result {
-        Ok(outcome) => ResultDoc::success(call, &device, user.as_deref(), outcome),
-        Err(error) => ResultDoc::failure(
-            call,
-            &device,
-            user.as_deref(),
-            &Failure::Operation(error.clone()),
-        ),
-    };
-    let logged_user = match &reply.result {
-        Ok(Outcome::CurrentUser(current)) => current.as_ref().map(|u| u.as_str().to_string()),
-        _ => user,
-    };
-    let fields = Fields {
-        device_name: Some(device),
-        user_id: logged_user,
-        ..Fields::default()
-    };
-    finish(
-        &state,
-        call,
-        Some(&cluster.code),
-        doc,
-        started,
-        &fields,
-        Some(&reply),
-    )
+    record.answered(&doc);
+    record.publish(&state.metrics);
+    xml_response(doc.status, doc.render(), doc.retry_after)
 }
 
 /// Why a request is answered before reaching a cluster.
-enum Rejection {
+enum Screened {
     /// More path segments than the call has fields: not an API path.
     NotFound,
-    /// Answered with a code; the fields are what the caller sent, for the echo and log.
-    Failure(Failure, Box<Fields>),
+    /// Answered with a code.
+    Refused(Failure),
 }
 
 /// Everything before the cluster, in the spec's order of faults: the body, the XML,
-/// the path segments, the values, the credentials, the cluster code.
-fn admit<'a>(
+/// the path segments, the values, the credentials, the cluster code. Fills the record
+/// with what the caller sent (refused) or the validated values (accepted).
+fn screen<'a>(
     state: &'a AppState,
     call: Call,
     path_segments: &[&str],
     message: Result<Option<String>, Failure>,
-) -> Result<(ValidRequest, &'a ClusterHandle), Rejection> {
-    let nothing = |failure| Rejection::Failure(failure, Box::default());
-    let mut fields = match message.map_err(nothing)?.as_deref().map(parse_message) {
-        Some(parsed) => parsed.map_err(|e| nothing(Failure::Request(e)))?,
+    record: &mut RequestRecord,
+) -> Result<(ValidRequest, &'a ClusterHandle), Screened> {
+    let mut fields = match message
+        .map_err(Screened::Refused)?
+        .as_deref()
+        .map(parse_message)
+    {
+        Some(parsed) => parsed.map_err(|e| Screened::Refused(Failure::Request(e)))?,
         None => Fields::default(),
     };
-    match apply_path(call, path_segments, &mut fields) {
+    let applied = apply_path(call, path_segments, &mut fields);
+    // Echoed and recorded as sent until validated (bounded where they are written).
+    record.device = fields.device_name.clone();
+    record.user = fields.user_id.clone();
+    record.app = fields.app_id.clone();
+    match applied {
         Ok(true) => {}
-        Ok(false) => return Err(Rejection::NotFound),
-        Err(error) => {
-            return Err(Rejection::Failure(
-                Failure::Request(error),
-                Box::new(fields),
-            ))
-        }
+        Ok(false) => return Err(Screened::NotFound),
+        Err(error) => return Err(Screened::Refused(Failure::Request(error))),
     }
-    let valid = match validate(call, &fields) {
-        Ok(valid) => valid,
-        Err(error) => {
-            return Err(Rejection::Failure(
-                Failure::Request(error),
-                Box::new(fields),
-            ))
-        }
+    let valid =
+        validate(call, &fields).map_err(|error| Screened::Refused(Failure::Request(error)))?;
+    record.device = Some(valid.operation.device().as_str().to_string());
+    record.user = match &valid.operation {
+        Operation::Login { user, .. } => Some(user.as_str().to_string()),
+        _ => None,
     };
-    match state.router.route(valid.cluster_code.as_deref()) {
-        Ok(cluster) => Ok((valid, cluster)),
-        Err(error) => Err(Rejection::Failure(Failure::Route(error), Box::new(fields))),
-    }
-}
-
-/// Counts, logs one line, and renders. `reply` is there when a cluster answered.
-fn finish(
-    state: &AppState,
-    call: Call,
-    cluster: Option<&str>,
-    doc: ResultDoc,
-    started: Instant,
-    fields: &Fields,
-    reply: Option<&Reply>,
-) -> HttpResponse {
-    let node = reply.and_then(|r| r.node.as_deref());
-    let from_cache = reply.is_some_and(|r| r.from_cache);
-    // Unrouted requests share one label: a caller's cluster code never becomes one.
-    let cluster_label = cluster.unwrap_or("none");
-    let elapsed = started.elapsed();
-    let code = doc.code.to_string();
-    state
-        .metrics
-        .requests
-        .with_label_values(&[call.label(), cluster_label, &code])
-        .inc();
-    state
-        .metrics
-        .request_duration
-        .with_label_values(&[call.label(), cluster_label])
-        .observe(elapsed.as_secs_f64());
-    tracing::info!(
-        target: "request",
-        operation = call.label(),
-        cluster = cluster_label,
-        device = fields.device_name.as_deref().unwrap_or(""),
-        user = fields.user_id.as_deref().unwrap_or(""),
-        code = doc.code,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        node = node.unwrap_or(""),
-        cached = from_cache,
-        "{}",
-        doc.text
-    );
-    xml_response(doc.status, doc.render(), doc.retry_after)
+    record.app = Some(valid.credentials.app_id().to_string());
+    let cluster = state
+        .router
+        .route(valid.cluster_code.as_deref())
+        .map_err(|error| Screened::Refused(Failure::Route(error)))?;
+    record.cluster = Some(cluster.code.clone());
+    Ok((valid, cluster))
 }
 
 /// The XML message: form field `xml` (body or query string) or the raw XML body.

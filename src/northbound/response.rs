@@ -1,10 +1,11 @@
-//! Northbound answers (SPEC.md §1): the XML documents, and the one place where every
+//! Northbound answers (the Business Connector 1.4 documents): the XML documents, and the one place where every
 //! outcome and error becomes a result code, a text and an HTTP status.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
+use actors::operation::{InvalidValue, MAX_DEVICE_NAME_LEN, MAX_USER_ID_LEN};
 use actors::xml::{escape, shorten};
 use actors::{OpError, Outcome, RouteError};
 
@@ -122,18 +123,40 @@ impl ResultDoc {
     }
 }
 
-/// The mapping from every failure to (HTTP status, code, text, Retry-After).
+/// The mapping from every failure to (HTTP status, code, text, Retry-After). The one
+/// place where caller-facing texts are written.
 fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
     use code::*;
     let ok = StatusCode::OK;
+    let invalid = |text: String| {
+        (
+            ok,
+            INVALID_REQUEST,
+            format!("Invalid request: {text}"),
+            None,
+        )
+    };
     match failure {
-        Failure::Request(RequestError::DeviceMissing) => {
-            (ok, DEVICE_ID_EMPTY, failure_text(failure), None)
-        }
-        Failure::Request(RequestError::CredentialsMissing) => {
-            (ok, CREDENTIALS_MISSING, failure_text(failure), None)
-        }
-        Failure::Request(_) => (ok, INVALID_REQUEST, failure_text(failure), None),
+        Failure::Request(error) => match error {
+            RequestError::DeviceMissing => (ok, DEVICE_ID_EMPTY, "Device ID empty".into(), None),
+            RequestError::CredentialsMissing => (
+                ok,
+                CREDENTIALS_MISSING,
+                "Credentials missing: appID and appCertificate are required".into(),
+                None,
+            ),
+            RequestError::MalformedXml(detail) => invalid(format!("malformed XML ({detail})")),
+            RequestError::MalformedPath => {
+                invalid("a path segment is not valid percent-encoded UTF-8".into())
+            }
+            RequestError::UserMissing => invalid("userID is missing".into()),
+            RequestError::InvalidValue(InvalidValue::DeviceName) => invalid(format!(
+                "device name must be 1-{MAX_DEVICE_NAME_LEN} characters of A-Z a-z 0-9 . _ -"
+            )),
+            RequestError::InvalidValue(InvalidValue::UserId) => invalid(format!(
+                "user ID must be 1-{MAX_USER_ID_LEN} characters without control characters"
+            )),
+        },
         Failure::BodyTooLarge { limit } => (
             StatusCode::PAYLOAD_TOO_LARGE,
             INVALID_REQUEST,
@@ -146,9 +169,12 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
             format!("Cluster with code [{}] not found", shorten(requested, 32)),
             None,
         ),
-        Failure::Route(RouteError::NoDefault) => {
-            (ok, CLUSTER_NOT_FOUND, failure_text(failure), None)
-        }
+        Failure::Route(RouteError::NoDefault) => (
+            ok,
+            CLUSTER_NOT_FOUND,
+            "No cluster code given and no default cluster configured".into(),
+            None,
+        ),
         Failure::Operation(error) => match error {
             OpError::Cucm { code, text } => (ok, *code, text.clone(), None),
             OpError::CucmUnknown { text } => (
@@ -184,12 +210,27 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
     }
 }
 
-fn failure_text(failure: &Failure) -> String {
-    match failure {
-        Failure::Request(e) => e.to_string(),
-        Failure::Route(e) => e.to_string(),
-        Failure::Operation(e) => e.to_string(),
-        Failure::BodyTooLarge { limit } => format!("body over {limit} bytes"),
+/// The `code` label of the request metrics: the codes the gateway can answer (its own
+/// and CUCM's documented EM codes), anything else `other`. CUCM can send any number;
+/// a label must stay bounded.
+pub fn code_label(code: u32) -> &'static str {
+    const CUCM_CODES: [&str; 48] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+        "17", "18", "19", "20", "21", "22", "23", "24", "25", "26", "27", "28", "29", "30", "31",
+        "32", "33", "34", "35", "36", "37", "38", "39", "40", "41", "42", "43", "44", "45", "46",
+        "47",
+    ];
+    match code {
+        0..=47 => CUCM_CODES[code as usize],
+        code::DEVICE_ID_EMPTY => "404",
+        code::CLUSTER_NOT_FOUND => "1001",
+        code::INVALID_REQUEST => "1002",
+        code::CUCM_UNAVAILABLE => "1003",
+        code::OVERLOADED => "1004",
+        code::INVALID_CUCM_RESPONSE => "1005",
+        code::CREDENTIALS_MISSING => "1006",
+        code::CUCM_UNKNOWN_FAILURE => "1008",
+        _ => "other",
     }
 }
 
@@ -324,6 +365,20 @@ mod tests {
             .find(|l| l.starts_with("<deviceName>"))
             .unwrap();
         assert!(device_line.chars().count() < 100, "{device_line}");
+    }
+
+    #[test]
+    fn code_labels_are_bounded() {
+        assert_eq!(code_label(0), "0");
+        assert_eq!(code_label(26), "26");
+        assert_eq!(code_label(47), "47");
+        assert_eq!(code_label(1004), "1004");
+        assert_eq!(code_label(48), "other");
+        assert_eq!(code_label(4_000_000), "other");
+        for code in 0..=2000 {
+            let label = code_label(code);
+            assert!(label == "other" || label == code.to_string(), "{code}");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The CUCM EM API documents (EM-API.md §2): requests the gateway sends, and a
-//! tolerant reader of what CUCM answers.
+//! The CUCM EM API documents (Cisco's EM API developer guide): requests the gateway
+//! sends, and a tolerant reader of what CUCM answers.
 //!
 //! Reading rules that real clusters need: unknown elements and order are ignored;
 //! user IDs in query results are percent-encoded; `<lastlogin>` is the *previous*
@@ -193,7 +193,8 @@ fn read_failure(failure: &Element) -> (Option<u32>, String) {
     (None, clean_text(&failure.text))
 }
 
-/// CUCM's texts sometimes carry stray quotes and line breaks (EM-API.md §2.2).
+/// CUCM's texts sometimes carry stray quotes and line breaks (Cisco's own login
+/// example ends its text with a quote and a newline).
 fn clean_text(text: &str) -> String {
     let cleaned = text.trim().trim_matches('"').trim();
     shorten(

@@ -277,19 +277,21 @@ mod tests {
         })
     }
 
+    type Row = (
+        &'static str,
+        Operation,
+        Result<Answered, CallError>,
+        Result<Outcome, OpError>,
+        CacheEffect,
+        bool,
+    );
+
     /// One row per rule: operation, what came back, what the caller gets, the cache
     /// effect, whether the credentials count as accepted.
     #[test]
     fn every_code_rule() {
         use CacheEffect::{Set, Unchanged};
-        let rows: Vec<(
-            &str,
-            Operation,
-            Result<Answered, CallError>,
-            Result<Outcome, OpError>,
-            CacheEffect,
-            bool,
-        )> = vec![
+        let rows: Vec<Row> = vec![
             (
                 "login ok",
                 login(),

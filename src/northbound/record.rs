@@ -1,0 +1,152 @@
+//! `RequestRecord`: what one API request was and how it was answered, built once by
+//! the handler. The request metrics and the log line are written from it (and the
+//! history, later), so they can never disagree. It has no field for the
+//! application password or a PIN: what is not here cannot leak from here.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actors::Metrics;
+
+use super::request::Call;
+use super::response::{code_label, ResultDoc};
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A CUCM node answered.
+    Cucm,
+    /// The logged-in cache answered.
+    Cache,
+    /// The gateway answered by itself (a refused request, a shed one, CUCM unreachable).
+    Gateway,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cucm => "cucm",
+            Source::Cache => "cache",
+            Source::Gateway => "gateway",
+        }
+    }
+}
+
+/// One request, as recorded.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub call: Call,
+    started: Instant,
+    /// The cluster that handled it; `None` when it never reached one.
+    pub cluster: Option<Arc<str>>,
+    pub device: Option<String>,
+    /// The user logged in (login) or found (getloggedinuser).
+    pub user: Option<String>,
+    /// The application user's ID (never its certificate).
+    pub app: Option<String>,
+    pub code: u32,
+    pub text: String,
+    pub duration: Duration,
+    pub source: Source,
+    /// The CUCM node that answered.
+    pub node: Option<Arc<str>>,
+}
+
+impl RequestRecord {
+    pub fn new(call: Call, started: Instant) -> Self {
+        Self {
+            call,
+            started,
+            cluster: None,
+            device: None,
+            user: None,
+            app: None,
+            code: 0,
+            text: String::new(),
+            duration: Duration::ZERO,
+            source: Source::Gateway,
+            node: None,
+        }
+    }
+
+    /// The answer is known: take its code and text and stop the clock.
+    pub fn answered(&mut self, doc: &ResultDoc) {
+        self.code = doc.code;
+        self.text = doc.text.clone();
+        self.duration = self.started.elapsed();
+    }
+
+    /// Counts it in the request metrics and writes its log line.
+    pub fn publish(&self, metrics: &Metrics) {
+        // Unrouted requests share one label: a caller's cluster code never becomes one.
+        let cluster = self.cluster.as_deref().unwrap_or("none");
+        let operation = self.call.label();
+        metrics
+            .requests
+            .with_label_values(&[operation, cluster, code_label(self.code)])
+            .inc();
+        metrics
+            .request_duration
+            .with_label_values(&[operation, cluster])
+            .observe(self.duration.as_secs_f64());
+        // Field values are quoted and escaped by both log formats; the message is not,
+        // so it goes through `log_safe` (a newline in it would forge a log line).
+        tracing::info!(
+            target: "request",
+            operation,
+            cluster,
+            device = self.device.as_deref().unwrap_or(""),
+            user = self.user.as_deref().unwrap_or(""),
+            app = self.app.as_deref().unwrap_or(""),
+            code = self.code,
+            duration_ms = self.duration.as_secs_f64() * 1000.0,
+            node = self.node.as_deref().unwrap_or(""),
+            source = self.source.as_str(),
+            cached = self.source == Source::Cache,
+            "{}",
+            log_safe(&self.text)
+        );
+    }
+}
+
+/// `value` with every control character written as an escape, so that no value a
+/// caller chose can start a line of its own in a text log.
+pub fn log_safe(value: &str) -> Cow<'_, str> {
+    if !value.chars().any(char::is_control) {
+        return Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_for_logs() {
+        assert_eq!(log_safe("plain text é"), "plain text é");
+        assert_eq!(
+            log_safe("a\r\n2026-12-01T00:00:00Z  INFO forged"),
+            "a\\r\\n2026-12-01T00:00:00Z  INFO forged"
+        );
+        assert_eq!(log_safe("tab\there\u{1b}[31m"), "tab\\there\\u{1b}[31m");
+    }
+
+    #[test]
+    fn sources_have_their_record_names() {
+        let names: Vec<&str> = [Source::Cucm, Source::Cache, Source::Gateway]
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(names, ["cucm", "cache", "gateway"]);
+    }
+}
