@@ -351,7 +351,7 @@ async fn em_call(shared: &Shared, request: Request<Incoming>) -> Result<HttpResp
             ))
         }
     };
-    Ok(reply_response(shared.em.handle(xml).await)?)
+    reply_response(shared.em.handle(xml).await)
 }
 
 /// EMApp: the phone's GET (POST and HEAD with the query string are accepted too, as

@@ -141,7 +141,7 @@ impl EmService {
                     }
                 }
                 let Some(_pass) = self.gate.try_enter() else {
-                    self.stats.count_busy();
+                    // `page` counts the busy answer.
                     let page = Page::Error {
                         code: BUSY_CODE,
                         logout,
