@@ -833,4 +833,72 @@ mod tests {
         assert_eq!(s.logout(&me, D1).as_deref(), Ok("self"));
         assert_eq!(s.logout_all(&Caller::ProxyApp), Ok(1));
     }
+
+    #[test]
+    fn pins_visits_and_visitors() {
+        let s = state(MultipleLogin::NotAllowed);
+        let home = PeerUrl::parse("127.0.0.1:1").unwrap();
+        assert_eq!(
+            s.check_pin("user1", &Pin::new(DEFAULT_PIN)),
+            PinCheck::Accepted("user1".into())
+        );
+        assert_eq!(s.check_pin("user1", &Pin::new("0")), PinCheck::Rejected);
+        assert_eq!(s.check_pin("ghost", &Pin::new("0")), PinCheck::UnknownUser);
+        assert!(s.set_pin("user1", Pin::new("77")));
+        assert_eq!(
+            s.check_pin("user1", &Pin::new(DEFAULT_PIN)),
+            PinCheck::Rejected
+        );
+
+        // Home side: a recorded visit makes a local login "elsewhere" (25), and back.
+        assert_eq!(
+            s.home_check("user2", &Pin::new("x"), "SEPV1", true),
+            HomeCheck::PinRejected
+        );
+        assert_eq!(
+            s.home_check("user2", &Pin::new(DEFAULT_PIN), "sepv1", true),
+            HomeCheck::Ok
+        );
+        assert_eq!(s.visits_of_user("user2"), vec!["SEPV1".to_string()]);
+        assert_eq!(
+            s.home_check("user2", &Pin::new(DEFAULT_PIN), "SEPV1", true),
+            HomeCheck::Ok
+        );
+        assert_eq!(
+            s.home_check("user2", &Pin::new(DEFAULT_PIN), "SEPV2", true),
+            HomeCheck::LoggedInElsewhere
+        );
+        assert_eq!(
+            s.login(&Caller::ProxyApp, D1, "user2", None),
+            Err(EmError::LoggedInElsewhere)
+        );
+        s.home_visit_ended("user2", "SEPV1");
+        assert!(s.visits_of_user("user2").is_empty());
+        assert_eq!(s.login(&Caller::ProxyApp, D1, "user2", None), Ok(()));
+
+        // Visiting side: no profile needed, 18 and 25 apply, emcc flag in the query.
+        assert_eq!(s.login_visitor(D2, "guest", &home, true), Ok(()));
+        assert_eq!(s.logged_in_user(D2), None, "dry run");
+        assert_eq!(
+            s.login_visitor(D1, "guest", &home, false),
+            Err(EmError::AnotherUserLoggedIn)
+        );
+        assert_eq!(s.login_visitor(D2, "guest", &home, false), Ok(()));
+        assert_eq!(
+            s.login_visitor("SEP000000000003", "guest", &home, false),
+            Err(EmError::LoggedInElsewhere)
+        );
+        let answers = s.device_user_query(&[D1.into(), D2.into()]);
+        assert!(matches!(
+            &answers[0],
+            DeviceUserAnswer::Known { emcc: false, .. }
+        ));
+        assert!(matches!(
+            &answers[1],
+            DeviceUserAnswer::Known { emcc: true, .. }
+        ));
+        let ended = s.logout_session(&Caller::ProxyApp, D2).unwrap();
+        assert_eq!(ended.home, Some(home));
+        assert_eq!(ended.user, "guest");
+    }
 }
