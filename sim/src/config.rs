@@ -1,11 +1,17 @@
 //! Configuration of the simulated cluster: listen address, seeding, fixture file,
 //! application users, CUCM service parameters and the behaviour knobs (latency, faults).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::emapp::Pin;
+
+/// PIN of every user that was given none (seeded users, fixture users without `pin`).
+pub const DEFAULT_PIN: &str = "12345";
 
 /// Errors while loading configuration or a fixture file.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +56,14 @@ pub struct SimConfig {
     pub tls: bool,
     /// Tokio worker threads of the simulator's own runtime (1 = current-thread runtime).
     pub threads: usize,
+    /// PINs by user ID (EMApp login); users not listed have [`DEFAULT_PIN`].
+    pub pins: HashMap<String, Pin>,
+    /// EMCC peers (other simulators' EM URLs or `HOST:PORT`) asked about users not
+    /// defined here. More can be added at run time with `add_emcc_peer`.
+    pub emcc_peers: Vec<String>,
+    /// EMApp "Validate IP Address": `Some(list)` = only these caller IPs may use
+    /// EMApp (others get `(28)`); `None` (default) = no check.
+    pub emapp_trusted_ips: Option<Vec<IpAddr>>,
 }
 
 impl Default for SimConfig {
@@ -65,6 +79,9 @@ impl Default for SimConfig {
             behavior: Behavior::default(),
             tls: false,
             threads: 1,
+            pins: HashMap::new(),
+            emcc_peers: Vec::new(),
+            emapp_trusted_ips: None,
         }
     }
 }
@@ -282,8 +299,15 @@ impl Fixture {
         Ok(serde_json::from_str(text)?)
     }
 
-    /// Loads a fixture file: `.json` is JSON, anything else TOML.
+    /// Loads a fixture file: `.json` is JSON, anything else TOML. (`pin`s are ignored
+    /// here; see [`Fixture::load_with_pins`].)
     pub fn load(path: &Path) -> Result<Fixture, ConfigError> {
+        Fixture::load_with_pins(path).map(|(fixture, _)| fixture)
+    }
+
+    /// Loads a fixture file and the users' `pin`s (for [`SimConfig::pins`]). The PINs
+    /// live outside [`FixtureUser`] so that existing struct literals keep compiling.
+    pub fn load_with_pins(path: &Path) -> Result<(Fixture, HashMap<String, Pin>), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFixture {
             path: path.display().to_string(),
             source,
@@ -292,10 +316,49 @@ impl Fixture {
             .extension()
             .is_some_and(|ext| ext.eq_ignore_ascii_case("json"));
         if is_json {
-            Fixture::from_json_str(&text)
+            Ok((
+                Fixture::from_json_str(&text)?,
+                serde_json::from_str::<FixturePins>(&text)?.into_map(),
+            ))
         } else {
-            Fixture::from_toml_str(&text)
+            Ok((
+                Fixture::from_toml_str(&text)?,
+                toml::from_str::<FixturePins>(&text)?.into_map(),
+            ))
         }
+    }
+
+    /// The `pin`s of a TOML fixture text (user ID → PIN).
+    pub fn pins_from_toml_str(text: &str) -> Result<HashMap<String, Pin>, ConfigError> {
+        Ok(toml::from_str::<FixturePins>(text)?.into_map())
+    }
+
+    /// The `pin`s of a JSON fixture text (user ID → PIN).
+    pub fn pins_from_json_str(text: &str) -> Result<HashMap<String, Pin>, ConfigError> {
+        Ok(serde_json::from_str::<FixturePins>(text)?.into_map())
+    }
+}
+
+/// Only the `[[users]]` `id`/`pin` pairs of a fixture (other fields are ignored).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct FixturePins {
+    users: Vec<FixtureUserPin>,
+}
+
+#[derive(Deserialize)]
+struct FixtureUserPin {
+    id: String,
+    #[serde(default)]
+    pin: Option<Pin>,
+}
+
+impl FixturePins {
+    fn into_map(self) -> HashMap<String, Pin> {
+        self.users
+            .into_iter()
+            .filter_map(|u| Some((u.id, u.pin?)))
+            .collect()
     }
 }
 
@@ -389,5 +452,27 @@ mod tests {
         assert!(!f.app_users[0].proxy_rights);
         let json = serde_json::to_string(&f).unwrap();
         assert_eq!(Fixture::from_json_str(&json).unwrap(), f);
+    }
+
+    #[test]
+    fn fixture_pins() {
+        let toml_text = r#"
+            [[users]]
+            id = "a"
+            pin = "4711"
+            [[users]]
+            id = "b"
+        "#;
+        assert!(
+            Fixture::from_toml_str(toml_text).is_ok(),
+            "pin is not an error"
+        );
+        let pins = Fixture::pins_from_toml_str(toml_text).unwrap();
+        assert_eq!(pins.len(), 1);
+        assert_eq!(pins["a"].expose(), "4711");
+        let pins = Fixture::pins_from_json_str(r#"{"users":[{"id":"x","pin":"1"}],"devices":[]}"#)
+            .unwrap();
+        assert_eq!(pins["x"].expose(), "1");
+        assert!(!format!("{pins:?}").contains("\"1\""));
     }
 }

@@ -1,15 +1,19 @@
 //! The EMService itself: one EM call from the decoded `xml` parameter to the answer,
 //! with faults, the "Maximum Concurrent Requests" gate, latency, state and statistics.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
 use crate::config::{Behavior, Latency};
+use crate::emcc::{self, PeerUrl, VisitEnded};
 use crate::protocol::{self, EmRequest, ProtocolError};
-use crate::state::{ClusterState, DeviceInfo, EmError};
+use crate::state::{ClusterState, DeviceInfo, EmError, EndedSession};
 use crate::stats::{CallKind, CallRecord, FaultKind, StatsCollector};
+
+mod emapp_flow;
 
 /// Code 26 "Busy, please try again".
 const BUSY_CODE: u32 = 26;
@@ -79,8 +83,12 @@ pub(crate) struct EmService {
     pub stats: StatsCollector,
     pub behavior: watch::Sender<Behavior>,
     gate: ConcurrencyGate,
-    /// Login/logout ops seen, for `busy_every`.
+    /// Login/logout ops seen, for `busy_every` (EMApp logins/logouts count too).
     op_counter: AtomicU64,
+    /// EMCC peers asked about users not defined here.
+    pub peers: RwLock<Vec<PeerUrl>>,
+    /// EMApp "Validate IP Address": `Some` = only these callers (else code 28).
+    pub trusted_ips: RwLock<Option<Vec<IpAddr>>>,
 }
 
 /// Sleeps for one sample of `latency`; zero latency does not touch the timer at all
@@ -112,6 +120,26 @@ impl EmService {
             behavior: watch::Sender::new(behavior),
             gate: ConcurrencyGate::new(max_concurrent),
             op_counter: AtomicU64::new(0),
+            peers: RwLock::new(Vec::new()),
+            trusted_ips: RwLock::new(None),
+        }
+    }
+
+    /// Tells the homes of EMCC visitors that their visit ended (best effort: a home
+    /// that does not answer keeps counting the visit; logged at debug).
+    async fn notify_homes(&self, ended: &[EndedSession]) {
+        for session in ended {
+            let Some(home) = &session.home else { continue };
+            self.stats.count_emcc_peer_call();
+            let notice = VisitEnded {
+                user: session.user.clone(),
+                device: session.device.clone(),
+            };
+            if let Err(error) =
+                emcc::call::<_, serde_json::Value>(home, emcc::LOGOUT_PATH, &notice).await
+            {
+                tracing::debug!(%error, "EMCC home not told about the end of a visit");
+            }
         }
     }
 
@@ -256,6 +284,7 @@ impl EmService {
         simulate_latency(behavior.latency).await;
 
         let state = &self.state;
+        let mut ended = Vec::new();
         let result = state
             .authenticate(request.app())
             .and_then(|caller| match &request {
@@ -266,14 +295,21 @@ impl EmService {
                     ..
                 } => {
                     record.user = Some(user.clone());
+                    // A user of another simulator gets 23 here: the EM API has no EMCC.
                     state.login(&caller, device, user, profile.as_deref())
                 }
-                EmRequest::Logout { device, .. } => state.logout(&caller, device).map(|user| {
-                    record.user = Some(user);
-                }),
-                EmRequest::LogoutAll { .. } => state.logout_all(&caller).map(|_| ()),
+                EmRequest::Logout { device, .. } => {
+                    state.logout_session(&caller, device).map(|session| {
+                        record.user = Some(session.user.clone());
+                        ended.push(session);
+                    })
+                }
+                EmRequest::LogoutAll { .. } => state
+                    .logout_all_sessions(&caller)
+                    .map(|sessions| ended = sessions),
                 _ => Ok(()),
             });
+        self.notify_homes(&ended).await;
         let code = result.err().map(EmError::code);
         let body = match code {
             Some(code) => protocol::render_failure(code),

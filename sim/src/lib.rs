@@ -8,6 +8,8 @@
 pub mod config;
 mod control;
 mod em;
+pub mod emapp;
+pub mod emcc;
 pub mod protocol;
 mod server;
 pub mod state;
@@ -20,9 +22,11 @@ use std::time::Duration;
 
 pub use config::{
     AppUser, Behavior, ConfigError, Faults, Fixture, FixtureDevice, FixtureUser, Latency,
-    MultipleLogin, SimConfig,
+    MultipleLogin, SimConfig, DEFAULT_PIN,
 };
 pub use control::ControlError;
+pub use emapp::{Pin, EMAPP_PATH};
+pub use emcc::{EmccError, PeerUrl};
 pub use server::ServerError;
 pub use state::{seeded_device_name, seeded_user_id, Caller, ClusterState, EmError};
 pub use stats::{CallKind, CallRecord, FaultKind, SimStats, CALL_LOG_CAPACITY};
@@ -46,6 +50,8 @@ pub enum SimError {
     Certificate(String),
     #[error("the simulator thread ended during start-up")]
     StartupAborted,
+    #[error(transparent)]
+    EmccPeer(#[from] EmccError),
 }
 
 /// Entry point; see [`Simulator::start`].
@@ -63,8 +69,17 @@ impl Simulator {
     /// (`config.threads` workers; 1 = current-thread runtime). Returns once bound.
     pub fn start(config: SimConfig) -> Result<SimHandle, SimError> {
         let state = Arc::new(ClusterState::from_config(&config));
+        let peers = config
+            .emcc_peers
+            .iter()
+            .map(|p| PeerUrl::parse(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let em = EmService::new(state, config.max_concurrent, config.behavior.clone());
+        *em.peers.write().unwrap_or_else(|e| e.into_inner()) = peers;
+        *em.trusted_ips.write().unwrap_or_else(|e| e.into_inner()) =
+            config.emapp_trusted_ips.clone();
         let shared = Arc::new(Shared {
-            em: EmService::new(state, config.max_concurrent, config.behavior.clone()),
+            em,
             listener: ListenerStatus::default(),
         });
 
@@ -287,6 +302,74 @@ impl SimHandle {
             .state
             .logout(&Caller::ProxyApp, device)
             .is_ok()
+    }
+
+    /// `http(s)://127.0.0.1:PORT/emapp/EMAppServlet` (same listener as [`SimHandle::url`]).
+    pub fn emapp_url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{EMAPP_PATH}", self.addr)
+    }
+
+    /// Sets the PIN of a user defined on this simulator (their home). False if the user
+    /// is not defined here. Users without a PIN set have [`DEFAULT_PIN`].
+    pub fn set_pin(&self, user: &str, pin: &str) -> bool {
+        self.shared.em.state.set_pin(user, Pin::new(pin))
+    }
+
+    /// Adds an EMCC peer: another simulator's `url()` (or `http(s)://HOST:PORT`, or
+    /// `HOST:PORT`). Users not defined here are looked up at the peers, in the order
+    /// added. Call it on both simulators for a symmetric EMCC set.
+    pub fn add_emcc_peer(&self, peer: &str) -> Result<(), EmccError> {
+        let peer = PeerUrl::parse(peer)?;
+        let mut peers = self
+            .shared
+            .em
+            .peers
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if !peers.contains(&peer) {
+            peers.push(peer);
+        }
+        Ok(())
+    }
+
+    /// The EMCC peers, as `http(s)://HOST:PORT`.
+    pub fn emcc_peers(&self) -> Vec<String> {
+        self.shared
+            .em
+            .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// EMApp "Validate IP Address": `Some(ips)` = only these callers (else `(28)`);
+    /// `None` = no check (default).
+    pub fn set_emapp_trusted_ips(&self, ips: Option<Vec<std::net::IpAddr>>) {
+        *self
+            .shared
+            .em
+            .trusted_ips
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = ips;
+    }
+
+    /// Home side of EMCC: devices of other simulators that `user` (defined here) is
+    /// visiting, as recorded by the EMCC checks.
+    pub fn emcc_visits_of_user(&self, user: &str) -> Vec<String> {
+        self.shared.em.state.visits_of_user(user)
+    }
+
+    /// Whether the user on `device` is an EMCC visitor (`<emccDevice>yes`).
+    pub fn is_emcc_visitor(&self, device: &str) -> bool {
+        self.shared
+            .em
+            .state
+            .device_user_query(&[device.to_string()])
+            .iter()
+            .any(|a| matches!(a, protocol::DeviceUserAnswer::Known { emcc: true, .. }))
     }
 
     /// Stops the server and its thread (in-flight and hung calls are dropped).

@@ -73,6 +73,14 @@ struct Cli {
     /// Fault: accept EM calls and never answer.
     #[arg(long)]
     hang: bool,
+    /// EMCC peer: another simulator's EM URL (or HOST:PORT) asked about users not
+    /// defined here; repeatable.
+    #[arg(long = "emcc-peer", value_name = "URL")]
+    emcc_peers: Vec<String>,
+    /// EMApp "Validate IP Address": only this caller IP may use EMApp (others get
+    /// (28)); repeatable. Without it, no check.
+    #[arg(long = "emapp-trusted-ip", value_name = "IP")]
+    emapp_trusted_ips: Vec<std::net::IpAddr>,
 }
 
 fn parse_app_user(text: &str) -> anyhow::Result<AppUser> {
@@ -96,12 +104,16 @@ fn config_from(cli: &Cli) -> anyhow::Result<SimConfig> {
         .as_deref()
         .map(Latency::parse_ms)
         .transpose()?;
-    let fixture = cli
-        .fixture
-        .as_deref()
-        .map(Fixture::load)
-        .transpose()
-        .context("loading the fixture")?;
+    let (fixture, pins) = match cli.fixture.as_deref() {
+        Some(path) => {
+            let (fixture, pins) = Fixture::load_with_pins(path).context("loading the fixture")?;
+            (Some(fixture), pins)
+        }
+        None => (None, Default::default()),
+    };
+    for peer in &cli.emcc_peers {
+        sim::PeerUrl::parse(peer)?;
+    }
     let mut app_users = if cli.no_default_app {
         Vec::new()
     } else {
@@ -132,6 +144,10 @@ fn config_from(cli: &Cli) -> anyhow::Result<SimConfig> {
         },
         tls: cli.tls,
         threads: cli.threads.max(1),
+        pins,
+        emcc_peers: cli.emcc_peers.clone(),
+        emapp_trusted_ips: (!cli.emapp_trusted_ips.is_empty())
+            .then(|| cli.emapp_trusted_ips.clone()),
     })
 }
 
@@ -150,6 +166,7 @@ fn main() -> anyhow::Result<()> {
         println!("CA certificate written to {}", path.display());
     }
     println!("{}", handle.url());
+    println!("{}", handle.emapp_url());
     println!("control: {}/stats", handle.control_url());
     tracing::info!(url = %handle.url(), control = %handle.control_url(), "cucm-sim listening");
 

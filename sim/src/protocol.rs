@@ -462,6 +462,8 @@ pub enum DeviceUserAnswer {
         name: String,
         user: Option<String>,
         last_login: Option<String>,
+        /// The logged-in user is an EMCC visitor (`<emccDevice>yes</emccDevice>`).
+        emcc: bool,
     },
 }
 
@@ -480,6 +482,7 @@ pub fn render_device_user_results(answers: &[DeviceUserAnswer]) -> String {
                 name,
                 user,
                 last_login,
+                emcc,
             } => {
                 out.push_str("<device name=\"");
                 push_escaped(&mut out, name);
@@ -497,7 +500,11 @@ pub fn render_device_user_results(answers: &[DeviceUserAnswer]) -> String {
                     push_escaped(&mut out, &encode_user_id(last));
                     out.push_str("</lastlogin>");
                 }
-                out.push_str("<emccDevice>no</emccDevice></device>");
+                out.push_str(if *emcc {
+                    "<emccDevice>yes</emccDevice></device>"
+                } else {
+                    "<emccDevice>no</emccDevice></device>"
+                });
             }
         }
     }

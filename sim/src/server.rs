@@ -22,6 +22,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Behavior;
 use crate::control;
 use crate::em::{EmReply, EmService};
+use crate::emapp::EMAPP_PATH;
+use crate::emcc::EMCC_PREFIX;
 use crate::protocol;
 
 pub(crate) const EM_PATH: &str = "/emservice/EMServiceServlet";
@@ -192,9 +194,10 @@ pub(crate) async fn run_em_listener(
 
         tokio::select! {
             accepted = accept(listener.as_ref()) => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     connections.spawn(serve_connection(
                         stream,
+                        peer,
                         tls.clone(),
                         shared.clone(),
                         ListenerRole::Em,
@@ -227,9 +230,10 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
 pub(crate) async fn run_control_listener(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 tokio::spawn(serve_connection(
                     stream,
+                    peer,
                     None,
                     shared.clone(),
                     ListenerRole::Control,
@@ -245,6 +249,7 @@ pub(crate) async fn run_control_listener(shared: Arc<Shared>, listener: TcpListe
 
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     role: ListenerRole,
@@ -252,10 +257,10 @@ async fn serve_connection(
     // Small request/response exchanges: do not let Nagle add latency.
     let _ = stream.set_nodelay(true);
     match tls {
-        None => serve_http(stream, shared, role).await,
+        None => serve_http(stream, peer, shared, role).await,
         Some(acceptor) => {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => serve_http(tls_stream, shared, role).await,
+                Ok(Ok(tls_stream)) => serve_http(tls_stream, peer, shared, role).await,
                 Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
                 Err(_) => tracing::debug!("TLS handshake timed out"),
             }
@@ -263,11 +268,11 @@ async fn serve_connection(
     }
 }
 
-async fn serve_http<I>(io: I, shared: Arc<Shared>, role: ListenerRole)
+async fn serve_http<I>(io: I, peer: SocketAddr, shared: Arc<Shared>, role: ListenerRole)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |request| route(shared.clone(), request, role));
+    let service = service_fn(move |request| route(shared.clone(), request, role, peer));
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .keep_alive(true)
@@ -281,6 +286,7 @@ async fn route(
     shared: Arc<Shared>,
     request: Request<Incoming>,
     role: ListenerRole,
+    peer: SocketAddr,
 ) -> Result<HttpResponse, ServerError> {
     let path = request.uri().path();
     if path.starts_with(control::CONTROL_PREFIX) {
@@ -290,6 +296,23 @@ async fn route(
     }
     if role == ListenerRole::Em && path.trim_end_matches('/') == EM_PATH {
         return em_call(&shared, request).await;
+    }
+    if role == ListenerRole::Em && path.trim_end_matches('/') == EMAPP_PATH {
+        return emapp_call(&shared, request, peer.ip()).await;
+    }
+    if role == ListenerRole::Em && path.starts_with(EMCC_PREFIX) {
+        if request.method() != Method::POST {
+            return Ok(text_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "POST only",
+            ));
+        }
+        let path = path.to_string();
+        let body = read_body(request.into_body()).await?;
+        let reply = shared.em.handle_emcc(&path, &body).await;
+        let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_REQUEST);
+        return Ok(text_response(status, "application/json", reply.body));
     }
     Ok(text_response(
         StatusCode::NOT_FOUND,
@@ -328,7 +351,29 @@ async fn em_call(shared: &Shared, request: Request<Incoming>) -> Result<HttpResp
             ))
         }
     };
-    match shared.em.handle(xml).await {
+    reply_response(shared.em.handle(xml).await)
+}
+
+/// EMApp: the phone's GET (POST and HEAD with the query string are accepted too, as
+/// some scripts send them). The body of a POST is ignored: EMApp reads the query.
+async fn emapp_call(
+    shared: &Shared,
+    request: Request<Incoming>,
+    caller: std::net::IpAddr,
+) -> Result<HttpResponse, ServerError> {
+    if !matches!(*request.method(), Method::GET | Method::POST | Method::HEAD) {
+        return Ok(text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET with a query string",
+        ));
+    }
+    let query = request.uri().query().map(str::to_string);
+    reply_response(shared.em.handle_emapp(query.as_deref(), caller).await)
+}
+
+fn reply_response(reply: EmReply) -> Result<HttpResponse, ServerError> {
+    match reply {
         EmReply::Xml(body) => Ok(text_response(
             StatusCode::OK,
             "text/xml; charset=utf-8",

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::config::{AppUser, Fixture, MultipleLogin, SimConfig};
+use crate::config::{AppUser, Fixture, MultipleLogin, SimConfig, DEFAULT_PIN};
+use crate::emapp::Pin;
+use crate::emcc::PeerUrl;
 use crate::protocol::{
     decode_user_id, AppCredentials, DeviceProfileAnswer, DeviceUserAnswer, UserDevicesAnswer,
 };
@@ -87,6 +89,27 @@ struct Session {
     user: String,
     #[allow(dead_code)] // kept for realism and debugging output
     profile: String,
+    /// For an EMCC visitor: the peer (home simulator) that checked the PIN.
+    home: Option<PeerUrl>,
+}
+
+/// A session that ended (logout, logoutAll), so the caller can tell a visitor's home.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedSession {
+    pub user: String,
+    pub device: String,
+    /// The visitor's home simulator; `None` for a local user.
+    pub home: Option<PeerUrl>,
+}
+
+/// Outcome of checking a PIN on the user's home simulator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinCheck {
+    /// Not a user of this simulator.
+    UnknownUser,
+    Rejected,
+    /// Right PIN; the canonical user ID.
+    Accepted(String),
 }
 
 /// Mutable EM state; one lock so that login rules (18/25) are checked atomically.
@@ -97,6 +120,9 @@ struct Sessions {
     by_user: HashMap<String, Vec<String>>,
     /// device → last user who logged in there ("Remember the Last User Logged In")
     last_login: HashMap<String, String>,
+    /// Home side of EMCC: user of this simulator → devices of other simulators they
+    /// are visiting (so a login here, or another visit, sees them "elsewhere").
+    visits: HashMap<String, Vec<String>>,
 }
 
 impl Sessions {
@@ -111,12 +137,13 @@ impl Sessions {
         Some(session)
     }
 
-    fn insert(&mut self, device: &str, user: &str, profile: &str) {
+    fn insert(&mut self, device: &str, user: &str, profile: &str, home: Option<PeerUrl>) {
         self.by_device.insert(
             device.to_string(),
             Session {
                 user: user.to_string(),
                 profile: profile.to_string(),
+                home,
             },
         );
         let devices = self.by_user.entry(user.to_string()).or_default();
@@ -127,6 +154,15 @@ impl Sessions {
     }
 }
 
+/// Home-side answer to an EMCC check (see [`ClusterState::home_check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HomeCheck {
+    Unknown,
+    PinRejected,
+    LoggedInElsewhere,
+    Ok,
+}
+
 /// The simulated cluster: directory (fixed after start) plus EM sessions.
 #[derive(Debug)]
 pub struct ClusterState {
@@ -135,6 +171,9 @@ pub struct ClusterState {
     app_users: HashMap<String, AppUser>,
     multiple_login: MultipleLogin,
     sessions: RwLock<Sessions>,
+    /// PINs by user ID; changeable at run time (`set_pin`). Users without an entry
+    /// have [`DEFAULT_PIN`].
+    pins: RwLock<HashMap<String, Pin>>,
 }
 
 /// Device name of the 1-based seeded index: `SEP` + 12 upper-case hex digits.
@@ -156,6 +195,7 @@ impl ClusterState {
             app_users: HashMap::new(),
             multiple_login: config.multiple_login,
             sessions: RwLock::new(Sessions::default()),
+            pins: RwLock::new(config.pins.clone()),
         };
         for i in 1..=config.devices {
             state.add_device(&seeded_device_name(i), true);
@@ -348,7 +388,19 @@ impl ClusterState {
                 }
             }
         }
-        sessions.insert(&device.name, &user.id, profile);
+        if !sessions.visits.get(&user.id).is_none_or(Vec::is_empty) {
+            // Visiting another simulator counts as "elsewhere" (EMCC, ROAMING.md §5:
+            // Multiple Login Behavior also applies between EMCC logins).
+            match self.multiple_login {
+                MultipleLogin::NotAllowed => return Err(EmError::LoggedInElsewhere),
+                MultipleLogin::Allowed => {}
+                // The visiting simulator is not told (UNCONFIRMED what CUCM does).
+                MultipleLogin::AutoLogout => {
+                    sessions.visits.remove(&user.id);
+                }
+            }
+        }
+        sessions.insert(&device.name, &user.id, profile, None);
         Ok(())
     }
 
@@ -356,6 +408,11 @@ impl ClusterState {
     /// Check order: proxy rights (10) → device (11) → EM enabled (5) → logged in (19)
     /// → an end user may only log out themselves (10).
     pub fn logout(&self, caller: &Caller, device: &str) -> Result<String, EmError> {
+        self.logout_session(caller, device).map(|ended| ended.user)
+    }
+
+    /// Like [`ClusterState::logout`], returning the whole ended session.
+    pub fn logout_session(&self, caller: &Caller, device: &str) -> Result<EndedSession, EmError> {
         if *caller == Caller::AppWithoutProxy {
             return Err(EmError::NoProxyRights);
         }
@@ -376,19 +433,185 @@ impl ClusterState {
         let session = sessions
             .remove_device(&device.name)
             .ok_or(EmError::NoUserLoggedIn)?;
-        Ok(session.user)
+        Ok(EndedSession {
+            user: session.user,
+            device: device.name.clone(),
+            home: session.home,
+        })
     }
 
     /// EM logoutAll: everyone, on every device. Only proxy applications may do it.
     pub fn logout_all(&self, caller: &Caller) -> Result<usize, EmError> {
+        self.logout_all_sessions(caller).map(|ended| ended.len())
+    }
+
+    /// Like [`ClusterState::logout_all`], returning the ended sessions.
+    pub fn logout_all_sessions(&self, caller: &Caller) -> Result<Vec<EndedSession>, EmError> {
         if *caller != Caller::ProxyApp {
             return Err(EmError::NoProxyRights);
         }
         let mut sessions = self.write_sessions();
-        let count = sessions.by_device.len();
-        sessions.by_device.clear();
+        let ended = sessions
+            .by_device
+            .drain()
+            .map(|(device, session)| EndedSession {
+                user: session.user,
+                device,
+                home: session.home,
+            })
+            .collect();
         sessions.by_user.clear();
-        Ok(count)
+        Ok(ended)
+    }
+
+    /// Whether `user` is a user of this simulator (their home); percent-encoding accepted.
+    pub fn is_local_user(&self, user: &str) -> bool {
+        self.user(user).is_some()
+    }
+
+    /// Whether a local user has at least one device profile (EMApp 205 otherwise).
+    pub fn has_profile(&self, user: &str) -> bool {
+        self.user(user).is_some_and(|u| u.default_profile.is_some())
+    }
+
+    /// Sets (or replaces) the PIN of a user. Returns false if the user is not local.
+    pub fn set_pin(&self, user: &str, pin: Pin) -> bool {
+        let Some(id) = self.user(user).map(|u| u.id.clone()) else {
+            return false;
+        };
+        self.pins
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, pin);
+        true
+    }
+
+    /// Checks a PIN of a local user (the IMS check of EMApp, or the home side of EMCC).
+    pub fn check_pin(&self, user: &str, pin: &Pin) -> PinCheck {
+        let Some(user) = self.user(user) else {
+            return PinCheck::UnknownUser;
+        };
+        let pins = self.pins.read().unwrap_or_else(|e| e.into_inner());
+        let ok = match pins.get(&user.id) {
+            Some(expected) => expected.matches(pin),
+            None => Pin::new(DEFAULT_PIN).matches(pin),
+        };
+        if ok {
+            PinCheck::Accepted(user.id.clone())
+        } else {
+            PinCheck::Rejected
+        }
+    }
+
+    /// Device checks of an EMApp request before any user is considered:
+    /// 11 unknown, 22 EM disabled. Returns the stored device name.
+    pub fn emapp_device(&self, device: &str) -> Result<String, EmError> {
+        let device = self.device(device).ok_or(EmError::DeviceNotFound)?;
+        if !device.em_enabled {
+            return Err(EmError::DeviceLogonDisabled);
+        }
+        Ok(device.name.clone())
+    }
+
+    /// Logs an EMCC visitor (a user of another simulator, PIN already checked there) in
+    /// on a local device. No device profile is needed here (the home provides it). Rules:
+    /// 11, 22, 18 (another user), 25 (visitor on another local device, per Multiple Login
+    /// Behavior). With `dry_run` only checks. Re-login on the same device succeeds.
+    pub fn login_visitor(
+        &self,
+        device: &str,
+        user: &str,
+        home: &PeerUrl,
+        dry_run: bool,
+    ) -> Result<(), EmError> {
+        let name = self.emapp_device(device)?;
+        let mut sessions = self.write_sessions();
+        if let Some(current) = sessions.by_device.get(&name) {
+            if current.user != user {
+                return Err(EmError::AnotherUserLoggedIn);
+            }
+        }
+        let elsewhere: Vec<String> = sessions
+            .by_user
+            .get(user)
+            .map(|devices| devices.iter().filter(|d| **d != name).cloned().collect())
+            .unwrap_or_default();
+        if !elsewhere.is_empty() {
+            match self.multiple_login {
+                MultipleLogin::NotAllowed => return Err(EmError::LoggedInElsewhere),
+                MultipleLogin::Allowed => {}
+                MultipleLogin::AutoLogout if dry_run => {}
+                MultipleLogin::AutoLogout => {
+                    for other in &elsewhere {
+                        sessions.remove_device(other);
+                    }
+                }
+            }
+        }
+        if !dry_run {
+            sessions.insert(&name, user, "", Some(home.clone()));
+        }
+        Ok(())
+    }
+
+    /// Home side of EMCC: checks the PIN and, with `record`, records that the user now
+    /// visits `device` of another simulator. A visit counts as "elsewhere" for the
+    /// user's local sessions and other visits (Multiple Login Behavior).
+    pub fn home_check(&self, user: &str, pin: &Pin, device: &str, record: bool) -> HomeCheck {
+        let id = match self.check_pin(user, pin) {
+            PinCheck::UnknownUser => return HomeCheck::Unknown,
+            PinCheck::Rejected => return HomeCheck::PinRejected,
+            PinCheck::Accepted(id) => id,
+        };
+        let device = device.to_ascii_uppercase();
+        let mut sessions = self.write_sessions();
+        let local = sessions.by_user.get(&id).cloned().unwrap_or_default();
+        let other_visits: Vec<String> = sessions
+            .visits
+            .get(&id)
+            .map(|v| v.iter().filter(|d| **d != device).cloned().collect())
+            .unwrap_or_default();
+        if !local.is_empty() || !other_visits.is_empty() {
+            match self.multiple_login {
+                MultipleLogin::NotAllowed => return HomeCheck::LoggedInElsewhere,
+                MultipleLogin::Allowed => {}
+                MultipleLogin::AutoLogout if !record => {}
+                MultipleLogin::AutoLogout => {
+                    for d in &local {
+                        sessions.remove_device(d);
+                    }
+                    sessions.visits.remove(&id);
+                }
+            }
+        }
+        if record {
+            let visits = sessions.visits.entry(id).or_default();
+            if !visits.contains(&device) {
+                visits.push(device);
+            }
+        }
+        HomeCheck::Ok
+    }
+
+    /// Home side of EMCC: the user left `device` of another simulator.
+    pub fn home_visit_ended(&self, user: &str, device: &str) {
+        let device = device.to_ascii_uppercase();
+        let mut sessions = self.write_sessions();
+        if let Some(visits) = sessions.visits.get_mut(user) {
+            visits.retain(|d| *d != device);
+            if visits.is_empty() {
+                sessions.visits.remove(user);
+            }
+        }
+    }
+
+    /// Devices of other simulators a local user is visiting (home side, test inspection).
+    pub fn visits_of_user(&self, user: &str) -> Vec<String> {
+        self.read_sessions()
+            .visits
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn device_user_query(&self, names: &[String]) -> Vec<DeviceUserAnswer> {
@@ -403,6 +626,10 @@ impl ClusterState {
                     name: device.name.clone(),
                     user: sessions.by_device.get(&device.name).map(|s| s.user.clone()),
                     last_login: sessions.last_login.get(&device.name).cloned(),
+                    emcc: sessions
+                        .by_device
+                        .get(&device.name)
+                        .is_some_and(|s| s.home.is_some()),
                 },
             })
             .collect()
@@ -605,5 +832,73 @@ mod tests {
         assert_eq!(s.logout_all(&me), Err(EmError::NoProxyRights));
         assert_eq!(s.logout(&me, D1).as_deref(), Ok("self"));
         assert_eq!(s.logout_all(&Caller::ProxyApp), Ok(1));
+    }
+
+    #[test]
+    fn pins_visits_and_visitors() {
+        let s = state(MultipleLogin::NotAllowed);
+        let home = PeerUrl::parse("127.0.0.1:1").unwrap();
+        assert_eq!(
+            s.check_pin("user1", &Pin::new(DEFAULT_PIN)),
+            PinCheck::Accepted("user1".into())
+        );
+        assert_eq!(s.check_pin("user1", &Pin::new("0")), PinCheck::Rejected);
+        assert_eq!(s.check_pin("ghost", &Pin::new("0")), PinCheck::UnknownUser);
+        assert!(s.set_pin("user1", Pin::new("77")));
+        assert_eq!(
+            s.check_pin("user1", &Pin::new(DEFAULT_PIN)),
+            PinCheck::Rejected
+        );
+
+        // Home side: a recorded visit makes a local login "elsewhere" (25), and back.
+        assert_eq!(
+            s.home_check("user2", &Pin::new("x"), "SEPV1", true),
+            HomeCheck::PinRejected
+        );
+        assert_eq!(
+            s.home_check("user2", &Pin::new(DEFAULT_PIN), "sepv1", true),
+            HomeCheck::Ok
+        );
+        assert_eq!(s.visits_of_user("user2"), vec!["SEPV1".to_string()]);
+        assert_eq!(
+            s.home_check("user2", &Pin::new(DEFAULT_PIN), "SEPV1", true),
+            HomeCheck::Ok
+        );
+        assert_eq!(
+            s.home_check("user2", &Pin::new(DEFAULT_PIN), "SEPV2", true),
+            HomeCheck::LoggedInElsewhere
+        );
+        assert_eq!(
+            s.login(&Caller::ProxyApp, D1, "user2", None),
+            Err(EmError::LoggedInElsewhere)
+        );
+        s.home_visit_ended("user2", "SEPV1");
+        assert!(s.visits_of_user("user2").is_empty());
+        assert_eq!(s.login(&Caller::ProxyApp, D1, "user2", None), Ok(()));
+
+        // Visiting side: no profile needed, 18 and 25 apply, emcc flag in the query.
+        assert_eq!(s.login_visitor(D2, "guest", &home, true), Ok(()));
+        assert_eq!(s.logged_in_user(D2), None, "dry run");
+        assert_eq!(
+            s.login_visitor(D1, "guest", &home, false),
+            Err(EmError::AnotherUserLoggedIn)
+        );
+        assert_eq!(s.login_visitor(D2, "guest", &home, false), Ok(()));
+        assert_eq!(
+            s.login_visitor("SEP000000000003", "guest", &home, false),
+            Err(EmError::LoggedInElsewhere)
+        );
+        let answers = s.device_user_query(&[D1.into(), D2.into()]);
+        assert!(matches!(
+            &answers[0],
+            DeviceUserAnswer::Known { emcc: false, .. }
+        ));
+        assert!(matches!(
+            &answers[1],
+            DeviceUserAnswer::Known { emcc: true, .. }
+        ));
+        let ended = s.logout_session(&Caller::ProxyApp, D2).unwrap();
+        assert_eq!(ended.home, Some(home));
+        assert_eq!(ended.user, "guest");
     }
 }

@@ -23,6 +23,10 @@ pub enum CallKind {
     DeviceProfileQuery,
     /// Missing `xml`, unparsable document (code 1) or unknown query type (code 8).
     Invalid,
+    /// A request to the EM application `/emapp/EMAppServlet` (not an EM API call).
+    EmApp,
+    /// An EMCC check or visit-ended call served by this simulator as a user's home.
+    Emcc,
 }
 
 impl CallKind {
@@ -54,12 +58,14 @@ pub struct CallRecord {
     /// Device names of the request (upper-case as stored when the device exists).
     pub devices: Vec<String>,
     /// Login: the requested user; logout: the user logged out; user queries: first user.
+    /// EMApp/EMCC: the user ID of the request (never the PIN).
     pub user: Option<String>,
     /// Since simulator start: request received.
     pub start: Duration,
     /// Since simulator start: response produced.
     pub end: Duration,
     /// EM error code; `None` = success (or query results, or a non-XML fault).
+    /// EMApp: the `(NNN)` of the page; `None` = a page without a code.
     pub code: Option<u32>,
     pub fault: Option<FaultKind>,
 }
@@ -98,6 +104,16 @@ pub struct SimStats {
     pub answers_ok: u64,
     /// EM `<failure>` answers by code (includes fail_code and 26).
     pub answers_by_code: BTreeMap<u32, u64>,
+    /// Requests to `/emapp/EMAppServlet` (also faulted ones); not part of `calls_total`.
+    pub emapp_requests: u64,
+    /// EMApp pages without a `(NNN)` code (success, login form, logout prompt).
+    pub emapp_answers_ok: u64,
+    /// EMApp pages by their `(NNN)` code.
+    pub emapp_answers_by_code: BTreeMap<u32, u64>,
+    /// EMCC peer calls this simulator served as a possible home (`/_emcc/*`).
+    pub emcc_requests: u64,
+    /// EMCC peer calls this simulator sent as the visiting side.
+    pub emcc_peer_calls: u64,
     /// Last `CALL_LOG_CAPACITY` answered calls, oldest first.
     pub log: Vec<CallRecord>,
 }
@@ -123,10 +139,16 @@ pub(crate) struct StatsCollector {
     answers_other_codes: Mutex<BTreeMap<u32, u64>>,
     seq: AtomicU64,
     log: Mutex<VecDeque<CallRecord>>,
+    emapp_requests: AtomicU64,
+    emapp_answers_ok: AtomicU64,
+    emapp_answers_by_code: Mutex<BTreeMap<u32, u64>>,
+    emcc_requests: AtomicU64,
+    emcc_peer_calls: AtomicU64,
 }
 
-fn kind_slot(kind: CallKind) -> usize {
-    match kind {
+/// Slot of an EM API call kind in `calls`; EMApp/EMCC are counted separately.
+fn kind_slot(kind: CallKind) -> Option<usize> {
+    Some(match kind {
         CallKind::Login => 0,
         CallKind::Logout => 1,
         CallKind::LogoutAll => 2,
@@ -134,7 +156,8 @@ fn kind_slot(kind: CallKind) -> usize {
         CallKind::UserDevicesQuery => 4,
         CallKind::DeviceProfileQuery => 5,
         CallKind::Invalid => 6,
-    }
+        CallKind::EmApp | CallKind::Emcc => return None,
+    })
 }
 
 impl StatsCollector {
@@ -155,6 +178,11 @@ impl StatsCollector {
             answers_other_codes: Mutex::new(BTreeMap::new()),
             seq: AtomicU64::new(0),
             log: Mutex::new(VecDeque::with_capacity(1024)),
+            emapp_requests: AtomicU64::new(0),
+            emapp_answers_ok: AtomicU64::new(0),
+            emapp_answers_by_code: Mutex::new(BTreeMap::new()),
+            emcc_requests: AtomicU64::new(0),
+            emcc_peer_calls: AtomicU64::new(0),
         }
     }
 
@@ -164,7 +192,31 @@ impl StatsCollector {
     }
 
     pub fn count_received(&self, kind: CallKind) {
-        self.calls[kind_slot(kind)].fetch_add(1, Ordering::Relaxed);
+        match kind_slot(kind) {
+            Some(slot) => self.calls[slot].fetch_add(1, Ordering::Relaxed),
+            None if kind == CallKind::EmApp => self.emapp_requests.fetch_add(1, Ordering::Relaxed),
+            None => self.emcc_requests.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    pub fn count_emcc_peer_call(&self) {
+        self.emcc_peer_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an EMApp page: `None` = no `(NNN)`.
+    pub fn count_emapp_answer(&self, code: Option<u32>) {
+        match code {
+            None => {
+                self.emapp_answers_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(code) => {
+                let mut by_code = self
+                    .emapp_answers_by_code
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                *by_code.entry(code).or_default() += 1;
+            }
+        }
     }
 
     pub fn count_fault(&self) {
@@ -269,6 +321,15 @@ impl StatsCollector {
             faults_served: get(&self.faults_served),
             answers_ok: get(&self.answers_ok),
             answers_by_code,
+            emapp_requests: get(&self.emapp_requests),
+            emapp_answers_ok: get(&self.emapp_answers_ok),
+            emapp_answers_by_code: self
+                .emapp_answers_by_code
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            emcc_requests: get(&self.emcc_requests),
+            emcc_peer_calls: get(&self.emcc_peer_calls),
             log,
         }
     }
@@ -285,10 +346,18 @@ impl StatsCollector {
             &self.busy_answers,
             &self.faults_served,
             &self.answers_ok,
+            &self.emapp_requests,
+            &self.emapp_answers_ok,
+            &self.emcc_requests,
+            &self.emcc_peer_calls,
         ] {
             zero(a);
         }
         self.answers_other_codes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.emapp_answers_by_code
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
