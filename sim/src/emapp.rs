@@ -1,5 +1,5 @@
-//! EM *application* wire format (`/emapp/EMAppServlet`, ROAMING.md §2, EM-API.md §1.2,
-//! §3.2): the phone-facing GET query (`device`, `userid`, `seq` = PIN, `EMCC`,
+//! EM *application* wire format (`/emapp/EMAppServlet`, the phone's own path to Extension
+//! Mobility): the phone-facing GET query (`device`, `userid`, `seq` = PIN, `EMCC`,
 //! `doLogout`, `loginType`) and the Cisco IP phone XML pages it answers.
 //!
 //! Pure: no I/O, no state. The PIN is wrapped in [`Pin`], whose `Debug` never shows it,
@@ -21,7 +21,7 @@ pub const MAX_PIN_LEN: usize = 64;
 /// Longest accepted value of the small flags (`EMCC`, `doLogout`, `loginType`).
 const MAX_FLAG_LEN: usize = 16;
 
-/// EMApp codes (EM-API.md §3.2) and EMService codes the simulator shows through EMApp.
+/// EMApp codes (Cisco's EMApp error table, 201-216) and EMService codes the simulator shows through EMApp.
 pub mod code {
     /// EMService "Error on Parsing": used for over-long parameters (UNCONFIRMED).
     pub const PARSE: u32 = 1;
@@ -259,7 +259,8 @@ pub enum Page {
 
 const TITLE: &str = "Extension Mobility";
 
-/// Display text of a failure as the phone shows it (EM-API.md §3.2, ROAMING.md §2.2).
+/// Display text of a failure as the phone shows it (the code in parentheses at
+/// the end, as Cisco's phones show it).
 /// The texts never contain request data, so the only `(NNN)` is the code at the end.
 pub fn error_text(code: u32, logout: bool) -> String {
     match code {

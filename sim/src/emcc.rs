@@ -1,6 +1,7 @@
 //! The simulator's own stand-in for EMCC between clusters: a visiting simulator asks
 //! its peers (possible home simulators) over a private HTTP call on the peer's EM
-//! listener. The real EMCC protocol (ROAMING.md §2.2 step 3) is not imitated; only its
+//! listener. The real EMCC protocol (home and visiting EMService talking HTTPS) is not
+//! imitated; only its
 //! outcome is: does the user live there, is the PIN right, may they log in elsewhere.
 //!
 //! Routes (JSON bodies, on the peer's EM address, HTTP or HTTPS like the EM service):

@@ -1,4 +1,4 @@
-//! EM API wire format (EM-API.md §1.1, §2): lenient decoding of the `xml` form field,
+//! EM API wire format (`POST /emservice/EMServiceServlet`, form field `xml`): lenient decoding of the `xml` form field,
 //! tolerant parsing of `<request>`/`<query>` documents and rendering of `<response>`s.
 
 use std::borrow::Cow;
@@ -341,7 +341,8 @@ pub fn parse_em_request(xml: &str) -> Result<EmRequest, ProtocolError> {
     Err(ProtocolError::UnknownQuery(kind))
 }
 
-/// Message text per code: the S1 "message" column of EM-API.md §3.1 (S3 for 31–47).
+/// Message text per code: the "message" column of Cisco's EM API code table (the EMCC
+/// guide's texts for 31–47).
 pub fn error_message(code: u32) -> &'static str {
     match code {
         0 => "Unknown Error",

@@ -13,7 +13,7 @@ use crate::protocol::{
     decode_user_id, AppCredentials, DeviceProfileAnswer, DeviceUserAnswer, UserDevicesAnswer,
 };
 
-/// EM result codes that arise from cluster state (EM-API.md §3.1).
+/// EM result codes that arise from cluster state (Cisco's EM API code table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum EmError {
     #[error("invalid app user (bad appID or appCertificate)")]
@@ -389,8 +389,8 @@ impl ClusterState {
             }
         }
         if !sessions.visits.get(&user.id).is_none_or(Vec::is_empty) {
-            // Visiting another simulator counts as "elsewhere" (EMCC, ROAMING.md §5:
-            // Multiple Login Behavior also applies between EMCC logins).
+            // Visiting another simulator counts as "elsewhere": CUCM applies Multiple
+            // Login Behavior between EMCC logins too.
             match self.multiple_login {
                 MultipleLogin::NotAllowed => return Err(EmError::LoggedInElsewhere),
                 MultipleLogin::Allowed => {}

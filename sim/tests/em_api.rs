@@ -10,7 +10,7 @@ const D1: &str = "SEP000000000001";
 const D2: &str = "SEP000000000002";
 const D3: &str = "SEP000000000003";
 
-/// A cluster with the names used in EM-API.md's examples plus special cases.
+/// A cluster with the names used in Cisco's EM API examples plus special cases.
 fn doc_fixture() -> Fixture {
     let device = |name: &str, em_enabled: bool| FixtureDevice {
         name: name.into(),
@@ -80,7 +80,7 @@ fn doc_sim(multiple_login: MultipleLogin) -> sim::SimHandle {
 #[tokio::test]
 async fn literal_url_encoded_request_of_section_1_1() -> anyhow::Result<()> {
     let sim = doc_sim(MultipleLogin::NotAllowed);
-    // EM-API.md §1.1, verbatim body. Cisco's "Content-Length: 249" does not match the
+    // Cisco's login example, verbatim body. Cisco's "Content-Length: 249" does not match the
     // 236-byte body (doc bug), so the length is computed.
     let body = "xml=%3cquery%3e%3cappInfo%3e%3cappID%3eemproxy%3c%2fappID%3e%3cappCertificate%3epassword%3c%2fappCertificate%3e%3c%2fappInfo%3e%3cdeviceUserQuery%3e%3cdeviceName%3eSEP010203040506%3c%2fdeviceName%3e%3c%2fdeviceUserQuery%3e%3c%2fquery%3e";
     let request = format!(

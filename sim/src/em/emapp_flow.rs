@@ -22,7 +22,7 @@ pub(crate) struct EmccReply {
 /// Maps an EMService state error to the page EMApp shows for a login.
 fn login_error_page(error: EmError) -> Page {
     match error {
-        // Real EMApp shows the logout prompt when the phone is occupied (ROAMING.md §2.2).
+        // Real EMApp shows the logout prompt when the phone is occupied.
         EmError::AnotherUserLoggedIn => Page::LogoutPrompt {
             device: String::new(),
             emcc: false,
