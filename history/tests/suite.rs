@@ -96,10 +96,13 @@ impl PostgresTestDatabase {
         let mut admin = ::postgres::Client::connect(admin_url, ::postgres::NoTls)
             .expect("connect to BC_TEST_POSTGRES_URL");
         // Identifiers cannot be bound parameters; `name` is ours, digits and underscores.
+        // Two calls: a multi-statement batch is one implicit transaction, which
+        // DROP/CREATE DATABASE refuse.
         admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
-            ))
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .expect("drop a leftover test database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
             .expect("create test database");
         Self {
             admin_url: admin_url.to_string(),
