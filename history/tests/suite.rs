@@ -533,3 +533,26 @@ fn url_database_replacement() {
         "postgres://bc@h:1/t2"
     );
 }
+
+#[test]
+fn postgres_store_debug_hides_the_password() {
+    let Some(fixture) = Fixture::new(Backend::Postgres, "postgres_store_debug_hides_the_password")
+    else {
+        return;
+    };
+    let url = fixture
+        .config
+        .url
+        .clone()
+        .expect("a postgres fixture has a url");
+    let store = history::postgres::PostgresStore::connect(&url).expect("connect");
+    let debug = format!("{store:?} {:?}", fixture.config);
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password.to_string());
+    if let Some(password) = password.filter(|password| !password.is_empty()) {
+        assert!(!debug.contains(&password), "{debug}");
+    }
+}
