@@ -1,0 +1,27 @@
+//! Request history of Business Connector (SPEC.md §10, §12).
+//!
+//! - [`History`]: `record` (never blocks; drops and counts when the queue is full),
+//!   `query`, `flush`, `shutdown`, over SQLite or a shared PostgreSQL database.
+//! - [`parse_filter`]: `GET /api/history` query string → [`Filter`] (errors name the
+//!   parameter, for an HTTP 400).
+//! - [`to_json`] / [`to_csv`]: the answer bodies.
+//! - [`password`]: Argon2id hashes for dashboard users.
+//!
+//! No secret can be recorded: [`Record`] has no field for the appCertificate or the PIN.
+
+pub mod config;
+pub mod filter;
+pub mod history;
+pub mod password;
+pub mod postgres;
+pub mod record;
+pub mod render;
+pub mod sqlite;
+pub mod store;
+
+pub use config::HistoryConfig;
+pub use filter::{parse_filter, Filter, FilterError, Format};
+pub use history::{History, HistoryError, HistoryMetrics, WriterPause};
+pub use record::{Operation, Record, Source, UtcMillis};
+pub use render::{to_csv, to_json};
+pub use store::{Store, StoreError};

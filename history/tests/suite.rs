@@ -1,0 +1,558 @@
+//! The history's behaviour, run against every backend: SQLite always, PostgreSQL when
+//! `BC_TEST_POSTGRES_URL` is set (see `ci-postgres.sh`; otherwise those tests say they
+//! are skipped and pass). Each PostgreSQL test gets a database of its own.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use history::{
+    parse_filter, Filter, History, HistoryConfig, HistoryMetrics, Operation, Record, Source,
+    UtcMillis,
+};
+
+const FLUSH: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, empty history database for one test; removed when dropped.
+struct Fixture {
+    config: HistoryConfig,
+    _directory: tempfile::TempDir,
+    postgres: Option<PostgresTestDatabase>,
+}
+
+impl Fixture {
+    /// None (and a note on stderr) when the backend is not available here.
+    fn new(backend: Backend, test: &str) -> Option<Fixture> {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let mut config = HistoryConfig {
+            path: directory.path().join("history.sqlite"),
+            instance: "gw-test".to_string(),
+            // Test records are stamped "now"; tests that purge set their own retention.
+            retention_days: 0,
+            ..HistoryConfig::default()
+        };
+        let postgres = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                let Ok(admin_url) = std::env::var("BC_TEST_POSTGRES_URL") else {
+                    eprintln!("{test}: skipped on PostgreSQL (BC_TEST_POSTGRES_URL is not set; see history/ci-postgres.sh)");
+                    return None;
+                };
+                let database = PostgresTestDatabase::create(&admin_url);
+                config.url = Some(database.url.clone());
+                Some(database)
+            }
+        };
+        Some(Fixture {
+            config,
+            _directory: directory,
+            postgres,
+        })
+    }
+
+    fn open(&self) -> (History, HistoryMetrics) {
+        self.open_with(&self.config)
+    }
+
+    fn open_with(&self, config: &HistoryConfig) -> (History, HistoryMetrics) {
+        let metrics = HistoryMetrics::unregistered().expect("metrics");
+        let history = History::open(config, metrics.clone()).expect("open history");
+        (history, metrics)
+    }
+
+    fn sqlite_path(&self) -> PathBuf {
+        self.config.path.clone()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(database) = self.postgres.take() {
+            database.drop_database();
+        }
+    }
+}
+
+struct PostgresTestDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl PostgresTestDatabase {
+    fn create(admin_url: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "bc_history_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut admin = ::postgres::Client::connect(admin_url, ::postgres::NoTls)
+            .expect("connect to BC_TEST_POSTGRES_URL");
+        // Identifiers cannot be bound parameters; `name` is ours, digits and underscores.
+        // Two calls: a multi-statement batch is one implicit transaction, which
+        // DROP/CREATE DATABASE refuse.
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .expect("drop a leftover test database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create test database");
+        Self {
+            admin_url: admin_url.to_string(),
+            url: with_database(admin_url, &name),
+            name,
+        }
+    }
+
+    fn drop_database(self) {
+        if let Ok(mut admin) = ::postgres::Client::connect(&self.admin_url, ::postgres::NoTls) {
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+/// `url` with its database (the path) replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let (scheme, rest) = base.split_once("://").expect("a postgres:// URL");
+    let authority = rest.split('/').next().unwrap_or(rest);
+    format!("{scheme}://{authority}/{database}{query}")
+}
+
+fn record(device: &str, user: &str, time: UtcMillis) -> Record {
+    let mut record = Record::new(Operation::Login, 0, Source::Cucm);
+    record.time = time;
+    record.cluster = Some("EU".into());
+    record.device = Some(device.into());
+    record.user = Some(user.into());
+    record.text = format!("Login successful for {user} on device {device}");
+    record.duration_ms = 12;
+    record.node = Some("https://cucm-eu-1:8443/emservice/EMServiceServlet".into());
+    record.client = Some("10.1.2.3".into());
+    record.app = Some("bcapp".into());
+    record
+}
+
+fn an_hour_ago() -> UtcMillis {
+    UtcMillis(UtcMillis::now().0 - 3_600_000)
+}
+
+fn query(history: &History, query_string: &str) -> Vec<Record> {
+    let filter = parse_filter(query_string).expect("valid filter");
+    history.query(&filter).expect("query")
+}
+
+fn devices(records: &[Record]) -> Vec<&str> {
+    records
+        .iter()
+        .map(|record| record.device.as_deref().unwrap_or(""))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The suite: each function runs once per backend (see `backends!` below).
+
+fn records_round_trip(fixture: &Fixture) {
+    let (history, metrics) = fixture.open();
+    let full = Record {
+        time: UtcMillis(UtcMillis::now().0 - 1_000),
+        operation: Operation::GetUserDevices,
+        cluster: Some("EU".into()),
+        device: Some("SEP1CE6C79BAF1F".into()),
+        user: Some("multi.user@example.com".into()),
+        code: 1003,
+        text: "CUCM unavailable: «every node» failed, \"quoted\", 'single', \\ ; DROP TABLE history; --".into(),
+        duration_ms: 5_001,
+        source: Source::Gateway,
+        node: Some("https://cucm-eu-2:8443".into()),
+        client: Some("2001:db8::7".into()),
+        app: Some("bcapp".into()),
+        instance: "ignored: History sets its own".into(),
+    };
+    let mut minimal = Record::new(Operation::GetLoggedInUser, -1, Source::Cache);
+    minimal.time = UtcMillis::now();
+    history.record(full.clone());
+    history.record(minimal.clone());
+    history.flush(FLUSH).expect("flush");
+    assert_eq!(metrics.written.get(), 2);
+
+    let found = query(&history, "");
+    let expected_full = Record {
+        instance: "gw-test".into(),
+        ..full
+    };
+    let expected_minimal = Record {
+        instance: "gw-test".into(),
+        ..minimal
+    };
+    assert_eq!(found, vec![expected_minimal, expected_full]);
+    history.shutdown(FLUSH).expect("shutdown");
+}
+
+fn strings_are_bounded_on_the_way_in(fixture: &Fixture) {
+    let (history, _) = fixture.open();
+    let mut long = record("SEP1", "u", an_hour_ago());
+    long.user = Some("ü".repeat(1000));
+    long.text = "x".repeat(10_000);
+    history.record(long);
+    history.flush(FLUSH).expect("flush");
+    let found = query(&history, "");
+    assert_eq!(found[0].user.as_deref().map(str::len), Some(256));
+    assert_eq!(found[0].text.len(), 512);
+}
+
+fn every_filter_selects_its_records(fixture: &Fixture) {
+    let (history, _) = fixture.open();
+    let base = an_hour_ago().0;
+    // (device, user, cluster, operation, code, minutes after base)
+    let rows = [
+        ("SEPA", "alice", "EU", Operation::Login, 0, 0),
+        ("SEPA", "bob", "EU", Operation::Logout, 0, 1),
+        ("SEPB", "alice", "US", Operation::GetLoggedInUser, 0, 2),
+        ("SEPB", "carol", "US", Operation::Login, 18, 3),
+        ("SEPC", "alice", "EU", Operation::GetUserDevices, 1003, 4),
+    ];
+    for (device, user, cluster, operation, code, minutes) in rows {
+        let mut entry = record(device, user, UtcMillis(base + minutes * 60_000));
+        entry.cluster = Some(cluster.into());
+        entry.operation = operation;
+        entry.code = code;
+        history.record(entry);
+    }
+    history.flush(FLUSH).expect("flush");
+
+    let at = |minutes: i64| UtcMillis(base + minutes * 60_000).to_rfc3339();
+    let cases: Vec<(String, Vec<(&str, &str)>)> = vec![
+        (
+            "".into(),
+            vec![
+                ("SEPC", "alice"),
+                ("SEPB", "carol"),
+                ("SEPB", "alice"),
+                ("SEPA", "bob"),
+                ("SEPA", "alice"),
+            ],
+        ),
+        (
+            "device=SEPA".into(),
+            vec![("SEPA", "bob"), ("SEPA", "alice")],
+        ),
+        (
+            "device=sepb".into(),
+            vec![("SEPB", "carol"), ("SEPB", "alice")],
+        ),
+        ("device=SEPZ".into(), vec![]),
+        (
+            "user=alice".into(),
+            vec![("SEPC", "alice"), ("SEPB", "alice"), ("SEPA", "alice")],
+        ),
+        (
+            "cluster=US".into(),
+            vec![("SEPB", "carol"), ("SEPB", "alice")],
+        ),
+        (
+            "operation=login".into(),
+            vec![("SEPB", "carol"), ("SEPA", "alice")],
+        ),
+        ("operation=getuserdevices".into(), vec![("SEPC", "alice")]),
+        ("code=18".into(), vec![("SEPB", "carol")]),
+        (
+            "code=0".into(),
+            vec![("SEPB", "alice"), ("SEPA", "bob"), ("SEPA", "alice")],
+        ),
+        (
+            format!("since={}", at(3)),
+            vec![("SEPC", "alice"), ("SEPB", "carol")],
+        ),
+        (format!("until={}", at(1)), vec![("SEPA", "alice")]),
+        (
+            format!("since={}&until={}", at(1), at(3)),
+            vec![("SEPB", "alice"), ("SEPA", "bob")],
+        ),
+        (
+            "user=alice&cluster=EU".into(),
+            vec![("SEPC", "alice"), ("SEPA", "alice")],
+        ),
+        (
+            "device=SEPA&user=alice&cluster=EU&operation=login&code=0".into(),
+            vec![("SEPA", "alice")],
+        ),
+        ("device=SEPA&operation=logout&code=18".into(), vec![]),
+    ];
+    for (query_string, expected) in cases {
+        // `since`/`until` carry '+' only as "Z" here, so no percent-encoding is needed.
+        let found = query(&history, &query_string);
+        let pairs: Vec<(&str, &str)> = found
+            .iter()
+            .map(|r| {
+                (
+                    r.device.as_deref().unwrap_or(""),
+                    r.user.as_deref().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(pairs, expected, "{query_string}");
+    }
+}
+
+fn newest_first_and_limit(fixture: &Fixture) {
+    let (history, _) = fixture.open();
+    let base = an_hour_ago().0;
+    // Recorded out of time order; two share a millisecond (then the later write wins).
+    for (device, offset) in [
+        ("T3", 3),
+        ("T1", 1),
+        ("T5", 5),
+        ("T2", 2),
+        ("T4", 4),
+        ("T4B", 4),
+    ] {
+        history.record(record(device, "u", UtcMillis(base + offset)));
+    }
+    history.flush(FLUSH).expect("flush");
+    assert_eq!(
+        devices(&query(&history, "")),
+        ["T5", "T4B", "T4", "T3", "T2", "T1"]
+    );
+    assert_eq!(devices(&query(&history, "limit=2")), ["T5", "T4B"]);
+    assert_eq!(devices(&query(&history, "limit=1&user=u")), ["T5"]);
+}
+
+fn default_limit_is_100_and_max_is_1000(fixture: &Fixture) {
+    let (history, _) = fixture.open();
+    let base = an_hour_ago().0;
+    for index in 0..1_100 {
+        history.record(record(
+            &format!("SEP{index:04}"),
+            "u",
+            UtcMillis(base + index),
+        ));
+    }
+    history.flush(FLUSH).expect("flush");
+    assert_eq!(query(&history, "").len(), 100);
+    let thousand = query(&history, "limit=1000");
+    assert_eq!(thousand.len(), 1000);
+    assert_eq!(thousand[0].device.as_deref(), Some("SEP1099"));
+}
+
+fn retention_purges_old_records(fixture: &Fixture) {
+    let day = 86_400_000;
+    let now = UtcMillis::now().0;
+    {
+        let (history, _) = fixture.open();
+        history.record(record("OLD200", "u", UtcMillis(now - 200 * day)));
+        history.record(record("OLD91", "u", UtcMillis(now - 91 * day)));
+        history.record(record("NEW89", "u", UtcMillis(now - 89 * day)));
+        history.record(record("NOW", "u", UtcMillis(now)));
+        history.flush(FLUSH).expect("flush");
+        assert_eq!(query(&history, "").len(), 4, "retention 0 keeps everything");
+        history.shutdown(FLUSH).expect("shutdown");
+    }
+    // The writer purges once at start, before it takes the first message.
+    let config = HistoryConfig {
+        retention_days: 90,
+        ..fixture.config.clone()
+    };
+    let (history, _) = fixture.open_with(&config);
+    history.flush(FLUSH).expect("flush");
+    assert_eq!(devices(&query(&history, "")), ["NOW", "NEW89"]);
+}
+
+fn store_purge_is_chunked(fixture: &Fixture) {
+    let (history, _) = fixture.open();
+    let base = an_hour_ago().0;
+    for offset in 0..5 {
+        history.record(record(&format!("P{offset}"), "u", UtcMillis(base + offset)));
+    }
+    history.shutdown(FLUSH).expect("shutdown");
+    let mut store: Box<dyn history::Store> = match &fixture.config.url {
+        Some(url) => Box::new(history::postgres::PostgresStore::connect(url).expect("connect")),
+        None => Box::new(history::sqlite::SqliteStore::open(&fixture.sqlite_path()).expect("open")),
+    };
+    let cutoff = UtcMillis(base + 4);
+    assert_eq!(store.purge_older_than(cutoff, 3).expect("purge"), 3);
+    assert_eq!(store.purge_older_than(cutoff, 3).expect("purge"), 1);
+    assert_eq!(store.purge_older_than(cutoff, 3).expect("purge"), 0);
+    let left = store.query(&Filter::default()).expect("query");
+    assert_eq!(devices(&left), ["P4"]);
+}
+
+fn full_queue_drops_and_counts_without_blocking(fixture: &Fixture) {
+    let config = HistoryConfig {
+        queue_capacity: 10,
+        ..fixture.config.clone()
+    };
+    let (history, metrics) = fixture.open_with(&config);
+    history.record(record("BEFORE", "u", an_hour_ago()));
+    history.flush(FLUSH).expect("flush");
+
+    let pause = history.pause_writer().expect("pause");
+    let started = Instant::now();
+    for index in 0..1_000 {
+        history.record(record(&format!("Q{index}"), "u", UtcMillis::now()));
+    }
+    let elapsed = started.elapsed();
+    // 1,000 calls with a stalled writer: each returns at once (a blocking `record` would
+    // never return here, the writer being parked).
+    assert!(elapsed < Duration::from_secs(1), "record took {elapsed:?}");
+    assert_eq!(metrics.dropped.get(), 990);
+
+    // Queries have their own connection: they still answer while the writer is stalled.
+    assert_eq!(devices(&query(&history, "")), ["BEFORE"]);
+
+    drop(pause);
+    history.flush(FLUSH).expect("flush");
+    assert_eq!(metrics.written.get(), 11);
+    assert_eq!(query(&history, "limit=1000").len(), 11);
+}
+
+fn shutdown_writes_everything_queued(fixture: &Fixture) {
+    let (history, metrics) = fixture.open();
+    let base = an_hour_ago().0;
+    for index in 0..1_000 {
+        history.record(record(&format!("S{index}"), "u", UtcMillis(base + index)));
+    }
+    history.shutdown(FLUSH).expect("shutdown");
+    assert_eq!(metrics.written.get(), 1_000);
+    assert_eq!(metrics.dropped.get(), 0);
+    // After shutdown, recording is counted as dropped, never an error or a block.
+    history.record(record("LATE", "u", UtcMillis::now()));
+    assert_eq!(metrics.dropped.get(), 1);
+    history
+        .shutdown(FLUSH)
+        .expect("a second shutdown is a no-op");
+
+    let (reopened, _) = fixture.open();
+    assert_eq!(query(&reopened, "limit=1000").len(), 1_000);
+}
+
+fn reopening_keeps_the_history(fixture: &Fixture) {
+    {
+        let (history, _) = fixture.open();
+        history.record(record("KEEP", "u", an_hour_ago()));
+        history.shutdown(FLUSH).expect("shutdown");
+    }
+    {
+        // Dropped without shutdown: the writer still drains what was queued.
+        let (history, _) = fixture.open();
+        history.record(record("KEEP2", "u", UtcMillis::now()));
+        history.flush(FLUSH).expect("flush");
+    }
+    let (history, _) = fixture.open();
+    assert_eq!(devices(&query(&history, "")), ["KEEP2", "KEEP"]);
+}
+
+fn instances_share_one_database(fixture: &Fixture) {
+    let first_config = HistoryConfig {
+        instance: "gw1".into(),
+        ..fixture.config.clone()
+    };
+    let second_config = HistoryConfig {
+        instance: "gw2".into(),
+        ..fixture.config.clone()
+    };
+    let (first, _) = fixture.open_with(&first_config);
+    let (second, _) = fixture.open_with(&second_config);
+    first.record(record("SEP1", "u", UtcMillis(an_hour_ago().0)));
+    second.record(record("SEP2", "u", UtcMillis(an_hour_ago().0 + 1)));
+    first.flush(FLUSH).expect("flush");
+    second.flush(FLUSH).expect("flush");
+    for history in [&first, &second] {
+        let found = query(history, "");
+        let seen: Vec<(&str, &str)> = found
+            .iter()
+            .map(|r| (r.device.as_deref().unwrap_or(""), r.instance.as_str()))
+            .collect();
+        assert_eq!(seen, [("SEP2", "gw2"), ("SEP1", "gw1")]);
+    }
+}
+
+macro_rules! backends {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $test() {
+                    if let Some(fixture) = super::Fixture::new(super::Backend::Sqlite, stringify!($test)) {
+                        super::$test(&fixture);
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $test() {
+                    if let Some(fixture) = super::Fixture::new(super::Backend::Postgres, stringify!($test)) {
+                        super::$test(&fixture);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+backends!(
+    records_round_trip,
+    strings_are_bounded_on_the_way_in,
+    every_filter_selects_its_records,
+    newest_first_and_limit,
+    default_limit_is_100_and_max_is_1000,
+    retention_purges_old_records,
+    store_purge_is_chunked,
+    full_queue_drops_and_counts_without_blocking,
+    shutdown_writes_everything_queued,
+    reopening_keeps_the_history,
+    instances_share_one_database,
+);
+
+#[test]
+fn url_database_replacement() {
+    assert_eq!(
+        with_database(
+            "postgres://bc:pw@127.0.0.1:5433/postgres?sslmode=disable",
+            "t1"
+        ),
+        "postgres://bc:pw@127.0.0.1:5433/t1?sslmode=disable"
+    );
+    assert_eq!(
+        with_database("postgres://bc@h:1", "t2"),
+        "postgres://bc@h:1/t2"
+    );
+}
+
+#[test]
+fn postgres_store_debug_hides_the_password() {
+    let Some(fixture) = Fixture::new(Backend::Postgres, "postgres_store_debug_hides_the_password")
+    else {
+        return;
+    };
+    let url = fixture
+        .config
+        .url
+        .clone()
+        .expect("a postgres fixture has a url");
+    let store = history::postgres::PostgresStore::connect(&url).expect("connect");
+    let debug = format!("{store:?} {:?}", fixture.config);
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password.to_string());
+    if let Some(password) = password.filter(|password| !password.is_empty()) {
+        assert!(!debug.contains(&password), "{debug}");
+    }
+}
