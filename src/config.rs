@@ -42,9 +42,13 @@ pub struct Config {
     /// Northbound HTTP address (a bad one is a parse error naming the key and line).
     #[serde(default = "defaults::listen")]
     pub listen: SocketAddr,
-    /// Where requests without a cluster code go (optional with a single cluster).
+    /// Where requests without a cluster code go (optional with a single cluster;
+    /// without it, several clusters are searched for the device).
     #[serde(default)]
     pub default_cluster: Option<String>,
+    /// How long a device's cluster, once discovered, is remembered.
+    #[serde(default = "defaults::discovery_ttl_ms")]
+    pub discovery_ttl_ms: u64,
     /// A whole request's budget, queueing included.
     #[serde(default = "defaults::deadline_ms")]
     pub deadline_ms: u64,
@@ -68,6 +72,9 @@ mod defaults {
     }
     pub fn deadline_ms() -> u64 {
         15_000
+    }
+    pub fn discovery_ttl_ms() -> u64 {
+        3_600_000
     }
     pub fn max_body_bytes() -> usize {
         64 * 1024
@@ -107,6 +114,7 @@ impl Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             default_cluster: None,
+            discovery_ttl_ms: defaults::discovery_ttl_ms(),
             deadline_ms: defaults::deadline_ms(),
             max_body_bytes: defaults::max_body_bytes(),
             shutdown_grace_ms: defaults::shutdown_grace_ms(),
@@ -123,6 +131,13 @@ impl Config {
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
             return Err((None, "max_body_bytes", "must be 1024-16777216".into()));
+        }
+        if self.discovery_ttl_ms > 7 * 24 * 3_600_000 {
+            return Err((
+                None,
+                "discovery_ttl_ms",
+                "must be at most 604800000 (a week)".into(),
+            ));
         }
         if self.shutdown_grace_ms > 600_000 {
             return Err((None, "shutdown_grace_ms", "must be at most 600000".into()));
@@ -160,6 +175,10 @@ impl Config {
 
     pub fn deadline(&self) -> Duration {
         Duration::from_millis(self.deadline_ms)
+    }
+
+    pub fn discovery_ttl(&self) -> Duration {
+        Duration::from_millis(self.discovery_ttl_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -35,6 +35,7 @@ pub async fn run(
     let router = Router::launch(
         &config.clusters,
         config.default_cluster.as_deref(),
+        config.discovery_ttl(),
         metrics.clone(),
     )?;
     let state = web::Data::new(AppState {

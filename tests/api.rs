@@ -128,9 +128,10 @@ async fn login_query_logout_in_every_request_form() {
         nobody.text
     );
 
-    // Path with the cluster code (any case) and a PIN (accepted, unused).
+    // Path with the cluster code (any case) and the user's PIN: a login through the
+    // cluster's EM application (the simulator's PINs are 12345).
     gw.post_form(
-        &format!("/api/login/{}/user3/eU/1234", device(3)),
+        &format!("/api/login/{}/user3/eU/12345", device(3)),
         &format!("<request>{CREDS}</request>"),
     )
     .await
@@ -330,8 +331,10 @@ async fn cluster_routing_default_and_case() {
         .clusters
         .push(actors::ClusterConfig::new("us", vec![us.url()]));
     let gw = Gateway::start(config.clone()).await;
-    // Two clusters, no default: a request without a code cannot be routed.
-    gw.login(&device(1), "user1").await.expect(200, 1001);
+    // Two clusters, no default, the device in both: the caller must name one.
+    let both = gw.login(&device(1), "user1").await;
+    both.expect(200, 1011);
+    assert!(both.text.contains("(EU, US)"), "{}", both.text);
     gw.post_form(
         &format!("/api/login/{}/user1/US", device(1)),
         &format!("<request>{CREDS}</request>"),

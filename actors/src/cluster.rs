@@ -22,8 +22,8 @@ use tokio::sync::oneshot;
 use crate::cache::LoggedInCache;
 use crate::config::ClusterConfig;
 use crate::device_queue::PendingOp;
-use crate::em::rules::{self, CacheEffect};
-use crate::em::{Answered, CallError, EmClient, EmClientError, EmRequest};
+use crate::em::rules::{self, CacheEffect, Exchange, Plan, Verdict};
+use crate::em::{EmAppClient, EmClient, EmClientError, EmRequest};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::operation::{Credentials, DeviceName, OpError, Operation, Reply};
 use crate::scheduler::{CallEnd, Completion, Offer, Scheduler, Shed, Started, Step};
@@ -57,6 +57,7 @@ impl Message for Submit {
 pub struct ClusterActor {
     code: Arc<str>,
     em: Arc<EmClient>,
+    emapp: Arc<EmAppClient>,
     cache: Arc<LoggedInCache>,
     scheduler: Scheduler,
     /// A wake-up is scheduled for when the rate limiter allows the next call.
@@ -82,6 +83,16 @@ impl ClusterActor {
             source,
         })?;
         let em = Arc::new(em);
+        let emapp = EmAppClient::new(
+            &code,
+            &config.emapp_urls(),
+            &config.client_settings(),
+            metrics.clone(),
+        )
+        .map_err(|source| ClusterError::Client {
+            code: code.to_string(),
+            source,
+        })?;
         let cluster_metrics = ClusterMetrics::new(&metrics, &code, config.max_concurrent);
         let cache = Arc::new(LoggedInCache::new(
             config.cache_ttl(),
@@ -90,6 +101,7 @@ impl ClusterActor {
         let actor = ClusterActor {
             code: code.clone(),
             em: em.clone(),
+            emapp: Arc::new(emapp),
             cache: cache.clone(),
             scheduler: Scheduler::new(config.max_concurrent, config.rate(), config.queue_limit),
             rate_wake_up: None,
@@ -180,41 +192,85 @@ impl ClusterActor {
             self.metrics.queue_wait.observe(waited.as_secs_f64());
         }
         let em = self.em.clone();
+        let emapp = self.emapp.clone();
         let Started {
             device,
             operation,
             credentials,
             deadline,
+            stage,
             ..
         } = started;
         let call_started = Instant::now();
         let call = async move {
             let devices = [operation.device().clone()];
-            let request = match &operation {
-                Operation::Login { device, user } => EmRequest::Login { device, user },
-                Operation::Logout { device } => EmRequest::Logout { device },
-                Operation::Query { .. } => EmRequest::DeviceUserQuery { devices: &devices },
+            let exchange = match (rules::plan(&operation, stage), &operation) {
+                (Plan::EmLogin, Operation::Login { device, user }) => Exchange::Em(
+                    em.call(EmRequest::Login { device, user }, &credentials, deadline)
+                        .await,
+                ),
+                (Plan::EmLogout, _) => Exchange::Em(
+                    em.call(
+                        EmRequest::Logout {
+                            device: &devices[0],
+                        },
+                        &credentials,
+                        deadline,
+                    )
+                    .await,
+                ),
+                (Plan::EmAppLogin, Operation::PinLogin { device, user, pin }) => {
+                    Exchange::EmApp(emapp.login(device, user, pin, deadline).await)
+                }
+                _ => Exchange::Em(
+                    em.call(
+                        EmRequest::DeviceUserQuery { devices: &devices },
+                        &credentials,
+                        deadline,
+                    )
+                    .await,
+                ),
             };
-            em.call(request, &credentials, deadline).await
+            (operation, stage, exchange)
         };
-        ctx.spawn(call.into_actor(self).map(move |result, actor, ctx| {
-            actor.finish(device, result, call_started.elapsed(), ctx);
-        }));
+        ctx.spawn(
+            call.into_actor(self)
+                .map(move |(operation, stage, exchange), actor, ctx| {
+                    actor.finish(
+                        device,
+                        operation,
+                        stage,
+                        exchange,
+                        call_started.elapsed(),
+                        ctx,
+                    );
+                }),
+        );
     }
 
     fn finish(
         &mut self,
         device: DeviceName,
-        result: Result<Answered, CallError>,
+        operation: Operation,
+        stage: usize,
+        exchange: Exchange,
         took: Duration,
         ctx: &mut Context<Self>,
     ) {
-        let end = match &result {
-            Ok(_) => CallEnd::Answered {
-                took,
-                busy: rules::is_busy(&result),
-            },
-            Err(_) => CallEnd::NoAnswer,
+        let (answered, busy) = match &exchange {
+            Exchange::Em(result) => (result.is_ok(), rules::is_busy(result)),
+            Exchange::EmApp(result) => (result.is_ok(), false),
+        };
+        // A busy answer is the scheduler's to retry; anything else is judged now.
+        let verdict = (!busy).then(|| rules::judge(&operation, stage, exchange.clone()));
+        if verdict == Some(Verdict::NextStage) && self.scheduler.advance(&device, took) {
+            self.pump(ctx);
+            return;
+        }
+        let end = if answered {
+            CallEnd::Answered { took, busy }
+        } else {
+            CallEnd::NoAnswer
         };
         let jitter = rand::rng().random_range(0.0..1.0);
         match self
@@ -229,7 +285,11 @@ impl ClusterActor {
                 });
             }
             Completion::Done(op) => {
-                let meaning = rules::interpret(&op.operation, result);
+                let meaning = match verdict {
+                    Some(Verdict::Done(meaning)) => meaning,
+                    // Busy with no time left to retry: CUCM's answer stands.
+                    _ => rules::judge_last(&op.operation, stage, exchange),
+                };
                 if meaning.credentials_accepted {
                     self.cache.mark_verified(op.credentials.fingerprint());
                 }

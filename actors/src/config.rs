@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::em::emapp::derive_emapp_url;
 use crate::em::EmClientSettings;
 use crate::shaper::Rate;
 
@@ -48,6 +49,10 @@ pub struct ClusterConfig {
     pub ca_file: Option<String>,
     #[serde(default)]
     pub tls_insecure: bool,
+    /// EM application URLs for logins with a PIN; derived from `nodes` when absent
+    /// (same scheme, host and port, path `/emapp/EMAppServlet`).
+    #[serde(default)]
+    pub emapp_nodes: Option<Vec<String>>,
 }
 
 pub mod defaults {
@@ -85,6 +90,7 @@ impl ClusterConfig {
             queue_limit: defaults::queue_limit(),
             ca_file: None,
             tls_insecure: false,
+            emapp_nodes: None,
         }
     }
 
@@ -104,18 +110,15 @@ impl ClusterConfig {
         if self.nodes.is_empty() {
             return Err(invalid("nodes", "at least one EM service URL is needed"));
         }
-        for node in &self.nodes {
-            let parsed = reqwest::Url::parse(node).ok();
-            let usable = parsed.as_ref().is_some_and(|url| {
-                matches!(url.scheme(), "http" | "https")
-                    && url.host_str().is_some_and(|h| !h.is_empty())
-            });
-            if !usable {
+        check_urls("nodes", &self.nodes)?;
+        if let Some(emapp_nodes) = &self.emapp_nodes {
+            if emapp_nodes.is_empty() {
                 return Err(invalid(
-                    "nodes",
-                    format!("{node:?} is not an http:// or https:// URL with a host"),
+                    "emapp_nodes",
+                    "leave it out to derive it from nodes, or give at least one URL",
                 ));
             }
+            check_urls("emapp_nodes", emapp_nodes)?;
         }
         if !(1..=100).contains(&self.max_concurrent) {
             return Err(invalid(
@@ -167,6 +170,18 @@ impl ClusterConfig {
         Duration::from_millis(self.cache_ttl_ms)
     }
 
+    /// The EM application URLs: configured, or derived from the EM service nodes.
+    pub fn emapp_urls(&self) -> Vec<String> {
+        match &self.emapp_nodes {
+            Some(urls) => urls.clone(),
+            None => self
+                .nodes
+                .iter()
+                .filter_map(|node| derive_emapp_url(node))
+                .collect(),
+        }
+    }
+
     pub fn client_settings(&self) -> EmClientSettings {
         EmClientSettings {
             timeout: self.timeout(),
@@ -174,6 +189,23 @@ impl ClusterConfig {
             tls_insecure: self.tls_insecure,
         }
     }
+}
+
+fn check_urls(key: &'static str, urls: &[String]) -> Result<(), ConfigError> {
+    for url in urls {
+        let parsed = reqwest::Url::parse(url).ok();
+        let usable = parsed.as_ref().is_some_and(|url| {
+            matches!(url.scheme(), "http" | "https")
+                && url.host_str().is_some_and(|h| !h.is_empty())
+        });
+        if !usable {
+            return Err(invalid(
+                key,
+                format!("{url:?} is not an http:// or https:// URL with a host"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -205,6 +237,11 @@ mod tests {
             (|c| c.nodes = vec!["https://".into()], "nodes"),
             (|c| c.nodes = vec!["https://cucm:99999/x".into()], "nodes"),
             (|c| c.nodes = vec!["ftp://cucm/x".into()], "nodes"),
+            (|c| c.emapp_nodes = Some(vec![]), "emapp_nodes"),
+            (
+                |c| c.emapp_nodes = Some(vec!["emapp".into()]),
+                "emapp_nodes",
+            ),
             (|c| c.max_concurrent = 0, "max_concurrent"),
             (|c| c.burst = 0, "burst"),
             (|c| c.timeout_ms = 5, "timeout_ms"),
@@ -222,6 +259,20 @@ mod tests {
             mutate(&mut config);
             assert_eq!(config.validate().unwrap_err().key, key);
         }
+    }
+
+    #[test]
+    fn emapp_urls_are_derived_unless_configured() {
+        let mut config = cluster();
+        assert_eq!(
+            config.emapp_urls(),
+            ["https://cucm:8443/emapp/EMAppServlet"]
+        );
+        config.emapp_nodes = Some(vec!["https://other:8443/emapp/EMAppServlet".into()]);
+        assert_eq!(
+            config.emapp_urls(),
+            ["https://other:8443/emapp/EMAppServlet"]
+        );
     }
 
     #[test]

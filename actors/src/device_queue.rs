@@ -26,6 +26,9 @@ pub struct PendingOp {
     pub waiters: Vec<oneshot::Sender<Reply>>,
     /// CUCM busy answers so far (for back-off).
     pub busy_answers: u32,
+    /// Which of the operation's CUCM calls is next (0 = the first; a PIN login makes
+    /// three, one after the other, all in the device's turn).
+    pub stage: usize,
 }
 
 impl PendingOp {
@@ -42,6 +45,7 @@ impl PendingOp {
             accepted_at: Instant::now(),
             waiters: vec![waiter],
             busy_answers: 0,
+            stage: 0,
         }
     }
 

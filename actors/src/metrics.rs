@@ -42,6 +42,8 @@ pub struct Metrics {
     pub node_up: IntGaugeVec,
     pub node_failovers: IntCounterVec,
     pub rate_limiter_waits: IntCounterVec,
+    pub discovery: IntCounterVec,
+    pub pin_logins: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -162,6 +164,16 @@ impl Metrics {
                 "Times the cluster's rate limiter (max_requests_per_second, burst) made an operation wait for a token.",
                 &["cluster"],
             )?,
+            discovery: counter(
+                "bc_discovery_total",
+                "Requests without a cluster code whose device's cluster was looked up, by outcome: remembered (from an earlier lookup), found, nowhere (code 11), several (1011), failed (1003), refused (a cluster's own error).",
+                &["outcome"],
+            )?,
+            pin_logins: counter(
+                "bc_pin_logins_total",
+                "Logins with a PIN (through the cluster's EM application), by cluster and the code the caller got (1007: PIN rejected).",
+                &["cluster", "code"],
+            )?,
             build_info: gauge(
                 "bc_build_info",
                 "Always 1; the version label says which build is running.",
@@ -173,6 +185,17 @@ impl Metrics {
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Every outcome exists from the start, so dashboards and alerts see zeros.
+        for outcome in [
+            "remembered",
+            "found",
+            "nowhere",
+            "several",
+            "failed",
+            "refused",
+        ] {
+            metrics.discovery.with_label_values(&[outcome]);
+        }
         #[cfg(target_os = "linux")]
         metrics.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -212,6 +235,8 @@ impl ClusterMetrics {
             .cucm_concurrency_limit
             .with_label_values(c)
             .set(max_concurrent as i64);
+        // Exists from the start, so the dashboard's PIN login panel shows zeros.
+        metrics.pin_logins.with_label_values(&[cluster, "0"]);
         Self {
             queue_depth: metrics.queue_depth.with_label_values(c),
             queue_wait: metrics.queue_wait.with_label_values(c),

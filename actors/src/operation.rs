@@ -19,6 +19,8 @@ pub enum InvalidValue {
     DeviceName,
     #[error("user ID must be 1-{MAX_USER_ID_LEN} characters without control characters")]
     UserId,
+    #[error("PIN must be 1-{MAX_PIN_DIGITS} digits")]
+    Pin,
 }
 
 /// A CUCM device name, upper-cased (CUCM compares them case-insensitively).
@@ -83,6 +85,34 @@ impl fmt::Display for UserId {
 impl fmt::Debug for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+pub const MAX_PIN_DIGITS: usize = 32;
+
+/// A user's EM PIN: 1-32 digits. Never printed (its Debug is masked, it has no
+/// Display); the only way to the digits is `expose`, for the one EM application call.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pin(Secret);
+
+impl Pin {
+    pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
+        let valid =
+            (1..=MAX_PIN_DIGITS).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_digit());
+        if !valid {
+            return Err(InvalidValue::Pin);
+        }
+        Ok(Self(Secret::new(raw)))
+    }
+
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Pin(***)")
     }
 }
 
@@ -161,18 +191,33 @@ fn fingerprint(app_id: &str, app_certificate: &str) -> u64 {
     hasher.finish()
 }
 
-/// The three things a caller can ask of a device.
+/// What a caller can ask of a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
-    Login { device: DeviceName, user: UserId },
-    Logout { device: DeviceName },
-    Query { device: DeviceName },
+    Login {
+        device: DeviceName,
+        user: UserId,
+    },
+    /// A login with the user's PIN, done through the EM application the way the phone
+    /// does it: the only way CUCM logs a user in on a phone of another cluster.
+    PinLogin {
+        device: DeviceName,
+        user: UserId,
+        pin: Pin,
+    },
+    Logout {
+        device: DeviceName,
+    },
+    Query {
+        device: DeviceName,
+    },
 }
 
 impl Operation {
     pub fn device(&self) -> &DeviceName {
         match self {
             Operation::Login { device, .. }
+            | Operation::PinLogin { device, .. }
             | Operation::Logout { device }
             | Operation::Query { device } => device,
         }
@@ -209,6 +254,12 @@ pub enum OpError {
     /// HTTP 200 with a body that is not an EM API response.
     #[error("CUCM answered with an invalid EM response: {detail}")]
     InvalidResponse { detail: String },
+    /// The EM application said the user's PIN is wrong (checked at the home cluster).
+    #[error("PIN rejected")]
+    PinRejected,
+    /// No cluster code was given and the device exists in more than one cluster.
+    #[error("the device exists in several clusters")]
+    InSeveralClusters { clusters: Vec<String> },
     /// The cluster's queue is full or the wait would exceed the deadline.
     #[error("overloaded: {reason}")]
     Overloaded {
@@ -273,6 +324,23 @@ mod tests {
         assert!(UserId::parse("a\nb").is_err());
         assert!(UserId::parse(&"é".repeat(128)).is_ok());
         assert!(UserId::parse(&"é".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn pins_are_digits_and_never_printed() {
+        let pin = Pin::parse("0042").unwrap();
+        assert_eq!(pin.expose(), "0042");
+        assert_eq!(format!("{pin:?}"), "Pin(***)");
+        let op = Operation::PinLogin {
+            device: DeviceName::parse("SEP1").unwrap(),
+            user: UserId::parse("alice").unwrap(),
+            pin,
+        };
+        assert!(!format!("{op:?}").contains("0042"));
+        for bad in ["", "12a4", " 1234", "１２３", &"1".repeat(33)] {
+            assert_eq!(Pin::parse(bad), Err(InvalidValue::Pin), "{bad:?}");
+        }
+        assert!(Pin::parse(&"9".repeat(32)).is_ok());
     }
 
     #[test]

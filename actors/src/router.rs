@@ -1,27 +1,54 @@
-//! `Router`: cluster code → the cluster's handle.
+//! `Router`: cluster code → the cluster's handle; without a code, the default cluster,
+//! the only cluster, or discovery across all of them.
 //!
-//! Built once at start and read-only afterwards, so it needs no actor of its own:
-//! routing is a map lookup on the request path.
+//! Built once at start and read-only afterwards (the discovery directory is a
+//! concurrent map of its own), so it needs no actor: routing is a map lookup on the
+//! request path.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::cluster::{ClusterActor, ClusterError, ClusterHandle};
 use crate::config::ClusterConfig;
+use crate::discovery::{conclude, Conclusion, DeviceDirectory};
+use crate::em::rules::code;
 use crate::metrics::Metrics;
+use crate::operation::{Credentials, DeviceName, OpError, Operation, Reply};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
     #[error("Cluster with code [{0}] not found")]
     UnknownCluster(String),
-    #[error("No cluster code given and no default cluster configured")]
-    NoDefault,
 }
 
-#[derive(Debug, Clone)]
+/// Where a request goes.
+#[derive(Debug)]
+pub enum Route<'a> {
+    Cluster(&'a ClusterHandle),
+    /// No code, several clusters, no default: find the device's cluster.
+    Discover,
+}
+
+/// The outcome of discovery for one device.
+#[derive(Debug)]
+pub enum Located<'a> {
+    /// Its cluster, and the query answer when discovery just asked (a
+    /// getloggedinuser needs no second call).
+    Cluster(&'a ClusterHandle, Option<Reply>),
+    /// The answer for the caller: 11 nowhere, 1011 in several, 1003 unknown, or a
+    /// cluster's refusal.
+    Answer(Reply),
+}
+
+#[derive(Debug)]
 pub struct Router {
     clusters: HashMap<String, ClusterHandle>,
+    /// Cluster codes in configuration order: discovery asks and reports in this order.
+    order: Vec<String>,
     default: Option<String>,
+    directory: DeviceDirectory,
+    metrics: Arc<Metrics>,
 }
 
 impl Router {
@@ -29,11 +56,14 @@ impl Router {
     pub fn launch(
         clusters: &[ClusterConfig],
         default_cluster: Option<&str>,
+        discovery_ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ClusterError> {
         let mut handles = HashMap::new();
+        let mut order = Vec::new();
         for config in clusters {
             let handle = ClusterActor::launch(config, metrics.clone())?;
+            order.push(config.normalized_code());
             handles.insert(config.normalized_code(), handle);
         }
         let default = match default_cluster {
@@ -43,26 +73,97 @@ impl Router {
         };
         Ok(Self {
             clusters: handles,
+            order,
             default,
+            directory: DeviceDirectory::new(discovery_ttl),
+            metrics,
         })
     }
 
-    /// The cluster for a request's code (case-insensitive), or the default.
-    pub fn route(&self, code: Option<&str>) -> Result<&ClusterHandle, RouteError> {
+    /// The cluster for a request's code (case-insensitive), the default, or discovery.
+    pub fn route(&self, code: Option<&str>) -> Result<Route<'_>, RouteError> {
         match code.map(str::trim).filter(|c| !c.is_empty()) {
             Some(code) => self
                 .clusters
                 .get(&code.to_ascii_uppercase())
+                .map(Route::Cluster)
                 .ok_or_else(|| RouteError::UnknownCluster(code.to_string())),
-            None => self
+            None => Ok(self
                 .default
                 .as_ref()
                 .and_then(|d| self.clusters.get(d))
-                .ok_or(RouteError::NoDefault),
+                .map_or(Route::Discover, Route::Cluster)),
         }
     }
 
+    /// Finds the device's cluster: remembered, else by asking every cluster at once.
+    pub async fn locate(
+        &self,
+        device: &DeviceName,
+        credentials: &Credentials,
+        deadline: Instant,
+    ) -> Located<'_> {
+        if let Some(cluster) = self
+            .directory
+            .lookup(device, Instant::now())
+            .and_then(|code| self.clusters.get(&*code))
+        {
+            self.count("remembered");
+            return Located::Cluster(cluster, None);
+        }
+        let handles: Vec<&ClusterHandle> = self.clusters_in_order().collect();
+        let questions = handles.iter().map(|cluster| {
+            let query = Operation::Query {
+                device: device.clone(),
+            };
+            cluster.submit(query, credentials.clone(), deadline)
+        });
+        let answers = futures_util::future::join_all(questions).await;
+        let conclusion = conclude(answers);
+        self.count(conclusion.label());
+        match conclusion {
+            Conclusion::Found { index, reply } => {
+                let cluster = handles[index];
+                self.directory
+                    .remember(device, cluster.code.clone(), Instant::now());
+                Located::Cluster(cluster, Some(reply))
+            }
+            Conclusion::Nowhere => Located::Answer(Reply::failed(OpError::Cucm {
+                code: code::DEVICE_DOES_NOT_EXIST,
+                text: "Device does not exist in any cluster".into(),
+            })),
+            Conclusion::Several(indexes) => {
+                Located::Answer(Reply::failed(OpError::InSeveralClusters {
+                    clusters: indexes
+                        .into_iter()
+                        .map(|i| handles[i].code.to_string())
+                        .collect(),
+                }))
+            }
+            Conclusion::Failed(error) | Conclusion::Refused(error) => {
+                Located::Answer(Reply::failed(error))
+            }
+        }
+    }
+
+    /// A cluster answered for a device found by discovery: an 11 means it moved.
+    pub fn learn(&self, device: &DeviceName, cluster: &ClusterHandle, reply: &Reply) {
+        if let Err(OpError::Cucm { code, .. }) = &reply.result {
+            if *code == code::DEVICE_DOES_NOT_EXIST {
+                self.directory.forget(device, &cluster.code);
+            }
+        }
+    }
+
+    fn count(&self, outcome: &str) {
+        self.metrics.discovery.with_label_values(&[outcome]).inc();
+    }
+
+    fn clusters_in_order(&self) -> impl Iterator<Item = &ClusterHandle> {
+        self.order.iter().filter_map(|code| self.clusters.get(code))
+    }
+
     pub fn clusters(&self) -> impl Iterator<Item = &ClusterHandle> {
-        self.clusters.values()
+        self.clusters_in_order()
     }
 }

@@ -73,7 +73,9 @@ pub struct Started {
     pub operation: Operation,
     pub credentials: Credentials,
     pub deadline: Instant,
-    /// How long it waited in the gateway; `None` for a retry after busy.
+    /// Which of the operation's calls this is (0 = its first).
+    pub stage: usize,
+    /// How long it waited in the gateway; `None` for a retry or a later stage.
     pub waited: Option<Duration>,
 }
 
@@ -266,6 +268,7 @@ impl<C: Clock + Clone> Scheduler<C> {
             operation: op.operation.clone(),
             credentials: op.credentials.clone(),
             deadline: op.deadline,
+            stage: op.stage,
             waited: first_time.then(|| op.accepted_at.elapsed()),
         };
         if first_time {
@@ -282,16 +285,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         now: Instant,
         unit: f64,
     ) -> Completion {
-        self.shaper.release();
-        if let CallEnd::Answered { took, .. } = end {
-            // Only real answers teach how long CUCM takes; a timeout says nothing.
-            self.call_time = Some(match self.call_time {
-                Some(previous) => {
-                    previous.mul_f64(1.0 - CALL_TIME_WEIGHT) + took.mul_f64(CALL_TIME_WEIGHT)
-                }
-                None => took,
-            });
-        }
+        self.call_ended(end);
         let Some(queue) = self.devices.get_mut(device) else {
             return Completion::Unknown;
         };
@@ -309,6 +303,37 @@ impl<C: Clock + Clone> Scheduler<C> {
         let done = queue.finish();
         self.after_turn(device.clone());
         done.map_or(Completion::Unknown, Completion::Done)
+    }
+
+    /// A started call was answered and its operation has another stage: the device
+    /// keeps its turn and goes to the front of the line for its next call (it takes a
+    /// slot and a token like any other). Returns false when nothing was running.
+    pub fn advance(&mut self, device: &DeviceName, took: Duration) -> bool {
+        self.call_ended(CallEnd::Answered { took, busy: false });
+        let Some(queue) = self.devices.get_mut(device) else {
+            return false;
+        };
+        let Some(op) = queue.current_mut() else {
+            return false;
+        };
+        op.stage += 1;
+        op.busy_answers = 0;
+        queue.line_up();
+        self.ready.push_front(device.clone());
+        true
+    }
+
+    fn call_ended(&mut self, end: CallEnd) {
+        self.shaper.release();
+        if let CallEnd::Answered { took, .. } = end {
+            // Only real answers teach how long CUCM takes; a timeout says nothing.
+            self.call_time = Some(match self.call_time {
+                Some(previous) => {
+                    previous.mul_f64(1.0 - CALL_TIME_WEIGHT) + took.mul_f64(CALL_TIME_WEIGHT)
+                }
+                None => took,
+            });
+        }
     }
 
     /// A busy back-off is over: the device retries before anyone who came later.
@@ -561,6 +586,34 @@ mod tests {
         ));
         assert_eq!(started(s.next_step(now)).device, device(3));
         assert_eq!(s.queued(), 0);
+    }
+
+    #[test]
+    fn a_later_stage_keeps_the_devices_turn_and_goes_first() {
+        let (mut s, _) = scheduler(1, None, 100);
+        let now = Instant::now();
+        s.offer(login(1, now + LONG), now);
+        s.offer(login(2, now + LONG), now);
+        s.offer(login(1, now + LONG), now);
+        let first = started(s.next_step(now));
+        assert_eq!((first.device.clone(), first.stage), (device(1), 0));
+        assert!(s.advance(&device(1), Duration::from_millis(10)));
+        let second = started(s.next_step(now));
+        assert_eq!(
+            second.device,
+            device(1),
+            "the next stage goes before device 2"
+        );
+        assert_eq!(second.stage, 1);
+        assert!(second.waited.is_none());
+        assert!(matches!(s.next_step(now), Step::Blocked), "one slot: held");
+        assert!(matches!(
+            s.complete(&device(1), answered(), now, 0.5),
+            Completion::Done(op) if op.stage == 1
+        ));
+        // Device 1's next operation waits behind device 2.
+        assert_eq!(started(s.next_step(now)).device, device(2));
+        assert!(!s.advance(&device(9), Duration::ZERO));
     }
 
     #[test]

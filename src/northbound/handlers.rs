@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
-use actors::{ClusterHandle, Metrics, Operation, Outcome, Router};
+use actors::{ClusterHandle, Located, Metrics, Operation, Outcome, Reply, Route, Router};
 use futures_util::StreamExt;
 
 use super::record::{RequestRecord, Source};
@@ -66,11 +66,11 @@ pub async fn api(
             record.user.as_deref(),
             &failure,
         ),
-        Ok((valid, cluster)) => {
+        Ok((valid, route)) => {
             let deadline = started + state.deadline;
-            let reply = cluster
-                .submit(valid.operation, valid.credentials, deadline)
-                .await;
+            record.with_pin = matches!(valid.operation, Operation::PinLogin { .. });
+            let (cluster, reply) = carry_out(&state.router, route, valid, deadline).await;
+            record.cluster = cluster;
             record.node = reply.node.clone();
             record.source = match (&reply.node, reply.from_cache) {
                 (_, true) => Source::Cache,
@@ -116,7 +116,7 @@ fn screen<'a>(
     path_segments: &[&str],
     message: Result<Option<String>, Failure>,
     record: &mut RequestRecord,
-) -> Result<(ValidRequest, &'a ClusterHandle), Screened> {
+) -> Result<(ValidRequest, Route<'a>), Screened> {
     let mut fields = match message
         .map_err(Screened::Refused)?
         .as_deref()
@@ -139,16 +139,56 @@ fn screen<'a>(
         validate(call, &fields).map_err(|error| Screened::Refused(Failure::Request(error)))?;
     record.device = Some(valid.operation.device().as_str().to_string());
     record.user = match &valid.operation {
-        Operation::Login { user, .. } => Some(user.as_str().to_string()),
+        Operation::Login { user, .. } | Operation::PinLogin { user, .. } => {
+            Some(user.as_str().to_string())
+        }
         _ => None,
     };
     record.app = Some(valid.credentials.app_id().to_string());
-    let cluster = state
+    let route = state
         .router
         .route(valid.cluster_code.as_deref())
         .map_err(|error| Screened::Refused(Failure::Route(error)))?;
-    record.cluster = Some(cluster.code.clone());
-    Ok((valid, cluster))
+    if let Route::Cluster(cluster) = &route {
+        record.cluster = Some(cluster.code.clone());
+    }
+    Ok((valid, route))
+}
+
+/// Runs the operation on its cluster: the one named, or the one discovery finds.
+/// Returns the cluster that answered (none when discovery itself answered).
+async fn carry_out(
+    router: &Router,
+    route: Route<'_>,
+    valid: ValidRequest,
+    deadline: Instant,
+) -> (Option<Arc<str>>, Reply) {
+    let ValidRequest {
+        operation,
+        credentials,
+        ..
+    } = valid;
+    let cluster = match route {
+        Route::Cluster(cluster) => {
+            let reply = cluster.submit(operation, credentials, deadline).await;
+            return (Some(cluster.code.clone()), reply);
+        }
+        Route::Discover => {
+            let device = operation.device().clone();
+            match router.locate(&device, &credentials, deadline).await {
+                Located::Answer(reply) => return (None, reply),
+                // Discovery just asked this cluster who is on the device.
+                Located::Cluster(cluster, Some(reply)) if !operation.mutates() => {
+                    return (Some(cluster.code.clone()), reply)
+                }
+                Located::Cluster(cluster, _) => cluster,
+            }
+        }
+    };
+    let device = operation.device().clone();
+    let reply = cluster.submit(operation, credentials, deadline).await;
+    router.learn(&device, cluster, &reply);
+    (Some(cluster.code.clone()), reply)
 }
 
 /// The XML message: form field `xml` (body or query string) or the raw XML body.

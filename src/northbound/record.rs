@@ -51,6 +51,8 @@ pub struct RequestRecord {
     pub source: Source,
     /// The CUCM node that answered.
     pub node: Option<Arc<str>>,
+    /// A login with a PIN (the PIN itself is never kept).
+    pub with_pin: bool,
 }
 
 impl RequestRecord {
@@ -67,6 +69,7 @@ impl RequestRecord {
             duration: Duration::ZERO,
             source: Source::Gateway,
             node: None,
+            with_pin: false,
         }
     }
 
@@ -90,6 +93,12 @@ impl RequestRecord {
             .request_duration
             .with_label_values(&[operation, cluster])
             .observe(self.duration.as_secs_f64());
+        if self.with_pin {
+            metrics
+                .pin_logins
+                .with_label_values(&[cluster, code_label(self.code)])
+                .inc();
+        }
         // Field values are quoted and escaped by both log formats; the message is not,
         // so it goes through `log_safe` (a newline in it would forge a log line).
         tracing::info!(

@@ -4,7 +4,7 @@
 //! credentials missing (1006). The unknown cluster (1001) comes after, at routing.
 
 use actors::operation::InvalidValue;
-use actors::{xml, Credentials, DeviceName, Operation, UserId};
+use actors::{xml, Credentials, DeviceName, Operation, Pin, UserId};
 use percent_encoding::percent_decode_str;
 
 /// The four calls of the API.
@@ -103,6 +103,8 @@ pub enum RequestError {
     InvalidValue(#[from] InvalidValue),
     #[error("Credentials missing: appID and appCertificate are required")]
     CredentialsMissing,
+    #[error("Invalid request: a PIN is only taken by login")]
+    PinNotAllowed,
 }
 
 /// Reads the XML message. Element names are case sensitive; unknown ones are ignored;
@@ -160,14 +162,21 @@ pub struct ValidRequest {
 pub fn validate(call: Call, fields: &Fields) -> Result<ValidRequest, RequestError> {
     let device = present(&fields.device_name).ok_or(RequestError::DeviceMissing)?;
     let device = DeviceName::parse(device)?;
+    let pin = present(&fields.pin);
     let operation = match call {
         Call::Login => {
             let user = present(&fields.user_id).ok_or(RequestError::UserMissing)?;
-            Operation::Login {
-                device,
-                user: UserId::parse(user)?,
+            let user = UserId::parse(user)?;
+            match pin {
+                Some(pin) => Operation::PinLogin {
+                    device,
+                    user,
+                    pin: Pin::parse(pin)?,
+                },
+                None => Operation::Login { device, user },
             }
         }
+        _ if pin.is_some() => return Err(RequestError::PinNotAllowed),
         Call::Logout => Operation::Logout { device },
         // Version has no device: never validated; treated as a query defensively.
         Call::GetLoggedInUser | Call::Version => Operation::Query { device },
@@ -285,8 +294,39 @@ mod tests {
     }
 
     #[test]
+    fn a_pin_makes_a_pin_login_and_is_refused_elsewhere() {
+        let request = validate(Call::Login, &parse_message(FULL).unwrap()).unwrap();
+        assert!(matches!(request.operation, Operation::PinLogin { .. }));
+        assert!(!format!("{request:?}").contains("1234"));
+        let with_pin = |pin: &str| Fields {
+            pin: Some(pin.into()),
+            ..parse_message(FULL).unwrap()
+        };
+        for bad in ["12a", "1 2", &"1".repeat(33)] {
+            assert_eq!(
+                validate(Call::Login, &with_pin(bad)).unwrap_err(),
+                RequestError::InvalidValue(InvalidValue::Pin)
+            );
+        }
+        assert_eq!(
+            validate(Call::Logout, &with_pin("1234")).unwrap_err(),
+            RequestError::PinNotAllowed
+        );
+        assert_eq!(
+            validate(Call::GetLoggedInUser, &with_pin("1234")).unwrap_err(),
+            RequestError::PinNotAllowed
+        );
+        // An empty <pin/> is no PIN (1.4 clients send the element blank).
+        assert!(matches!(
+            validate(Call::Logout, &with_pin("")).unwrap().operation,
+            Operation::Logout { .. }
+        ));
+    }
+
+    #[test]
     fn a_valid_login_upper_cases_the_device() {
         let request = validate(Call::Login, &parse_message(FULL).unwrap()).unwrap();
+        assert!(matches!(request.operation, Operation::PinLogin { .. }));
         assert_eq!(request.operation.device().as_str(), "SEP1CE6C79BAF1F");
         assert_eq!(request.cluster_code.as_deref(), Some("EU"));
         assert_eq!(request.credentials.app_id(), "app");

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actors::operation::{InvalidValue, MAX_DEVICE_NAME_LEN, MAX_USER_ID_LEN};
+use actors::operation::{InvalidValue, MAX_DEVICE_NAME_LEN, MAX_PIN_DIGITS, MAX_USER_ID_LEN};
 use actors::xml::{escape, shorten};
 use actors::{OpError, Outcome, RouteError};
 
@@ -27,7 +27,9 @@ pub mod code {
     pub const OVERLOADED: u32 = 1004;
     pub const INVALID_CUCM_RESPONSE: u32 = 1005;
     pub const CREDENTIALS_MISSING: u32 = 1006;
+    pub const PIN_REJECTED: u32 = 1007;
     pub const CUCM_UNKNOWN_FAILURE: u32 = 1008;
+    pub const IN_SEVERAL_CLUSTERS: u32 = 1011;
 }
 
 /// Everything that can answer a call other than success.
@@ -150,6 +152,10 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
                 invalid("a path segment is not valid percent-encoded UTF-8".into())
             }
             RequestError::UserMissing => invalid("userID is missing".into()),
+            RequestError::PinNotAllowed => invalid("a PIN is only taken by login".into()),
+            RequestError::InvalidValue(InvalidValue::Pin) => {
+                invalid(format!("PIN must be 1-{MAX_PIN_DIGITS} digits"))
+            }
             RequestError::InvalidValue(InvalidValue::DeviceName) => invalid(format!(
                 "device name must be 1-{MAX_DEVICE_NAME_LEN} characters of A-Z a-z 0-9 . _ -"
             )),
@@ -167,12 +173,6 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
             ok,
             CLUSTER_NOT_FOUND,
             format!("Cluster with code [{}] not found", shorten(requested, 32)),
-            None,
-        ),
-        Failure::Route(RouteError::NoDefault) => (
-            ok,
-            CLUSTER_NOT_FOUND,
-            "No cluster code given and no default cluster configured".into(),
             None,
         ),
         Failure::Operation(error) => match error {
@@ -194,6 +194,21 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
                 INVALID_CUCM_RESPONSE,
                 format!(
                     "CUCM answered with something that is not a valid EM API response: {detail}"
+                ),
+                None,
+            ),
+            OpError::PinRejected => (
+                ok,
+                PIN_REJECTED,
+                "PIN rejected by the user's home cluster".into(),
+                None,
+            ),
+            OpError::InSeveralClusters { clusters } => (
+                ok,
+                IN_SEVERAL_CLUSTERS,
+                format!(
+                    "The device exists in more than one cluster ({}): give a cluster code",
+                    clusters.join(", ")
                 ),
                 None,
             ),
@@ -220,6 +235,10 @@ pub fn code_label(code: u32) -> &'static str {
         "32", "33", "34", "35", "36", "37", "38", "39", "40", "41", "42", "43", "44", "45", "46",
         "47",
     ];
+    const EMAPP_CODES: [&str; 16] = [
+        "201", "202", "203", "204", "205", "206", "207", "208", "209", "210", "211", "212", "213",
+        "214", "215", "216",
+    ];
     match code {
         0..=47 => CUCM_CODES[code as usize],
         code::DEVICE_ID_EMPTY => "404",
@@ -229,7 +248,12 @@ pub fn code_label(code: u32) -> &'static str {
         code::OVERLOADED => "1004",
         code::INVALID_CUCM_RESPONSE => "1005",
         code::CREDENTIALS_MISSING => "1006",
+        code::PIN_REJECTED => "1007",
         code::CUCM_UNKNOWN_FAILURE => "1008",
+        1009 => "1009",
+        1010 => "1010",
+        code::IN_SEVERAL_CLUSTERS => "1011",
+        201..=216 => EMAPP_CODES[(code - 201) as usize],
         _ => "other",
     }
 }

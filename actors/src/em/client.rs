@@ -137,28 +137,7 @@ impl EmClient {
         settings: &EmClientSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, EmClientError> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(settings.timeout.min(MAX_CONNECT_TIMEOUT))
-            .pool_idle_timeout(Duration::from_secs(50))
-            .tcp_nodelay(true)
-            // The EM API answers in place; a redirected POST would arrive as a GET
-            // without its document. Not following also skips per-call policy work.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("business-connector/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path).map_err(|source| EmClientError::CaFile {
-                path: path.clone(),
-                source,
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)?;
-            if certs.is_empty() {
-                return Err(EmClientError::CaFileEmpty { path: path.clone() });
-            }
-            builder = builder.tls_certs_only(certs);
-        }
-        if settings.tls_insecure {
-            builder = builder.danger_accept_invalid_certs(true);
-        }
+        let http = http_client(settings)?;
         let nodes = node_urls
             .iter()
             .map(|url| {
@@ -177,7 +156,7 @@ impl EmClient {
             .collect();
         Ok(Self {
             cluster: cluster.to_string(),
-            http: builder.build()?,
+            http,
             nodes,
             timeout: settings.timeout,
             metrics,
@@ -432,13 +411,41 @@ impl EmClient {
     }
 }
 
-enum ReadProblem {
+/// The HTTP client of one cluster (EM service and EM application alike): its TLS trust,
+/// timeouts, and no redirects.
+pub fn http_client(settings: &EmClientSettings) -> Result<reqwest::Client, EmClientError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(settings.timeout.min(MAX_CONNECT_TIMEOUT))
+        .pool_idle_timeout(Duration::from_secs(50))
+        .tcp_nodelay(true)
+        // The EM API answers in place; a redirected POST would arrive as a GET
+        // without its document. Not following also skips per-call policy work.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("business-connector/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &settings.ca_file {
+        let pem = std::fs::read(path).map_err(|source| EmClientError::CaFile {
+            path: path.clone(),
+            source,
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)?;
+        if certs.is_empty() {
+            return Err(EmClientError::CaFileEmpty { path: path.clone() });
+        }
+        builder = builder.tls_certs_only(certs);
+    }
+    if settings.tls_insecure {
+        builder = builder.danger_accept_invalid_certs(true);
+    }
+    Ok(builder.build()?)
+}
+
+pub(crate) enum ReadProblem {
     TooLarge,
     Timeout,
     Broken,
 }
 
-async fn read_limited(
+pub(crate) async fn read_limited(
     mut response: reqwest::Response,
     limit: usize,
 ) -> Result<Vec<u8>, ReadProblem> {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::client::{Answered, CallError};
 use super::codec::{DeviceState, EmResponse};
+use super::emapp::PageAnswer;
 use crate::operation::{OpError, Operation, Outcome, UserId};
 
 /// CUCM's EM service codes the gateway acts on.
@@ -20,6 +21,153 @@ pub mod code {
     pub const USER_NOT_FOUND: u32 = 23;
     /// "Maximum Concurrent Requests" reached: retry later.
     pub const BUSY: u32 = 26;
+    /// The codes an EM application page gives for a PIN that was not accepted: EMCC
+    /// authentication error (the home cluster refused it), "please try to login again",
+    /// and the local PIN check's refusal.
+    pub const PIN_REJECTED: [u32; 3] = [2, 201, 204];
+}
+
+/// The CUCM call an operation makes at a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    EmLogin,
+    EmLogout,
+    EmQuery,
+    /// The EM application's login with the PIN.
+    EmAppLogin,
+}
+
+/// A login with a PIN makes three calls, all in the device's turn: who is on the
+/// phone (with the caller's credentials, which EMApp does not check), the EMApp
+/// login, and who is on the phone now.
+pub fn plan(operation: &Operation, stage: usize) -> Plan {
+    match (operation, stage) {
+        (Operation::Login { .. }, _) => Plan::EmLogin,
+        (Operation::Logout { .. }, _) => Plan::EmLogout,
+        (Operation::Query { .. }, _) => Plan::EmQuery,
+        (Operation::PinLogin { .. }, 1) => Plan::EmAppLogin,
+        (Operation::PinLogin { .. }, _) => Plan::EmQuery,
+    }
+}
+
+/// What one call brought back.
+#[derive(Debug, Clone)]
+pub enum Exchange {
+    Em(Result<Answered, CallError>),
+    EmApp(Result<PageAnswer, CallError>),
+}
+
+/// After a call: the operation is over, or its next stage must run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Done(Interpretation),
+    NextStage,
+}
+
+/// The meaning of a call made at `stage` of `operation`.
+pub fn judge(operation: &Operation, stage: usize, exchange: Exchange) -> Verdict {
+    let (device, user) = match operation {
+        Operation::PinLogin { device, user, .. } => (device, user),
+        _ => {
+            return Verdict::Done(match exchange {
+                Exchange::Em(result) => interpret(operation, result),
+                Exchange::EmApp(_) => wrong_exchange(),
+            })
+        }
+    };
+    let as_query = Operation::Query {
+        device: device.clone(),
+    };
+    match (stage, exchange) {
+        (0, Exchange::Em(result)) => {
+            let seen = interpret(&as_query, result);
+            match &seen.result {
+                // Nobody on the phone: on to the EM application.
+                Ok(Outcome::CurrentUser(None)) => Verdict::NextStage,
+                Ok(Outcome::CurrentUser(Some(current))) if same_user(current, user) => {
+                    Verdict::Done(Interpretation {
+                        result: Ok(Outcome::LoggedIn),
+                        ..seen
+                    })
+                }
+                Ok(_) => Verdict::Done(Interpretation {
+                    result: Err(OpError::Cucm {
+                        code: code::ANOTHER_USER_LOGGED_IN,
+                        text: cucm_message(code::ANOTHER_USER_LOGGED_IN).into(),
+                    }),
+                    ..seen
+                }),
+                Err(_) => Verdict::Done(seen),
+            }
+        }
+        (1, Exchange::EmApp(Ok(PageAnswer { code: None, .. }))) => Verdict::NextStage,
+        (
+            1,
+            Exchange::EmApp(Ok(PageAnswer {
+                code: Some(failed),
+                node,
+            })),
+        ) => {
+            let error = if code::PIN_REJECTED.contains(&failed) {
+                OpError::PinRejected
+            } else {
+                OpError::Cucm {
+                    code: failed,
+                    text: emapp_message(failed).into(),
+                }
+            };
+            Verdict::Done(Interpretation {
+                result: Err(error),
+                node: Some(node),
+                cache: CacheEffect::Unchanged,
+                credentials_accepted: false,
+            })
+        }
+        (1, Exchange::EmApp(Err(error))) => Verdict::Done(interpret(&as_query, Err(error))),
+        (2, Exchange::Em(result)) => {
+            let seen = interpret(&as_query, result);
+            match &seen.result {
+                Ok(Outcome::CurrentUser(Some(current))) if same_user(current, user) => {
+                    Verdict::Done(Interpretation {
+                        result: Ok(Outcome::LoggedIn),
+                        ..seen
+                    })
+                }
+                Ok(_) => Verdict::Done(Interpretation {
+                    result: Err(OpError::InvalidResponse {
+                        detail: "the EM application reported no error, but the user is not \
+                                 logged in on the device"
+                            .into(),
+                    }),
+                    ..seen
+                }),
+                Err(_) => Verdict::Done(seen),
+            }
+        }
+        _ => Verdict::Done(wrong_exchange()),
+    }
+}
+
+/// The meaning of a call after which the operation must end (CUCM stayed busy and the
+/// deadline leaves no room for a retry): a stage that would go on ends as a failure.
+pub fn judge_last(operation: &Operation, stage: usize, exchange: Exchange) -> Interpretation {
+    match judge(operation, stage, exchange) {
+        Verdict::Done(meaning) => meaning,
+        Verdict::NextStage => Interpretation::refused(OpError::Unavailable {
+            reason: "no time left for the next step".into(),
+        }),
+    }
+}
+
+/// CUCM compares user IDs without regard to case.
+fn same_user(a: &UserId, b: &UserId) -> bool {
+    a.as_str().to_lowercase() == b.as_str().to_lowercase()
+}
+
+fn wrong_exchange() -> Interpretation {
+    Interpretation::refused(OpError::InvalidResponse {
+        detail: "an answer of the wrong kind for this step".into(),
+    })
 }
 
 /// What the logged-in cache learns from an answer.
@@ -217,6 +365,25 @@ pub fn cucm_message(code: u32) -> &'static str {
         30 => "Proxy not allowed",
         31..=47 => "Extension Mobility Cross Cluster error",
         _ => "CUCM error",
+    }
+}
+
+/// The EM application's message for a code shown on the phone (its own 201-216, or
+/// an EM service code it passes on).
+pub fn emapp_message(code: u32) -> &'static str {
+    match code {
+        201 => "EM application: please try to login again (EMCC not activated, or wrong PIN)",
+        202 => "EM application: blank user ID or PIN",
+        204 => "EM application: the PIN was rejected",
+        207 => "EM application: device name missing",
+        208 => "EM application: the cluster could not reach the user's home cluster",
+        211 => "EM application: PSTN access not activated for EMCC",
+        212 => "EM application: invalid cluster ID",
+        213 => "EM application: the device does not support EMCC",
+        215 => "EM application: invalid login type",
+        216 => "EM application: the DN has multiple users",
+        203 | 205 | 206 | 209 | 210 | 214 => "EM application error",
+        other => cucm_message(other),
     }
 }
 
@@ -510,6 +677,83 @@ mod tests {
             interpret(&query(), missing).result,
             Err(OpError::InvalidResponse { .. })
         ));
+    }
+
+    fn pin_login() -> Operation {
+        Operation::PinLogin {
+            device: device(),
+            user: user("alice"),
+            pin: crate::operation::Pin::parse("1234").unwrap(),
+        }
+    }
+
+    fn page(code: Option<u32>) -> Exchange {
+        Exchange::EmApp(Ok(PageAnswer {
+            code,
+            node: Arc::from("cucm-1:8443"),
+        }))
+    }
+
+    fn done(verdict: Verdict) -> Interpretation {
+        match verdict {
+            Verdict::Done(meaning) => meaning,
+            Verdict::NextStage => panic!("expected the operation to be over"),
+        }
+    }
+
+    #[test]
+    fn a_pin_login_runs_three_stages() {
+        let op = pin_login();
+        assert_eq!(
+            [plan(&op, 0), plan(&op, 1), plan(&op, 2)],
+            [Plan::EmQuery, Plan::EmAppLogin, Plan::EmQuery]
+        );
+        let nobody = Exchange::Em(one_device("SEP1", DeviceState::Nobody));
+        assert_eq!(judge(&op, 0, nobody), Verdict::NextStage);
+        assert_eq!(judge(&op, 1, page(None)), Verdict::NextStage);
+        let confirmed = done(judge(
+            &op,
+            2,
+            Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("Alice".into()))),
+        ));
+        assert_eq!(confirmed.result, Ok(Outcome::LoggedIn));
+        assert_eq!(confirmed.cache, CacheEffect::Set(Some(user("Alice"))));
+        assert!(confirmed.credentials_accepted);
+    }
+
+    /// One row per rule of the first and last stage, and per EMApp code.
+    #[test]
+    fn every_pin_login_rule() {
+        let op = pin_login();
+        let rows: Vec<(&str, usize, Exchange, Result<Outcome, OpError>)> = vec![
+            ("already on: nothing else sent", 0, Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("alice".into()))), Ok(Outcome::LoggedIn)),
+            ("another user: 18, no EMApp", 0, Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("bob".into()))), cucm(18, "Another user logged in")),
+            ("bad app user: 3, no EMApp", 0, Exchange::Em(failed(Some(3), "Invalid App User")), cucm(3, "Invalid App User")),
+            ("no device: 11, no EMApp", 0, Exchange::Em(one_device("SEP1", DeviceState::DoesNotExist)), cucm(11, "Device does not exist")),
+            ("visitor PIN refused at home", 1, page(Some(2)), Err(OpError::PinRejected)),
+            ("try again", 1, page(Some(201)), Err(OpError::PinRejected)),
+            ("local PIN refused", 1, page(Some(204)), Err(OpError::PinRejected)),
+            ("unknown everywhere passes", 1, page(Some(23)), cucm(23, "User not found")),
+            ("home unreachable passes", 1, page(Some(208)), cucm(208, "EM application: the cluster could not reach the user's home cluster")),
+            ("EMApp unreachable", 1, Exchange::EmApp(Err(CallError::Unavailable("refused".into()))), Err(OpError::Unavailable { reason: "refused".into() })),
+            ("not logged in after all", 2, Exchange::Em(one_device("SEP1", DeviceState::Nobody)), Err(OpError::InvalidResponse { detail: "the EM application reported no error, but the user is not logged in on the device".into() })),
+            ("someone else after all", 2, Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("bob".into()))), Err(OpError::InvalidResponse { detail: "the EM application reported no error, but the user is not logged in on the device".into() })),
+            ("wrong kind", 1, Exchange::Em(answered(EmResponse::Success)), Err(OpError::InvalidResponse { detail: "an answer of the wrong kind for this step".into() })),
+        ];
+        for (name, stage, exchange, expected) in rows {
+            assert_eq!(done(judge(&op, stage, exchange)).result, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn plain_operations_are_judged_by_the_em_rules() {
+        let meaning = done(judge(
+            &login(),
+            0,
+            Exchange::Em(answered(EmResponse::Success)),
+        ));
+        assert_eq!(meaning.result, Ok(Outcome::LoggedIn));
+        assert_eq!(plan(&logout(), 0), Plan::EmLogout);
     }
 
     #[test]
