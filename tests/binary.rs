@@ -22,9 +22,13 @@ struct Running {
 
 impl Running {
     fn start(args: &[&str]) -> Self {
+        Self::start_logging(args, "info")
+    }
+
+    fn start_logging(args: &[&str], filter: &str) -> Self {
         let mut child = Command::new(BINARY)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -261,4 +265,103 @@ async fn json_logs_carry_one_line_per_request_and_no_credential() {
     assert!(request["node"]
         .as_str()
         .is_some_and(|n| n.starts_with("127.0.0.1:")));
+}
+
+#[actix_web::test]
+async fn a_pin_reaches_no_log_line_at_trace_level_and_no_metric() {
+    const PIN: &str = "97531864";
+    const WRONG_PIN: &str = "86420975";
+    let home = simulator(2, |_| {});
+    let phones = simulator(4, |c| c.users = 0);
+    phones.add_emcc_peer(&home.url()).expect("peer");
+    assert!(home.set_pin("user1", PIN));
+    let path = std::env::temp_dir().join(format!("bc-pin-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nworkers = 1\n[[cluster]]\ncode = \"HOME\"\nnodes = [\"{}\"]\n\
+             [[cluster]]\ncode = \"PHONES\"\nnodes = [\"{}\"]\n",
+            home.url(),
+            phones.url()
+        ),
+    )
+    .unwrap();
+    let mut running = Running::start_logging(&["--config", path.to_str().unwrap()], "trace");
+    let _ = std::fs::remove_file(&path);
+    let client = reqwest::Client::new();
+    let post = |path: String, xml: String| {
+        let client = client.clone();
+        let url = running.url(&path);
+        async move {
+            let response = client.post(url).form(&[("xml", xml)]).send().await.unwrap();
+            Answer::read(response).await
+        }
+    };
+    let on_phone = |n: usize| format!("SEP{n:012X}");
+    // Wrong PIN, right PIN (by code and by discovery), a malformed PIN that contains
+    // the real one, and a PIN where none is taken.
+    post(
+        format!("/api/login/{}/user1/PHONES/{WRONG_PIN}", on_phone(1)),
+        format!("<request>{CREDS}</request>"),
+    )
+    .await
+    .expect(200, 1007);
+    post(
+        format!("/api/login/{}/user1/PHONES/{PIN}", on_phone(1)),
+        format!("<request>{CREDS}</request>"),
+    )
+    .await
+    .expect(200, 0);
+    post(
+        format!("/api/logout/{}/PHONES", on_phone(1)),
+        format!("<request>{CREDS}</request>"),
+    )
+    .await
+    .expect(200, 0);
+    post(
+        format!("/api/login/{}/user1", on_phone(3)),
+        format!("<request>{CREDS}<pin>{PIN}</pin></request>"),
+    )
+    .await
+    .expect(200, 0);
+    let malformed = post(
+        format!("/api/login/{}/user1", on_phone(4)),
+        format!("<request>{CREDS}<pin>{PIN}x</pin></request>"),
+    )
+    .await;
+    malformed.expect(200, 1002);
+    post(
+        format!("/api/logout/{}", on_phone(3)),
+        format!("<request>{CREDS}<pin>{PIN}</pin></request>"),
+    )
+    .await
+    .expect(200, 1002);
+    let metrics = client
+        .get(running.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("bc_pin_logins_total"));
+    running.terminate();
+    running.child.wait().expect("exits");
+    // The reader thread ends at the child's end of output: every line is here.
+    let lines: Vec<String> = running.lines.iter().collect();
+    assert!(
+        lines.len() > 20,
+        "trace logging was on: {} lines",
+        lines.len()
+    );
+    for secret in [PIN, WRONG_PIN] {
+        assert!(!metrics.contains(secret), "a PIN reached /metrics");
+        let leaked: Vec<&String> = lines.iter().filter(|l| l.contains(secret)).collect();
+        assert!(leaked.is_empty(), "a PIN reached the log: {leaked:#?}");
+        assert!(!malformed.body.contains(secret), "a PIN was quoted back");
+    }
+    assert_eq!(
+        phones.logged_in_user(&on_phone(3)).as_deref(),
+        Some("user1")
+    );
 }

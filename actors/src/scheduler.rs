@@ -63,7 +63,7 @@ pub enum Offer {
     /// Queued behind its device's earlier operations.
     Queued,
     /// Refused; the operation comes back so its waiters can be answered.
-    Shed(Shed, PendingOp),
+    Shed(Shed, Box<PendingOp>),
 }
 
 /// An operation that may go to CUCM now: what the EM call needs.
@@ -171,7 +171,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         // Sharing an identical query costs nothing: no room needed.
         if !joins {
             if let Err(shed) = self.room_for(op.deadline, now) {
-                return Offer::Shed(shed, op);
+                return Offer::Shed(shed, Box::new(op));
             }
         }
         match self.devices.entry(device.clone()).or_default().push(op) {
