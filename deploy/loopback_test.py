@@ -93,12 +93,12 @@ def device(n):
 class Process:
     """A child with its output in a file, ended by pid on cleanup."""
 
-    every = []
+    every: "list[Process]" = []  # noqa: RUF012 (the registry of every child, for cleanup)
 
     def __init__(self, name, argv, workdir, env=None):
         self.name = name
         self.log_path = os.path.join(workdir, f"{name}.log")
-        self.log_file = open(self.log_path, "ab")
+        self.log_file = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.popen = subprocess.Popen(
             argv,
             stdout=self.log_file,
@@ -148,7 +148,7 @@ def cleanup():
     for process in reversed(Process.every):
         try:
             process.stop()
-        except Exception as error:  # keep ending the others
+        except Exception as error:  # noqa: BLE001 (keep ending the others)
             print(f"cleanup of {process.name}: {error}", file=sys.stderr)
     Process.every.clear()
 
@@ -194,16 +194,20 @@ class Client:
             content_type = "application/x-www-form-urlencoded"
         elif style == "form":  # device only in the url-encoded XML of form field xml
             path = f"/api/{operation}"
-            xml = f"<request>{CREDS}<deviceName>{dev}</deviceName>" + (
-                f"<userID>{user}</userID>" if user else ""
-            ) + "</request>"
+            xml = (
+                f"<request>{CREDS}<deviceName>{dev}</deviceName>"
+                + (f"<userID>{user}</userID>" if user else "")
+                + "</request>"
+            )
             body = urllib.parse.urlencode({"xml": xml})
             content_type = "application/x-www-form-urlencoded"
         else:  # "xml": device only in a raw text/xml body, over several lines
             path = f"/api/{operation}"
-            body = f"<request>\n  {CREDS}\n  <deviceName>{dev}</deviceName>\n" + (
-                f"  <userID>{user}</userID>\n" if user else ""
-            ) + "</request>\n"
+            body = (
+                f"<request>\n  {CREDS}\n  <deviceName>{dev}</deviceName>\n"
+                + (f"  <userID>{user}</userID>\n" if user else "")
+                + "</request>\n"
+            )
             content_type = "text/xml"
         for attempt in (1, 2):
             fresh = self.connection is None
@@ -252,9 +256,21 @@ class Lab:
         devices = 20 + WORKERS * DEVICES_PER_WORKER * 2  # phases (b) and (c) use 20 on
         self.sim = Process(
             "cucm-sim",
-            [SIM_BIN, "--listen", "127.0.0.1:0", "--devices", str(devices), "--users",
-             str(devices), "--max-concurrent", str(SIM_MAX_CONCURRENT), "--latency-ms",
-             str(SIM_LATENCY_MS), "--threads", "1"],
+            [
+                SIM_BIN,
+                "--listen",
+                "127.0.0.1:0",
+                "--devices",
+                str(devices),
+                "--users",
+                str(devices),
+                "--max-concurrent",
+                str(SIM_MAX_CONCURRENT),
+                "--latency-ms",
+                str(SIM_LATENCY_MS),
+                "--threads",
+                "1",
+            ],
             self.workdir,
             {"RUST_LOG": "warn"},
         )
@@ -329,7 +345,7 @@ timeout_ms = 10000
             }
             process = Process(f"haproxy.{attempt}", [HAPROXY, "-db", "-f", HAPROXY_CFG], self.workdir, env)
 
-            def listening():
+            def listening(process=process, port=port):
                 if not process.alive():
                     return "exited"
                 try:
@@ -375,9 +391,15 @@ timeout_ms = 10000
 
         return wait_until(f"haproxy sees {expected}", timeout_s, matches)
 
+    def metrics(self, index):
+        status, text = http_get(self.gateway_address(index), "/metrics")
+        if status != 200:
+            raise Failed(f"/metrics of instance {index + 1}: HTTP {status}")
+        return text
+
     def requests_answered(self, index):
         """bc_requests_total summed over every label of instance `index`."""
-        status, text = http_get(self.gateway_address(index), "/metrics")
+        text = self.metrics(index)
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
@@ -385,7 +407,7 @@ timeout_ms = 10000
         )
 
     def queue_depth(self, index):
-        status, text = http_get(self.gateway_address(index), "/metrics")
+        text = self.metrics(index)
         for line in text.splitlines():
             if line.startswith("bc_queue_depth{"):
                 return float(line.rsplit(" ", 1)[1])
@@ -516,7 +538,7 @@ def phase_order(lab, results):
             wait_until("the first login is at CUCM", 10, lambda: lab.sim_stats()["in_flight_ops"] == 1)
         else:
             # Arrived = waiting in a gateway queue, or already received by CUCM.
-            def arrived():
+            def arrived(k=k):
                 stats = lab.sim_stats()
                 at_cucm = stats["calls_login"] + stats["calls_logout"]
                 queued = sum(lab.queue_depth(i) for i in range(INSTANCES))
@@ -717,6 +739,8 @@ def main():
         )
     except Failed as error:
         results.check("setup", False, str(error))
+    except (SystemExit, KeyboardInterrupt) as stop:
+        results.check("interrupted", False, str(stop) or "interrupted")
     finally:
         failed_any = any(not ok for _, ok, _ in results.rows)
         if failed_any:
