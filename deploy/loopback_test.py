@@ -192,7 +192,7 @@ class Client:
             path = f"/api/{operation}/{dev}" + (f"/{user}" if user else "")
             body = urllib.parse.urlencode({"xml": f"<request>{CREDS}</request>"})
             content_type = "application/x-www-form-urlencoded"
-        elif style == "form":  # device only in the url-encoded XML of form field xml
+        elif style in ("form", "query"):  # device only in the url-encoded XML of field xml
             path = f"/api/{operation}"
             xml = (
                 f"<request>{CREDS}<deviceName>{dev}</deviceName>"
@@ -201,6 +201,8 @@ class Client:
             )
             body = urllib.parse.urlencode({"xml": xml})
             content_type = "application/x-www-form-urlencoded"
+            if style == "query":  # GET /api/login?xml=...
+                path, body = f"{path}?{body}", ""
         else:  # "xml": device only in a raw text/xml body, over several lines
             path = f"/api/{operation}"
             body = (
@@ -214,9 +216,9 @@ class Client:
             if fresh:
                 self.connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
             try:
-                self.connection.request(
-                    "POST", path, body=body.encode(), headers={"Content-Type": content_type}
-                )
+                method = "POST" if body else "GET"
+                headers = {"Content-Type": content_type} if body else {}
+                self.connection.request(method, path, body=body.encode() if body else None, headers=headers)
                 response = self.connection.getresponse()
                 text = response.read().decode("utf-8", "replace")
                 if response.getheader("connection", "").lower() == "close":
@@ -436,7 +438,7 @@ class Load:
         # for nobody, "?" after a lost request (it may or may not have happened).
         state = {n: None for n in devices}
         unsure = set()  # devices whose next state change may meet a lost request's effect
-        styles = ["path", "form", "xml"]
+        styles = ["path", "form", "xml", "query"]
         i = 0
         while not self.stop.is_set() and time.monotonic() - STARTED < TOTAL_BUDGET_S:
             n = devices[i % len(devices)]
@@ -518,7 +520,7 @@ def phase_order(lab, results):
     plan = []
     for u in users:
         plan += [("login", u), ("logout", None)]
-    styles = ["path", "xml", "form"]
+    styles = ["path", "xml", "form", "query"]
     before = [lab.requests_answered(i) for i in range(INSTANCES)]
     lab.sim_reset()
     # Hold the first call at CUCM long enough to line the others up behind it.
@@ -594,8 +596,15 @@ def phase_kill(lab, results):
 def kill_under(lab, results, load):
     wait_until("200 requests answered before the kill", 60, lambda: load.count() >= 200)
     victim = lab.gateways[0]
+    # Before the kill: which phones each instance served (all four request styles).
     victim_devices = devices_served_by(victim)
     other_devices = devices_served_by(lab.gateways[1])
+    both = victim_devices & other_devices
+    results.check(
+        "hash: each phone on one instance",
+        victim_devices and other_devices and not both,
+        f"{len(victim_devices)} and {len(other_devices)} phones, {len(both)} on both",
+    )
     signalled = time.monotonic()
     victim.signal(signal.SIGKILL)
     victim.popen.wait(timeout=10)
