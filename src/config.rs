@@ -54,6 +54,10 @@ pub struct Config {
     pub deadline_ms: u64,
     #[serde(default = "defaults::max_body_bytes")]
     pub max_body_bytes: usize,
+    /// On SIGTERM/SIGINT: how long `/readyz` answers 503 while requests are still
+    /// served, so a load balancer stops sending before connections are refused.
+    #[serde(default = "defaults::drain_ms")]
+    pub drain_ms: u64,
     /// How long in-flight requests may take to finish on SIGTERM/SIGINT.
     #[serde(default = "defaults::shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
@@ -78,6 +82,9 @@ mod defaults {
     }
     pub fn max_body_bytes() -> usize {
         64 * 1024
+    }
+    pub fn drain_ms() -> u64 {
+        5_000
     }
     pub fn shutdown_grace_ms() -> u64 {
         10_000
@@ -117,6 +124,7 @@ impl Config {
             discovery_ttl_ms: defaults::discovery_ttl_ms(),
             deadline_ms: defaults::deadline_ms(),
             max_body_bytes: defaults::max_body_bytes(),
+            drain_ms: defaults::drain_ms(),
             shutdown_grace_ms: defaults::shutdown_grace_ms(),
             workers: 0,
             log_format: LogFormat::Text,
@@ -138,6 +146,9 @@ impl Config {
                 "discovery_ttl_ms",
                 "must be at most 604800000 (a week)".into(),
             ));
+        }
+        if self.drain_ms > 300_000 {
+            return Err((None, "drain_ms", "must be at most 300000".into()));
         }
         if self.shutdown_grace_ms > 600_000 {
             return Err((None, "shutdown_grace_ms", "must be at most 600000".into()));
@@ -179,6 +190,10 @@ impl Config {
 
     pub fn discovery_ttl(&self) -> Duration {
         Duration::from_millis(self.discovery_ttl_ms)
+    }
+
+    pub fn drain(&self) -> Duration {
+        Duration::from_millis(self.drain_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -241,6 +256,7 @@ mod tests {
         assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.deadline_ms, 15_000);
         assert_eq!(config.max_body_bytes, 65_536);
+        assert_eq!(config.drain_ms, 5_000);
         let cluster = &config.clusters[0];
         assert_eq!(
             (
@@ -308,6 +324,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("cluster[1].timeout_ms (line 3)"), "{error}");
+        let error = Config::parse(
+            "drain_ms = 300001\n[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("drain_ms (line 1)"), "{error}");
         let error = Config::parse("").unwrap_err().to_string();
         assert!(error.contains("cluster"), "{error}");
     }

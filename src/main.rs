@@ -74,8 +74,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             let listen = args
                 .listen
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080)));
-            let (sim, config) =
+            let (sim, mut config) =
                 demo::start(listen).context("starting the demo's simulated cluster")?;
+            // No balancer watches the demo: Ctrl-C stops it without the drain.
+            config.drain_ms = 0;
             (Some(sim), config)
         }
     };
@@ -84,6 +86,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let bound = listener.local_addr()?;
+    // Before the "serving" line: from then on a SIGHUP must not stop the gateway.
+    #[cfg(unix)]
+    survive_hangup();
     tracing::info!(listen = %bound, clusters = config.clusters.len(), "business-connector {} serving", env!("CARGO_PKG_VERSION"));
     if demo_sim.is_some() {
         tracing::info!("{}", demo::curl_examples(&bound.to_string()));
@@ -112,6 +117,26 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         LogFormat::Text => builder.init(),
     }
     guard
+}
+
+/// systemd's `ExecReload` sends SIGHUP, whose default action would end the process
+/// (and as a "clean" signal, without a restart). Until certificates are re-read on
+/// SIGHUP, it is only logged.
+#[cfg(unix)]
+fn survive_hangup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            actix_web::rt::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!(
+                        "SIGHUP: nothing to reload yet; the configuration is read at start only"
+                    );
+                }
+            });
+        }
+        Err(error) => tracing::warn!(%error, "cannot listen for SIGHUP; it will stop the gateway"),
+    }
 }
 
 /// SIGTERM or SIGINT.

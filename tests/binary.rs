@@ -1,5 +1,5 @@
-//! The `business-connector` binary as operators run it: config check, demo mode, and
-//! SIGTERM with requests in flight.
+//! The `business-connector` binary as operators run it: config check, demo mode,
+//! SIGTERM with requests in flight, and the drain before it stops.
 
 mod common;
 
@@ -85,11 +85,17 @@ impl Drop for Running {
     }
 }
 
-/// A config file for one cluster over `node`, with `extra` top-level keys.
+/// A config file for one cluster over `node`, with `extra` top-level keys (no drain
+/// unless `extra` sets `drain_ms`: no balancer watches these gateways).
 fn config_file(name: &str, node: &str, extra: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("bc-{name}-{}.toml", std::process::id()));
+    let drain = if extra.contains("drain_ms") {
+        ""
+    } else {
+        "drain_ms = 0\n"
+    };
     let text = format!(
-        "listen = \"127.0.0.1:0\"\nworkers = 1\n{extra}\n[[cluster]]\ncode = \"EU\"\nnodes = [\"{node}\"]\n"
+        "listen = \"127.0.0.1:0\"\nworkers = 1\n{drain}{extra}\n[[cluster]]\ncode = \"EU\"\nnodes = [\"{node}\"]\n"
     );
     std::fs::write(&path, text).expect("temp config written");
     path
@@ -364,4 +370,120 @@ async fn a_pin_reaches_no_log_line_at_trace_level_and_no_metric() {
         phones.logged_in_user(&on_phone(3)).as_deref(),
         Some("user1")
     );
+}
+
+/// On SIGTERM `/readyz` turns 503 at once while the API is still served for
+/// `drain_ms` (the balancer notices); then the server stops by itself.
+#[actix_web::test]
+async fn sigterm_drains_then_stops() {
+    const DRAIN: Duration = Duration::from_millis(3000);
+    let sim = simulator(5, |c| c.behavior = latency_ms(50));
+    let config = config_file(
+        "drain",
+        &sim.url(),
+        &format!("drain_ms = {}", DRAIN.as_millis()),
+    );
+    let mut running = Running::start(&["--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    let client = reqwest::Client::new();
+    let readyz = |client: &reqwest::Client| {
+        let request = client.get(running.url("/readyz")).send();
+        async move {
+            let response = request.await.expect("gateway reachable");
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    assert_eq!(readyz(&client).await.0, 200, "ready before SIGTERM");
+
+    let signalled = std::time::Instant::now();
+    running.terminate();
+    // "At once": the first answers after the signal may still be 200 only until the
+    // signal task has run; poll with a deadline well inside the drain.
+    let give_up = signalled + DRAIN / 2;
+    let (status, body) = loop {
+        let (status, body) = readyz(&client).await;
+        if status == 503 || std::time::Instant::now() > give_up {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(status, 503, "readyz during the drain: {body}");
+    assert!(body.contains("draining"), "{body}");
+    let turned = signalled.elapsed();
+
+    // New work is still served while the balancer notices.
+    login(
+        &client,
+        running.url(&format!("/api/login/{}/user1", device(1))),
+    )
+    .await
+    .expect(200, 0);
+    assert!(
+        running.child.try_wait().unwrap().is_none(),
+        "still running after a request served during the drain"
+    );
+    assert!(
+        signalled.elapsed() < DRAIN,
+        "the checks above must fall inside the drain to prove anything (took {:?})",
+        signalled.elapsed()
+    );
+
+    // Then it stops by itself: not before the drain, and well within drain + grace.
+    let give_up = signalled + DRAIN + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = running.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "still running 15 s after the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stopped = signalled.elapsed();
+    assert!(status.success(), "clean exit after the drain: {status:?}");
+    assert!(
+        stopped >= DRAIN,
+        "stopped after {stopped:?}, before the {DRAIN:?} drain ended"
+    );
+    assert!(
+        client.get(running.url("/healthz")).send().await.is_err(),
+        "no connections accepted after the stop"
+    );
+    assert_eq!(sim.stats().calls_login, 1);
+    let lines: Vec<String> = running.lines.try_iter().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("draining")),
+        "the drain is logged: {lines:#?}"
+    );
+    eprintln!("readyz 503 after {turned:?}; stopped after {stopped:?}");
+}
+
+/// systemd's `ExecReload` sends SIGHUP: the gateway logs it and keeps serving.
+#[actix_web::test]
+async fn sighup_does_not_stop_the_gateway() {
+    let sim = simulator(2, |_| {});
+    let config = config_file("sighup", &sim.url(), "");
+    let mut running = Running::start(&["--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    // SAFETY: plain kill(2) on our own child's pid.
+    let result = unsafe { libc::kill(running.child.id() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(result, 0, "SIGHUP delivered");
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("SIGHUP")) {
+        let left = give_up.saturating_duration_since(std::time::Instant::now());
+        match running.lines.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no log line about SIGHUP; saw {seen:#?}"),
+        }
+    }
+    assert!(running.child.try_wait().unwrap().is_none(), "still running");
+    let client = reqwest::Client::new();
+    login(
+        &client,
+        running.url(&format!("/api/login/{}/user1", device(1))),
+    )
+    .await
+    .expect(200, 0);
 }

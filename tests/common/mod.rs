@@ -26,6 +26,9 @@ impl Gateway {
         if config.workers == 0 {
             config.workers = 1;
         }
+        // No balancer watches these gateways: a test that stops one should not wait
+        // out the drain (tests/binary.rs tests the drain itself).
+        config.drain_ms = 0;
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
         let addr = listener.local_addr().expect("bound address");
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
