@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Two Business Connector instances behind HAProxy on loopback (SPEC.md §12).
+"""Two Business Connector instances behind HAProxy on loopback.
 
 Started by deploy/test-loopback.sh; see deploy/README.md. Starts one cucm-sim, two
 gateways that each get half of the simulated CUCM's allowance, and HAProxy with
@@ -296,7 +296,7 @@ class Lab:
             raise Failed(f"setting sim latency: HTTP {status} {body}")
 
     def gateway_config(self, index):
-        # Each instance gets 1/N of what CUCM allows (SPEC.md §12): together they stay
+        # Each instance gets 1/N of what CUCM allows: together they stay
         # within CUCM's gate of SIM_MAX_CONCURRENT calls and SIM_RATE calls/s.
         path = os.path.join(self.workdir, f"gw{index + 1}.toml")
         with open(path, "w") as f:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Two Business Connector instances behind HAProxy, on loopback only (SPEC.md §12).
+# Two Business Connector instances behind HAProxy, on loopback only.
 #
 #   deploy/test-loopback.sh                    # release binaries (built if stale)
 #   BC_PROFILE=debug deploy/test-loopback.sh   # the debug ones `cargo test` just built

@@ -1,7 +1,7 @@
 //! `run(listener, config, shutdown)`: the whole gateway on a bound listener, until
 //! `shutdown` completes. Tests drive it on port 0; `main` passes a signal future.
 //!
-//! Shutdown drains first (SPEC.md §12): `/readyz` answers 503 at once so a load
+//! Shutdown drains first: `/readyz` answers 503 at once so a load
 //! balancer stops sending, new work is still served for `drain_ms` (requests the
 //! balancer sent before it noticed must not fail), then the server stops accepting and
 //! finishes what it holds within `shutdown_grace_ms`.

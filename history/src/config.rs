@@ -1,9 +1,9 @@
-//! `[history]` configuration (SPEC.md §10, §12).
+//! `[history]` configuration.
 
 use std::fmt;
 use std::path::PathBuf;
 
-/// SPEC §10's default file, relative to the gateway's working directory.
+/// The default file, relative to the gateway's working directory.
 pub const DEFAULT_PATH: &str = "business-connector-history.sqlite";
 pub const DEFAULT_RETENTION_DAYS: u32 = 90;
 /// Records waiting for the writer. At ~300 bytes each, 10,000 is about 3 MB, and the

@@ -1,4 +1,4 @@
-//! `GET /api/history` query parameters (SPEC.md §10) → a [`Filter`].
+//! `GET /api/history` query parameters → a [`Filter`].
 //!
 //! Pure: no I/O, no clock. Every error names the parameter at fault, so the gateway can
 //! answer HTTP 400 with the message as it is.
@@ -57,7 +57,7 @@ pub enum Format {
 /// first, at most `limit` of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
-    /// Upper-cased: the gateway records device names upper-cased (SPEC §3).
+    /// Upper-cased: the gateway records device names upper-cased.
     pub device: Option<String>,
     pub user: Option<String>,
     pub cluster: Option<String>,

@@ -2,7 +2,7 @@
 //!
 //! `record` hands the record to one writer thread through a bounded queue and returns at
 //! once; a full queue drops the record and counts it (`bc_history_dropped_total`):
-//! recording never slows or fails a request (SPEC §10). The writer writes batches (up to
+//! recording never slows or fails a request. The writer writes batches (up to
 //! `BATCH_MAX_RECORDS` records, or what arrived within `BATCH_MAX_WAIT`) in one
 //! transaction each, and purges records older than `retention_days` in small chunks.
 //! Queries use their own connection, so they never wait for the writer's queue.

@@ -1,4 +1,4 @@
-//! Request history of Business Connector (SPEC.md §10, §12).
+//! Request history of Business Connector.
 //!
 //! - [`History`]: `record` (never blocks; drops and counts when the queue is full),
 //!   `query`, `flush`, `shutdown`, over SQLite or a shared PostgreSQL database.

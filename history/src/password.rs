@@ -1,5 +1,5 @@
-//! Password hashes for dashboard users (SPEC.md §10: `[dashboard] users = [{ name,
-//! password_hash }]`, printed by `business-connector hash-password`).
+//! Password hashes for dashboard users (`[dashboard] users = [{ name, password_hash }]`,
+//! printed by `business-connector hash-password`).
 //!
 //! Argon2id (the `argon2` crate's defaults: 19 MiB, 2 passes, 1 lane — OWASP's minimum)
 //! in a PHC string with a fresh random salt, e.g. `$argon2id$v=19$m=19456,t=2,p=1$…$…`.

@@ -1,4 +1,4 @@
-//! The shared backend (SPEC.md §12): one PostgreSQL database for every gateway instance,
+//! The shared backend: one PostgreSQL database for every gateway instance,
 //! `[history] url = "postgres://user@host:port/db"`. The schema is created on start.
 //!
 //! This uses the synchronous `postgres` crate, which runs its own small Tokio runtime
@@ -18,7 +18,7 @@ use crate::store::{
     SCHEMA_VERSION,
 };
 
-/// Used when the URL does not set `connect_timeout`: nothing waits forever (SPEC §3).
+/// Used when the URL does not set `connect_timeout`: nothing waits forever.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serializes schema creation when several instances start at once (any constant

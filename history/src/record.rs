@@ -1,4 +1,4 @@
-//! One history record (SPEC.md §10, §12) and the types of its fields.
+//! One history record and the types of its fields.
 //!
 //! There is deliberately no field for the application password (`appCertificate`) or the
 //! PIN: what the type cannot hold, no code path can write to the database.
@@ -29,8 +29,8 @@ pub enum RecordError {
     Source(String),
 }
 
-/// A point in time in UTC, in milliseconds since the Unix epoch: the precision SPEC §10
-/// asks for, and an integer that sorts and indexes cheaply in both SQLite and PostgreSQL.
+/// A point in time in UTC, in milliseconds since the Unix epoch: the precision the
+/// history asks for, and an integer that sorts and indexes cheaply in both SQLite and PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct UtcMillis(pub i64);
 
@@ -168,7 +168,7 @@ impl fmt::Display for Source {
     }
 }
 
-/// One API request as the history keeps it. Field names are SPEC §10's (`user` is the
+/// One API request as the history keeps it. Field names are the API's (`user` is the
 /// user ID, `client` the client's address, `app` the appID), plus `instance` (§12).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {

@@ -1,6 +1,6 @@
-//! `GET /api/history` answers (SPEC.md §10): JSON `{"entries":[…]}` or CSV.
+//! `GET /api/history` answers: JSON `{"entries":[…]}` or CSV.
 //!
-//! Field names and order are the SPEC's: `time`, `operation`, `cluster`, `device`,
+//! Field names and order are the contract's: `time`, `operation`, `cluster`, `device`,
 //! `user`, `code`, `text`, `duration_ms`, `source`, `node`, `client`, `app`, plus
 //! `instance` (§12). An absent optional field is JSON `null` and an empty CSV cell.
 //!
@@ -184,7 +184,7 @@ mod tests {
         assert_eq!(entry["duration_ms"], 42);
         assert_eq!(entry["source"], "cucm");
         assert_eq!(entry["instance"], "gw1");
-        // Field order in the text is the SPEC's.
+        // Field order in the text is the contract's.
         let positions: Vec<usize> = FIELD_NAMES
             .iter()
             .map(|name| json.find(&format!("\"{name}\":")).expect("field present"))

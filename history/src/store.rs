@@ -1,6 +1,6 @@
 //! Where records live: the [`Store`] trait, and the SQL both backends share.
 //!
-//! One table, `history`, with the SPEC §10 fields; `time_ms` is milliseconds since the
+//! One table, `history`, with the fields; `time_ms` is milliseconds since the
 //! epoch (an integer sorts and indexes cheaply), `user_id` because `user` is reserved in
 //! PostgreSQL. Every value reaches SQL as a bound parameter, never as text in a statement.
 
