@@ -72,27 +72,16 @@ impl ClusterActor {
         metrics: Arc<Metrics>,
     ) -> Result<ClusterHandle, ClusterError> {
         let code: Arc<str> = Arc::from(config.normalized_code());
-        let em = EmClient::new(
-            &code,
-            &config.nodes,
-            &config.client_settings(),
-            metrics.clone(),
-        )
-        .map_err(|source| ClusterError::Client {
+        let settings = config.client_settings();
+        let client_error = |source| ClusterError::Client {
             code: code.to_string(),
             source,
-        })?;
+        };
+        let em = EmClient::new(&code, &config.nodes, &settings, metrics.clone())
+            .map_err(client_error)?;
         let em = Arc::new(em);
-        let emapp = EmAppClient::new(
-            &code,
-            &config.emapp_urls(),
-            &config.client_settings(),
-            metrics.clone(),
-        )
-        .map_err(|source| ClusterError::Client {
-            code: code.to_string(),
-            source,
-        })?;
+        let emapp = EmAppClient::new(&code, &config.emapp_urls(), &settings, metrics.clone())
+            .map_err(client_error)?;
         let cluster_metrics = ClusterMetrics::new(&metrics, &code, config.max_concurrent);
         let cache = Arc::new(LoggedInCache::new(
             config.cache_ttl(),

@@ -282,17 +282,8 @@ impl EmClient {
             Attempt::Answer(_) => "success",
             _ => outcome,
         };
-        self.observe(&labels, outcome, started.elapsed());
+        observe_call(&self.metrics, labels, outcome, started.elapsed());
         attempt
-    }
-
-    fn observe(&self, labels: &[&str; 3], outcome: &str, elapsed: Duration) {
-        let histogram: Histogram = self.metrics.cucm_call_duration.with_label_values(labels);
-        histogram.observe(elapsed.as_secs_f64());
-        self.metrics
-            .cucm_calls
-            .with_label_values(&[labels[0], labels[1], labels[2], outcome])
-            .inc();
     }
 
     /// One HTTP exchange; the second value is the metric outcome for non-answers.
@@ -409,6 +400,16 @@ impl EmClient {
         health.skip_until = Some(Instant::now() + NODE_HOLD_OFF.delay(health.consecutive_failures));
         node.up.set(0);
     }
+}
+
+/// Counts one HTTP call to a CUCM node (`[cluster, node, operation]`) and its duration.
+pub(crate) fn observe_call(metrics: &Metrics, labels: [&str; 3], outcome: &str, elapsed: Duration) {
+    let histogram: Histogram = metrics.cucm_call_duration.with_label_values(&labels);
+    histogram.observe(elapsed.as_secs_f64());
+    metrics
+        .cucm_calls
+        .with_label_values(&[labels[0], labels[1], labels[2], outcome])
+        .inc();
 }
 
 /// The HTTP client of one cluster (EM service and EM application alike): its TLS trust,

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 
 use super::client::{
-    http_client, node_label, read_limited, CallError, EmClientError, EmClientSettings, ReadProblem,
+    http_client, node_label, observe_call, read_limited, CallError, EmClientError,
+    EmClientSettings, ReadProblem,
 };
 use crate::metrics::Metrics;
 use crate::operation::{DeviceName, Pin, UserId};
@@ -125,7 +126,8 @@ impl EmAppClient {
                 .append_pair("EMCC", "true");
             let started = Instant::now();
             let (result, outcome) = self.exchange(node, url, self.timeout.min(remaining)).await;
-            self.observe(node, outcome, started.elapsed());
+            let labels = [self.cluster.as_str(), &*node.label, OPERATION_LABEL];
+            observe_call(&self.metrics, labels, outcome, started.elapsed());
             match result {
                 Exchanged::Page(code) => {
                     return Ok(PageAnswer {
@@ -212,18 +214,6 @@ impl EmAppClient {
                 "error",
             ),
         }
-    }
-
-    fn observe(&self, node: &EmAppNode, outcome: &str, elapsed: Duration) {
-        let labels = [self.cluster.as_str(), &*node.label, OPERATION_LABEL];
-        self.metrics
-            .cucm_call_duration
-            .with_label_values(&labels)
-            .observe(elapsed.as_secs_f64());
-        self.metrics
-            .cucm_calls
-            .with_label_values(&[labels[0], labels[1], labels[2], outcome])
-            .inc();
     }
 }
 
