@@ -51,6 +51,9 @@ pub struct RequestRecord {
     pub source: Source,
     /// The CUCM node that answered.
     pub node: Option<Arc<str>>,
+    /// The client's address (the peer, or the X-Forwarded-For client behind a trusted
+    /// proxy).
+    pub client: Option<String>,
 }
 
 impl RequestRecord {
@@ -67,6 +70,7 @@ impl RequestRecord {
             duration: Duration::ZERO,
             source: Source::Gateway,
             node: None,
+            client: None,
         }
     }
 
@@ -103,6 +107,7 @@ impl RequestRecord {
             duration_ms = self.duration.as_secs_f64() * 1000.0,
             node = self.node.as_deref().unwrap_or(""),
             source = self.source.as_str(),
+            client = self.client.as_deref().unwrap_or(""),
             cached = self.source == Source::Cache,
             "{}",
             log_safe(&self.text)
