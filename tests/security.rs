@@ -345,3 +345,62 @@ async fn malformed_xml_comes_first_and_never_quotes_a_secret() {
     }
     assert_eq!(sim.stats().calls_total, 0);
 }
+
+// ---------------------------------------------------------------- deadlines
+
+#[actix_web::test]
+async fn a_hung_cucm_gets_answers_by_the_deadline_and_never_more_than_max_concurrent() {
+    let sim = simulator(100, |_| {});
+    sim.set_behavior(faults(sim::Faults {
+        hang: true,
+        ..sim::Faults::default()
+    }));
+    let gw = Gateway::start(config(&sim, |c| {
+        c.deadline_ms = 1500;
+        c.clusters[0].max_concurrent = 5;
+    }))
+    .await;
+    let clients: Vec<reqwest::Client> = (0..20).map(|_| reqwest::Client::new()).collect();
+    let deadline = Duration::from_millis(1500);
+    let mut peak_hung = 0;
+    // Two waves: the second arrives while CUCM may still work on the first's calls.
+    for wave in 0..2 {
+        let requests = (0..40).map(|n| {
+            let client = clients[n % 20].clone();
+            let url = gw.url(&format!("/api/logout/{}", device(wave * 40 + n + 1)));
+            async move {
+                let started = Instant::now();
+                let response = client
+                    .post(url)
+                    .form(&[("xml", format!("<request>{CREDS}</request>"))])
+                    .send()
+                    .await
+                    .expect("answered");
+                let answer = Answer::read(response).await;
+                (started.elapsed(), answer)
+            }
+        });
+        let all = futures_util::future::join_all(requests);
+        tokio::pin!(all);
+        let answers = loop {
+            tokio::select! {
+                answers = &mut all => break answers,
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                    peak_hung = peak_hung.max(sim.stats().hung_calls);
+                }
+            }
+        };
+        for (took, answer) in answers {
+            assert!(
+                took < deadline + Duration::from_millis(250), // debug build on a shared 2-core machine
+                "answered after {took:?}: {}",
+                answer.body
+            );
+            assert!(matches!(answer.code, Some(1003 | 1004)), "{}", answer.body);
+        }
+    }
+    let stats = sim.stats();
+    assert!(peak_hung <= 5, "CUCM saw {peak_hung} calls at once");
+    assert!(stats.max_concurrent_calls <= 5, "{stats:?}");
+    sim.set_behavior(sim::Behavior::default());
+}

@@ -12,6 +12,7 @@
 //! `ClusterHandle` is what the HTTP layer holds: cache fast path, `send` (which
 //! respects the bounded mailbox) and a deadline on the whole wait.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,9 +32,6 @@ use crate::scheduler::{CallEnd, Completion, Offer, Scheduler, Shed, Started, Ste
 /// Mailbox bound: `Submit` handling is quick, so this only fills under a pathological
 /// burst, and then `send` makes callers wait rather than grow memory.
 const MAILBOX_CAPACITY: usize = 4096;
-/// The caller's wait outlives the deadline by this much, so the actor's own deadline
-/// handling (which answers precisely) always wins the race.
-const ANSWER_GRACE: Duration = Duration::from_secs(1);
 const CACHE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +48,14 @@ pub struct Submit {
     pub deadline: Instant,
 }
 
+/// The answer to come, and whether the operation has gone to CUCM yet.
+pub struct Ticket {
+    pub reply: oneshot::Receiver<Reply>,
+    pub sent: Arc<AtomicBool>,
+}
+
 impl Message for Submit {
-    type Result = oneshot::Receiver<Reply>;
+    type Result = Ticket;
 }
 
 pub struct ClusterActor {
@@ -62,6 +66,8 @@ pub struct ClusterActor {
     /// A wake-up is scheduled for when the rate limiter allows the next call.
     rate_wake_up: Option<SpawnHandle>,
     metrics: ClusterMetrics,
+    /// One CUCM call's timeout (`timeout_ms`).
+    call_timeout: Duration,
 }
 
 impl ClusterActor {
@@ -91,7 +97,9 @@ impl ClusterActor {
             code: code.clone(),
             em: em.clone(),
             cache: cache.clone(),
-            scheduler: Scheduler::new(config.max_concurrent, config.rate(), config.queue_limit),
+            scheduler: Scheduler::new(config.max_concurrent, config.rate(), config.queue_limit)
+                .hold_slots_after_timeout(config.timeout()),
+            call_timeout: config.timeout(),
             rate_wake_up: None,
             metrics: cluster_metrics.clone(),
         };
@@ -105,8 +113,8 @@ impl ClusterActor {
         })
     }
 
-    fn accept(&mut self, msg: Submit, ctx: &mut Context<Self>) -> oneshot::Receiver<Reply> {
-        let (tx, rx) = oneshot::channel();
+    fn accept(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Ticket {
+        let (tx, answer) = oneshot::channel();
         let Submit {
             operation,
             credentials,
@@ -121,12 +129,16 @@ impl ClusterActor {
                 .flatten()
             {
                 let _ = tx.send(reply);
-                return rx;
+                return Ticket {
+                    reply: answer,
+                    sent: Arc::new(AtomicBool::new(true)),
+                };
             }
             self.metrics.cache_misses.inc();
         }
         let mutates = operation.mutates();
         let pending = PendingOp::new(operation, credentials, deadline, tx);
+        let sent = pending.sent[0].clone();
         match self.scheduler.offer(pending, Instant::now()) {
             Offer::Joined => self.metrics.cache_coalesced.inc(),
             Offer::Queued if mutates => {
@@ -143,7 +155,10 @@ impl ClusterActor {
             }
         }
         self.pump(ctx);
-        rx
+        Ticket {
+            reply: answer,
+            sent,
+        }
     }
 
     /// Does everything the scheduler allows now; schedules a wake-up for the rate
@@ -188,6 +203,10 @@ impl ClusterActor {
             ..
         } = started;
         let call_started = Instant::now();
+        // The EM client gives up after this long: a failure that took it is a timeout.
+        let budget = self
+            .call_timeout
+            .min(deadline.saturating_duration_since(call_started));
         let call = async move {
             let devices = [operation.device().clone()];
             let request = match &operation {
@@ -198,7 +217,7 @@ impl ClusterActor {
             em.call(request, &credentials, deadline).await
         };
         ctx.spawn(call.into_actor(self).map(move |result, actor, ctx| {
-            actor.finish(device, result, call_started.elapsed(), ctx);
+            actor.finish(device, result, call_started.elapsed(), budget, ctx);
         }));
     }
 
@@ -207,13 +226,17 @@ impl ClusterActor {
         device: DeviceName,
         result: Result<Answered, CallError>,
         took: Duration,
+        budget: Duration,
         ctx: &mut Context<Self>,
     ) {
+        // A timer's granularity: a failure this close to the budget is its timeout.
+        const TIMER_SLACK: Duration = Duration::from_millis(5);
         let end = match &result {
             Ok(_) => CallEnd::Answered {
                 took,
                 busy: rules::is_busy(&result),
             },
+            Err(CallError::Unavailable(_)) if took + TIMER_SLACK >= budget => CallEnd::TimedOut,
             Err(_) => CallEnd::NoAnswer,
         };
         let jitter = rand::rng().random_range(0.0..1.0);
@@ -301,24 +324,45 @@ impl ClusterHandle {
         if let Some(reply) = cached_answer(&self.cache, &self.metrics, &operation, &credentials) {
             return reply;
         }
-        let wait_until = deadline + ANSWER_GRACE;
         let submit = Submit {
             operation,
             credentials,
             deadline,
         };
+        // The deadline is a promise to the caller: the wait ends exactly there. The
+        // actor's own answer usually comes first; when it does not, the flag says
+        // whether CUCM got the operation (1003: it may still be working on it) or it
+        // was still waiting in the gateway (1004).
+        let sent = std::sync::Mutex::new(None::<Arc<AtomicBool>>);
         let answer = async {
-            let receiver = self.addr.send(submit).await.ok()?;
-            receiver.await.ok()
+            let ticket = self.addr.send(submit).await.ok()?;
+            if let Ok(mut slot) = sent.lock() {
+                *slot = Some(ticket.sent.clone());
+            }
+            ticket.reply.await.ok()
         };
-        match tokio::time::timeout_at(wait_until.into(), answer).await {
+        match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Some(reply)) => reply,
             Ok(None) => Reply::failed(OpError::Unavailable {
                 reason: "the cluster is shutting down".into(),
             }),
-            Err(_) => Reply::failed(OpError::Unavailable {
-                reason: "no answer before the deadline".into(),
-            }),
+            Err(_) => {
+                let went_to_cucm = sent
+                    .lock()
+                    .ok()
+                    .and_then(|slot| slot.as_ref().map(|f| f.load(Ordering::Acquire)))
+                    .unwrap_or(false);
+                if went_to_cucm {
+                    Reply::failed(OpError::Unavailable {
+                        reason: "no answer from CUCM before the deadline".into(),
+                    })
+                } else {
+                    Reply::failed(OpError::Overloaded {
+                        reason: "the deadline passed while waiting for CUCM",
+                        retry_after: Duration::from_secs(1),
+                    })
+                }
+            }
         }
     }
 

@@ -9,6 +9,8 @@
 //! query in flight. Joining never reorders anything: no change can sit between them.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -26,6 +28,9 @@ pub struct PendingOp {
     pub waiters: Vec<oneshot::Sender<Reply>>,
     /// CUCM busy answers so far (for back-off).
     pub busy_answers: u32,
+    /// One flag per waiter, set once the operation went to CUCM: a caller whose own
+    /// wait ends at its deadline then knows whether to say 1003 (sent) or 1004 (not).
+    pub sent: Vec<Arc<AtomicBool>>,
 }
 
 impl PendingOp {
@@ -42,6 +47,13 @@ impl PendingOp {
             accepted_at: Instant::now(),
             waiters: vec![waiter],
             busy_answers: 0,
+            sent: vec![Arc::new(AtomicBool::new(false))],
+        }
+    }
+
+    fn mark_sent(&self) {
+        for flag in &self.sent {
+            flag.store(true, Ordering::Release);
         }
     }
 
@@ -54,6 +66,7 @@ impl PendingOp {
     fn absorb(&mut self, other: PendingOp) {
         self.deadline = self.deadline.max(other.deadline);
         self.waiters.extend(other.waiters);
+        self.sent.extend(other.sent);
     }
 }
 
@@ -101,6 +114,12 @@ impl DeviceQueue {
             };
             if let Some(target) = target {
                 target.absorb(op);
+                if self.turn == Turn::Running && self.waiting.is_empty() {
+                    // Joined the query already at CUCM.
+                    if let Some(current) = &self.current {
+                        current.mark_sent();
+                    }
+                }
                 return Pushed::Joined;
             }
         }
@@ -126,6 +145,9 @@ impl DeviceQueue {
             self.current = self.waiting.pop_front();
         }
         self.turn = Turn::Running;
+        if let Some(op) = &self.current {
+            op.mark_sent();
+        }
         self.current.as_ref().map(|op| (op, first_time))
     }
 
