@@ -56,6 +56,9 @@ impl Shed {
 }
 
 /// What became of an offered operation.
+// Returned once per offer and taken apart at once: boxing the operation would cost an
+// allocation on every shed for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Offer {
     /// It shares an identical query already queued or running: nothing new to send.
