@@ -10,6 +10,9 @@ use actors::config::ConfigError as ClusterConfigError;
 use actors::ClusterConfig;
 use serde::Deserialize;
 
+use crate::access::AccessConfig;
+use crate::tls::TlsConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -66,6 +69,17 @@ pub struct Config {
     pub workers: usize,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// A request's headers and body must arrive within this (then 408 or closed).
+    #[serde(default = "defaults::client_timeout_ms")]
+    pub client_timeout_ms: u64,
+    /// Open northbound connections per worker, beyond which new ones wait in the backlog.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Northbound HTTPS; plain HTTP without it.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub access: AccessConfig,
     #[serde(rename = "cluster", default)]
     pub clusters: Vec<ClusterConfig>,
 }
@@ -88,6 +102,12 @@ mod defaults {
     }
     pub fn shutdown_grace_ms() -> u64 {
         10_000
+    }
+    pub fn client_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn max_connections() -> usize {
+        25_000
     }
 }
 
@@ -128,6 +148,10 @@ impl Config {
             shutdown_grace_ms: defaults::shutdown_grace_ms(),
             workers: 0,
             log_format: LogFormat::Text,
+            client_timeout_ms: defaults::client_timeout_ms(),
+            max_connections: defaults::max_connections(),
+            tls: None,
+            access: AccessConfig::default(),
             clusters: vec![cluster],
         }
     }
@@ -152,6 +176,15 @@ impl Config {
         }
         if self.shutdown_grace_ms > 600_000 {
             return Err((None, "shutdown_grace_ms", "must be at most 600000".into()));
+        }
+        if !(100..=600_000).contains(&self.client_timeout_ms) {
+            return Err((None, "client_timeout_ms", "must be 100-600000".into()));
+        }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err((None, "max_connections", "must be 1-1000000".into()));
+        }
+        if let Err((key, message)) = self.access.validate() {
+            return Err((None, key, format!("[access] {message}")));
         }
         if self.workers > 256 {
             return Err((None, "workers", "must be at most 256".into()));
@@ -194,6 +227,10 @@ impl Config {
 
     pub fn drain(&self) -> Duration {
         Duration::from_millis(self.drain_ms)
+    }
+
+    pub fn client_timeout(&self) -> Duration {
+        Duration::from_millis(self.client_timeout_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -240,6 +277,30 @@ mod tests {
     use super::*;
 
     const EXAMPLE: &str = include_str!("../config/example.toml");
+    const SECURE: &str = include_str!("../config/secure.example.toml");
+
+    #[test]
+    fn secure_example_config_parses_with_its_values() {
+        let config = Config::parse(SECURE).unwrap();
+        assert_eq!(config.client_timeout_ms, 5_000);
+        assert_eq!(config.max_connections, 25_000);
+        let tls = config.tls.as_ref().unwrap();
+        assert!(tls.client_ca_file.is_some());
+        let access = &config.access;
+        assert_eq!((access.allow.len(), access.deny.len()), (3, 1));
+        assert_eq!(access.trusted_proxies.len(), 1);
+        assert_eq!(
+            (access.client_requests_per_second, access.client_burst),
+            (10, 20)
+        );
+        let error = Config::parse("[access]\nallow = [\"10.0.0.0/33\"]\n[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("10.0.0.0/33") && error.contains("line 2"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn example_config_parses_with_its_values() {

@@ -1,7 +1,9 @@
 //! Business Connector: a gateway from the Business Connector 1.4 API to Cisco CUCM
 //! Extension Mobility. See README.md for the design map.
 
+pub mod access;
 pub mod config;
 pub mod demo;
 pub mod northbound;
 pub mod server;
+pub mod tls;

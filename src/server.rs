@@ -16,8 +16,10 @@ use actors::cluster::ClusterError;
 use actors::metrics::MetricsError;
 use actors::{Metrics, Router};
 
+use crate::access::{Access, AccessGuard};
 use crate::config::Config;
 use crate::northbound::handlers::{self, AppState};
+use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -27,6 +29,8 @@ pub enum ServerError {
     Cluster(#[from] ClusterError),
     #[error("HTTP server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Set once shutdown has begun; `/readyz` then answers 503 whatever the clusters say.
@@ -59,13 +63,17 @@ pub async fn run(
         config.discovery_ttl(),
         metrics.clone(),
     )?;
+    let access = Arc::new(Access::new(&config.access, &metrics)?);
     let state = web::Data::new(AppState {
         router,
         metrics,
         deadline: config.deadline(),
         max_body_bytes: config.max_body_bytes,
+        client_timeout: config.client_timeout(),
+        access: access.clone(),
     });
     let draining = web::Data::new(Draining(AtomicBool::new(false)));
+    let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let workers = match config.workers {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
@@ -74,6 +82,7 @@ pub async fn run(
         let draining = draining.clone();
         move || {
             App::new()
+                .wrap(AccessGuard(access.clone()))
                 .app_data(state.clone())
                 .app_data(draining.clone())
                 .route("/metrics", web::get().to(handlers::metrics))
@@ -84,10 +93,22 @@ pub async fn run(
     })
     .workers(workers)
     .backlog(4096)
-    .max_connections(50_000)
+    .max_connections(config.max_connections)
+    // The head must arrive within client_timeout (the body is bounded in read_message);
+    // an idle keep-alive connection is closed after the same time.
+    .client_request_timeout(config.client_timeout())
+    .keep_alive(config.client_timeout())
+    .client_disconnect_timeout(std::time::Duration::from_secs(1))
+    .tls_handshake_timeout(config.client_timeout())
     .disable_signals()
-    .shutdown_timeout(config.shutdown_grace().as_secs().max(1))
-    .listen(listener)?
+    .shutdown_timeout(config.shutdown_grace().as_secs().max(1));
+    let server = match tls {
+        Some((tls_config, resolver)) => {
+            tls::reload_on_sighup(resolver);
+            server.listen_rustls_0_23(listener, tls_config)?
+        }
+        None => server.listen(listener)?,
+    }
     .run();
     let handle = server.handle();
     let drain = config.drain();

@@ -9,9 +9,9 @@
 //! Because those futures interleave, per-device order comes from the scheduler's
 //! device queues, never from the mailbox.
 //!
-//! `ClusterHandle` is what the HTTP layer holds: cache fast path, `send` (which
-//! respects the bounded mailbox) and a deadline on the whole wait.
+//! [`ClusterHandle`] (in `handle.rs`) is what the HTTP layer holds.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,36 +22,23 @@ use tokio::sync::oneshot;
 use crate::cache::LoggedInCache;
 use crate::config::ClusterConfig;
 use crate::device_queue::PendingOp;
-use crate::em::rules::{self, CacheEffect, Exchange, Plan, Verdict};
-use crate::em::{EmAppClient, EmClient, EmClientError, EmRequest};
+use crate::em::rules::{self, CacheEffect, Exchange, Verdict};
+use crate::em::{dispatch, CallError, EmAppClient, EmClient, EmClientError};
+use crate::handle::cached_answer;
+pub use crate::handle::{ClusterHandle, Submit, Ticket};
 use crate::metrics::{ClusterMetrics, Metrics};
-use crate::operation::{Credentials, DeviceName, OpError, Operation, Reply};
+use crate::operation::{DeviceName, Operation, Reply};
 use crate::scheduler::{CallEnd, Completion, Offer, Scheduler, Shed, Started, Step};
 
 /// Mailbox bound: `Submit` handling is quick, so this only fills under a pathological
 /// burst, and then `send` makes callers wait rather than grow memory.
 const MAILBOX_CAPACITY: usize = 4096;
-/// The caller's wait outlives the deadline by this much, so the actor's own deadline
-/// handling (which answers precisely) always wins the race.
-const ANSWER_GRACE: Duration = Duration::from_secs(1);
 const CACHE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cluster {code}: {source}")]
     Client { code: String, source: EmClientError },
-}
-
-/// Ask the cluster to carry out one operation before `deadline`.
-#[derive(Debug)]
-pub struct Submit {
-    pub operation: Operation,
-    pub credentials: Credentials,
-    pub deadline: Instant,
-}
-
-impl Message for Submit {
-    type Result = oneshot::Receiver<Reply>;
 }
 
 pub struct ClusterActor {
@@ -63,6 +50,8 @@ pub struct ClusterActor {
     /// A wake-up is scheduled for when the rate limiter allows the next call.
     rate_wake_up: Option<SpawnHandle>,
     metrics: ClusterMetrics,
+    /// One CUCM call's timeout (`timeout_ms`).
+    call_timeout: Duration,
 }
 
 impl ClusterActor {
@@ -92,7 +81,9 @@ impl ClusterActor {
             em: em.clone(),
             emapp: Arc::new(emapp),
             cache: cache.clone(),
-            scheduler: Scheduler::new(config.max_concurrent, config.rate(), config.queue_limit),
+            scheduler: Scheduler::new(config.max_concurrent, config.rate(), config.queue_limit)
+                .hold_slots_after_timeout(config.timeout()),
+            call_timeout: config.timeout(),
             rate_wake_up: None,
             metrics: cluster_metrics.clone(),
         };
@@ -106,8 +97,8 @@ impl ClusterActor {
         })
     }
 
-    fn accept(&mut self, msg: Submit, ctx: &mut Context<Self>) -> oneshot::Receiver<Reply> {
-        let (tx, rx) = oneshot::channel();
+    fn accept(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Ticket {
+        let (tx, answer) = oneshot::channel();
         let Submit {
             operation,
             credentials,
@@ -122,12 +113,16 @@ impl ClusterActor {
                 .flatten()
             {
                 let _ = tx.send(reply);
-                return rx;
+                return Ticket {
+                    reply: answer,
+                    sent: Arc::new(AtomicBool::new(true)),
+                };
             }
             self.metrics.cache_misses.inc();
         }
         let mutates = operation.mutates();
         let pending = PendingOp::new(operation, credentials, deadline, tx);
+        let sent = pending.sent[0].clone();
         match self.scheduler.offer(pending, Instant::now()) {
             Offer::Joined => self.metrics.cache_coalesced.inc(),
             Offer::Queued if mutates => {
@@ -144,7 +139,10 @@ impl ClusterActor {
             }
         }
         self.pump(ctx);
-        rx
+        Ticket {
+            reply: answer,
+            sent,
+        }
     }
 
     /// Does everything the scheduler allows now; schedules a wake-up for the rate
@@ -191,73 +189,66 @@ impl ClusterActor {
             ..
         } = started;
         let call_started = Instant::now();
+        // The EM client gives up after this long: a failure that took it is a timeout.
+        let budget = self
+            .call_timeout
+            .min(deadline.saturating_duration_since(call_started));
         let call = async move {
-            let devices = [operation.device().clone()];
-            let exchange = match (rules::plan(&operation, stage), &operation) {
-                (Plan::EmLogin, Operation::Login { device, user }) => Exchange::Em(
-                    em.call(EmRequest::Login { device, user }, &credentials, deadline)
-                        .await,
-                ),
-                (Plan::EmLogout, _) => Exchange::Em(
-                    em.call(
-                        EmRequest::Logout {
-                            device: &devices[0],
-                        },
-                        &credentials,
-                        deadline,
-                    )
-                    .await,
-                ),
-                (Plan::EmAppLogin, Operation::PinLogin { device, user, pin }) => {
-                    Exchange::EmApp(emapp.login(device, user, pin, deadline).await)
-                }
-                _ => Exchange::Em(
-                    em.call(
-                        EmRequest::DeviceUserQuery { devices: &devices },
-                        &credentials,
-                        deadline,
-                    )
-                    .await,
-                ),
-            };
+            let exchange =
+                dispatch::exchange(&em, &emapp, &operation, stage, &credentials, deadline).await;
             (operation, stage, exchange)
         };
         ctx.spawn(
             call.into_actor(self)
                 .map(move |(operation, stage, exchange), actor, ctx| {
-                    actor.finish(
+                    let call = EndedCall {
                         device,
                         operation,
                         stage,
                         exchange,
-                        call_started.elapsed(),
-                        ctx,
-                    );
+                        took: call_started.elapsed(),
+                        budget,
+                    };
+                    actor.finish(call, ctx);
                 }),
         );
     }
 
-    fn finish(
-        &mut self,
-        device: DeviceName,
-        operation: Operation,
-        stage: usize,
-        exchange: Exchange,
-        took: Duration,
-        ctx: &mut Context<Self>,
-    ) {
-        let (answered, busy) = match &exchange {
-            Exchange::Em(result) => (result.is_ok(), rules::is_busy(result)),
-            Exchange::EmApp(result) => (result.is_ok(), false),
+    fn finish(&mut self, call: EndedCall, ctx: &mut Context<Self>) {
+        let EndedCall {
+            device,
+            operation,
+            stage,
+            exchange,
+            took,
+            budget,
+        } = call;
+        // A timer's granularity: a failure this close to the budget is its timeout.
+        const TIMER_SLACK: Duration = Duration::from_millis(5);
+        let (answered, busy, unavailable) = match &exchange {
+            Exchange::Em(result) => (
+                result.is_ok(),
+                rules::is_busy(result),
+                matches!(result, Err(CallError::Unavailable(_))),
+            ),
+            Exchange::EmApp(result) => (
+                result.is_ok(),
+                false,
+                matches!(result, Err(CallError::Unavailable(_))),
+            ),
         };
         // A busy answer is the scheduler's to retry; anything else is judged now.
         let verdict = (!busy).then(|| rules::judge(&operation, stage, exchange.clone()));
-        if verdict == Some(Verdict::NextStage) && self.scheduler.advance(&device, took) {
+        if verdict == Some(Verdict::NextStage)
+            && self.scheduler.advance(&device, took, Instant::now())
+        {
             self.pump(ctx);
             return;
         }
         let end = if answered {
             CallEnd::Answered { took, busy }
+        } else if unavailable && took + TIMER_SLACK >= budget {
+            CallEnd::TimedOut
         } else {
             CallEnd::NoAnswer
         };
@@ -298,6 +289,17 @@ impl ClusterActor {
     }
 }
 
+/// A CUCM call that came back, with what the actor needs to carry on.
+struct EndedCall {
+    device: DeviceName,
+    operation: Operation,
+    stage: usize,
+    exchange: Exchange,
+    took: Duration,
+    /// How long the EM client could take: a failure that took this long timed out.
+    budget: Duration,
+}
+
 impl Actor for ClusterActor {
     type Context = Context<Self>;
 
@@ -317,79 +319,6 @@ impl Handler<Submit> for ClusterActor {
     fn handle(&mut self, msg: Submit, ctx: &mut Self::Context) -> Self::Result {
         MessageResult(self.accept(msg, ctx))
     }
-}
-
-/// What the HTTP layer holds for one cluster.
-#[derive(Clone)]
-pub struct ClusterHandle {
-    pub code: Arc<str>,
-    addr: Addr<ClusterActor>,
-    cache: Arc<LoggedInCache>,
-    em: Arc<EmClient>,
-    metrics: ClusterMetrics,
-}
-
-impl std::fmt::Debug for ClusterHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterHandle")
-            .field("code", &self.code)
-            .finish()
-    }
-}
-
-impl ClusterHandle {
-    /// Carries out one operation; always answers, by the deadline (plus a grace).
-    pub async fn submit(
-        &self,
-        operation: Operation,
-        credentials: Credentials,
-        deadline: Instant,
-    ) -> Reply {
-        // Fast path: a fresh hit needs no actor hop. The actor removes a device's entry
-        // when a change for it is queued, so this never jumps a change.
-        if let Some(reply) = cached_answer(&self.cache, &self.metrics, &operation, &credentials) {
-            return reply;
-        }
-        let wait_until = deadline + ANSWER_GRACE;
-        let submit = Submit {
-            operation,
-            credentials,
-            deadline,
-        };
-        let answer = async {
-            let receiver = self.addr.send(submit).await.ok()?;
-            receiver.await.ok()
-        };
-        match tokio::time::timeout_at(wait_until.into(), answer).await {
-            Ok(Some(reply)) => reply,
-            Ok(None) => Reply::failed(OpError::Unavailable {
-                reason: "the cluster is shutting down".into(),
-            }),
-            Err(_) => Reply::failed(OpError::Unavailable {
-                reason: "no answer before the deadline".into(),
-            }),
-        }
-    }
-
-    /// Readiness: at least one node is not being skipped and accepts connections.
-    pub async fn ready(&self) -> bool {
-        self.em.any_node_reachable().await
-    }
-}
-
-/// A query answered from a fresh cache entry these credentials may see (counted).
-fn cached_answer(
-    cache: &LoggedInCache,
-    metrics: &ClusterMetrics,
-    operation: &Operation,
-    credentials: &Credentials,
-) -> Option<Reply> {
-    let Operation::Query { device } = operation else {
-        return None;
-    };
-    let user = cache.get(device, credentials.fingerprint())?;
-    metrics.cache_hits.inc();
-    Some(Reply::cached(user))
 }
 
 fn answer_all(waiters: Vec<oneshot::Sender<Reply>>, reply: Reply) {

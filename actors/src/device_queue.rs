@@ -9,6 +9,8 @@
 //! query in flight. Joining never reorders anything: no change can sit between them.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -29,6 +31,9 @@ pub struct PendingOp {
     /// Which of the operation's CUCM calls is next (0 = the first; a PIN login makes
     /// three, one after the other, all in the device's turn).
     pub stage: usize,
+    /// One flag per waiter, set once the operation went to CUCM: a caller whose own
+    /// wait ends at its deadline then knows whether to say 1003 (sent) or 1004 (not).
+    pub sent: Vec<Arc<AtomicBool>>,
 }
 
 impl PendingOp {
@@ -46,6 +51,13 @@ impl PendingOp {
             waiters: vec![waiter],
             busy_answers: 0,
             stage: 0,
+            sent: vec![Arc::new(AtomicBool::new(false))],
+        }
+    }
+
+    fn mark_sent(&self) {
+        for flag in &self.sent {
+            flag.store(true, Ordering::Release);
         }
     }
 
@@ -58,6 +70,7 @@ impl PendingOp {
     fn absorb(&mut self, other: PendingOp) {
         self.deadline = self.deadline.max(other.deadline);
         self.waiters.extend(other.waiters);
+        self.sent.extend(other.sent);
     }
 }
 
@@ -105,6 +118,12 @@ impl DeviceQueue {
             };
             if let Some(target) = target {
                 target.absorb(op);
+                if self.turn == Turn::Running && self.waiting.is_empty() {
+                    // Joined the query already at CUCM.
+                    if let Some(current) = &self.current {
+                        current.mark_sent();
+                    }
+                }
                 return Pushed::Joined;
             }
         }
@@ -130,6 +149,9 @@ impl DeviceQueue {
             self.current = self.waiting.pop_front();
         }
         self.turn = Turn::Running;
+        if let Some(op) = &self.current {
+            op.mark_sent();
+        }
         self.current.as_ref().map(|op| (op, first_time))
     }
 

@@ -204,6 +204,14 @@ impl Metrics {
     }
 
     /// Prometheus text exposition of every series.
+    /// Adds a series owned elsewhere (the northbound access counters) to the exposition.
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), MetricsError> {
+        Ok(self.registry.register(collector)?)
+    }
+
     pub fn render(&self) -> String {
         let mut buffer = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for the text format.

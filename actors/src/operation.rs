@@ -65,7 +65,10 @@ pub struct UserId(Arc<str>);
 impl UserId {
     pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
         let chars = raw.chars().count();
-        if chars == 0 || chars > MAX_USER_ID_LEN || raw.chars().any(char::is_control) {
+        // U+FFFE and U+FFFF are not characters XML 1.0 allows: CUCM's parser would
+        // refuse the EM request, so they are an invalid user ID here, not a 1005 later.
+        let illegal = |c: char| c.is_control() || matches!(c, '\u{fffe}' | '\u{ffff}');
+        if chars == 0 || chars > MAX_USER_ID_LEN || raw.chars().any(illegal) {
             return Err(InvalidValue::UserId);
         }
         Ok(Self(Arc::from(raw)))
@@ -324,6 +327,9 @@ mod tests {
         assert!(UserId::parse("a\nb").is_err());
         assert!(UserId::parse(&"é".repeat(128)).is_ok());
         assert!(UserId::parse(&"é".repeat(129)).is_err());
+        // Not legal in XML 1.0: refused before they could make an EM request invalid.
+        assert!(UserId::parse("a\u{fffe}b").is_err());
+        assert!(UserId::parse("a\u{ffff}").is_err());
     }
 
     #[test]

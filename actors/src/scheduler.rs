@@ -56,6 +56,9 @@ impl Shed {
 }
 
 /// What became of an offered operation.
+// Returned once per offer and taken apart at once: boxing the operation would cost an
+// allocation on every shed for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Offer {
     /// It shares an identical query already queued or running: nothing new to send.
@@ -97,8 +100,11 @@ pub enum Step {
 pub enum CallEnd {
     /// CUCM answered after `took` (a busy answer is `busy`).
     Answered { took: Duration, busy: bool },
-    /// No answer (timeout, refused, garbage): teaches nothing about CUCM's speed.
+    /// No answer (refused, garbage): teaches nothing about CUCM's speed.
     NoAnswer,
+    /// The call timed out: CUCM may still be working on it, so its slot stays taken
+    /// for a further call timeout (see [`Scheduler::hold_slots_after_timeout`]).
+    TimedOut,
 }
 
 /// What to do with a finished call's operation.
@@ -123,6 +129,10 @@ pub struct Scheduler<C: Clock = DefaultClock> {
     shaper: Shaper<C>,
     /// Recent CUCM call time (exponentially weighted), to foresee a missed deadline.
     call_time: Option<Duration>,
+    /// How long a timed-out call keeps its slot after the timeout.
+    timeout_hold: Duration,
+    /// When the slots of timed-out calls are released.
+    held: Vec<Instant>,
 }
 
 impl<C: Clock> std::fmt::Debug for Scheduler<C> {
@@ -151,6 +161,23 @@ impl<C: Clock + Clone> Scheduler<C> {
             queue_limit,
             shaper,
             call_time: None,
+            timeout_hold: Duration::ZERO,
+            held: Vec::new(),
+        }
+    }
+
+    /// A call that timed out keeps its slot this much longer: the gateway gave up, but
+    /// CUCM may still be working on it, and `max_concurrent` is about what CUCM sees.
+    pub fn hold_slots_after_timeout(mut self, hold: Duration) -> Self {
+        self.timeout_hold = hold;
+        self
+    }
+
+    fn release_held(&mut self, now: Instant) {
+        let before = self.held.len();
+        self.held.retain(|until| *until > now);
+        for _ in self.held.len()..before {
+            self.shaper.release();
         }
     }
 
@@ -213,6 +240,7 @@ impl<C: Clock + Clone> Scheduler<C> {
 
     /// The next thing to do. Call it until it answers `Wait` or `Blocked`.
     pub fn next_step(&mut self, now: Instant) -> Step {
+        self.release_held(now);
         loop {
             let Some(device) = self.ready.front() else {
                 return Step::Blocked;
@@ -240,7 +268,11 @@ impl<C: Clock + Clone> Scheduler<C> {
                         continue;
                     }
                 },
-                Err(Held::AtCapacity) => Step::Blocked,
+                // Slots held after timeouts free themselves: wake up for the first.
+                Err(Held::AtCapacity) => match self.held.iter().min() {
+                    Some(until) => Step::Wait(until.saturating_duration_since(now)),
+                    None => Step::Blocked,
+                },
                 Err(Held::RateLimited(wait)) => Step::Wait(wait),
             };
         }
@@ -285,7 +317,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         now: Instant,
         unit: f64,
     ) -> Completion {
-        self.call_ended(end);
+        self.call_ended(end, now);
         let Some(queue) = self.devices.get_mut(device) else {
             return Completion::Unknown;
         };
@@ -308,8 +340,8 @@ impl<C: Clock + Clone> Scheduler<C> {
     /// A started call was answered and its operation has another stage: the device
     /// keeps its turn and goes to the front of the line for its next call (it takes a
     /// slot and a token like any other). Returns false when nothing was running.
-    pub fn advance(&mut self, device: &DeviceName, took: Duration) -> bool {
-        self.call_ended(CallEnd::Answered { took, busy: false });
+    pub fn advance(&mut self, device: &DeviceName, took: Duration, now: Instant) -> bool {
+        self.call_ended(CallEnd::Answered { took, busy: false }, now);
         let Some(queue) = self.devices.get_mut(device) else {
             return false;
         };
@@ -323,8 +355,14 @@ impl<C: Clock + Clone> Scheduler<C> {
         true
     }
 
-    fn call_ended(&mut self, end: CallEnd) {
-        self.shaper.release();
+    fn call_ended(&mut self, end: CallEnd, now: Instant) {
+        match end {
+            // CUCM may still be working on it: the slot stays taken a while longer.
+            CallEnd::TimedOut if !self.timeout_hold.is_zero() => {
+                self.held.push(now + self.timeout_hold);
+            }
+            _ => self.shaper.release(),
+        }
         if let CallEnd::Answered { took, .. } = end {
             // Only real answers teach how long CUCM takes; a timeout says nothing.
             self.call_time = Some(match self.call_time {
@@ -597,7 +635,7 @@ mod tests {
         s.offer(login(1, now + LONG), now);
         let first = started(s.next_step(now));
         assert_eq!((first.device.clone(), first.stage), (device(1), 0));
-        assert!(s.advance(&device(1), Duration::from_millis(10)));
+        assert!(s.advance(&device(1), Duration::from_millis(10), now));
         let second = started(s.next_step(now));
         assert_eq!(
             second.device,
@@ -613,7 +651,32 @@ mod tests {
         ));
         // Device 1's next operation waits behind device 2.
         assert_eq!(started(s.next_step(now)).device, device(2));
-        assert!(!s.advance(&device(9), Duration::ZERO));
+        assert!(!s.advance(&device(9), Duration::ZERO, now));
+    }
+
+    #[test]
+    fn a_timed_out_call_keeps_its_slot_for_another_timeout() {
+        let (s, _) = scheduler(1, None, 100);
+        let mut s = s.hold_slots_after_timeout(Duration::from_secs(5));
+        let now = Instant::now();
+        s.offer(login(1, now + LONG), now);
+        s.offer(login(2, now + LONG), now);
+        started(s.next_step(now));
+        assert!(matches!(
+            s.complete(&device(1), CallEnd::TimedOut, now, 0.5),
+            Completion::Done(_)
+        ));
+        // CUCM may still be working on device 1's call: device 2 waits for the hold.
+        assert!(matches!(s.next_step(now), Step::Wait(w) if w == Duration::from_secs(5)));
+        let later = now + Duration::from_secs(4);
+        assert!(matches!(s.next_step(later), Step::Wait(w) if w == Duration::from_secs(1)));
+        assert_eq!(
+            started(s.next_step(now + Duration::from_secs(5))).device,
+            device(2)
+        );
+        // Other failures free the slot at once.
+        s.complete(&device(2), CallEnd::NoAnswer, now, 0.5);
+        assert_eq!(s.in_flight(), 0);
     }
 
     #[test]

@@ -16,18 +16,29 @@ const MAX_DEPTH: usize = 32;
 /// More elements than this are refused: a batch query for 1000 devices fits easily.
 const MAX_ELEMENTS: usize = 20_000;
 
+/// More attributes than this on one element are refused: neither dialect uses more
+/// than two, and the parser's duplicate-attribute check is quadratic in their number.
+const MAX_ATTRIBUTES: usize = 32;
+
+/// Parse errors say where, never what: the input carries the application password and
+/// PINs, and a quoted fragment of it (an entity name, a tag name, the parser's own
+/// message) would reach the caller's answer and the log.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum XmlError {
-    #[error("malformed XML: {0}")]
-    Malformed(String),
+    /// The byte offset where reading stopped.
+    #[error("malformed XML at byte {0}")]
+    Malformed(u64),
     #[error("the document has no root element")]
     NoRoot,
     #[error("the document nests deeper than {MAX_DEPTH} levels")]
     TooDeep,
     #[error("the document has more than {MAX_ELEMENTS} elements")]
     TooManyElements,
-    #[error("unknown entity &{0};")]
-    UnknownEntity(String),
+    #[error("an element has more than {MAX_ATTRIBUTES} attributes")]
+    TooManyAttributes,
+    /// An entity other than XML's five (its name is input, so only the offset is kept).
+    #[error("unknown entity at byte {0}")]
+    UnknownEntity(u64),
 }
 
 /// One element: its name, attributes, text (concatenated, trimmed) and children.
@@ -82,13 +93,16 @@ pub fn parse(input: &str) -> Result<Element, XmlError> {
     let mut root: Option<Element> = None;
     let mut elements = 0usize;
     loop {
+        // Errors keep only the offset (see `XmlError`).
+        let at = reader.buffer_position();
         let event = reader
             .read_event()
-            .map_err(|e| XmlError::Malformed(e.to_string()))?;
+            .map_err(|_| XmlError::Malformed(reader.error_position()))?;
         match event {
             Event::Start(ref start) | Event::Empty(ref start) => {
                 if root.is_some() {
-                    return Err(XmlError::Malformed("content after the root element".into()));
+                    // Content after the root element.
+                    return Err(XmlError::Malformed(at));
                 }
                 elements += 1;
                 if elements > MAX_ELEMENTS {
@@ -98,12 +112,15 @@ pub fn parse(input: &str) -> Result<Element, XmlError> {
                     name: String::from_utf8_lossy(start.name().as_ref()).into_owned(),
                     ..Element::default()
                 };
-                for attribute in start.attributes() {
-                    let attribute = attribute.map_err(|e| XmlError::Malformed(e.to_string()))?;
+                for (index, attribute) in start.attributes().enumerate() {
+                    if index >= MAX_ATTRIBUTES {
+                        return Err(XmlError::TooManyAttributes);
+                    }
+                    let attribute = attribute.map_err(malformed_at(at))?;
                     let key = String::from_utf8_lossy(attribute.key.as_ref()).into_owned();
                     let value = attribute
                         .unescape_value()
-                        .map_err(|e| XmlError::Malformed(e.to_string()))?
+                        .map_err(malformed_at(at))?
                         .into_owned();
                     element.attributes.push((key, value));
                 }
@@ -117,50 +134,46 @@ pub fn parse(input: &str) -> Result<Element, XmlError> {
                 }
             }
             Event::End(_) => {
-                let element = stack
-                    .pop()
-                    .ok_or_else(|| XmlError::Malformed("unbalanced end tag".into()))?;
+                // An unbalanced end tag.
+                let element = stack.pop().ok_or(XmlError::Malformed(at))?;
                 close(element, &mut stack, &mut root);
             }
             Event::Text(text) => {
-                let text = text
-                    .xml_content()
-                    .map_err(|e| XmlError::Malformed(e.to_string()))?;
-                push_text(&mut stack, &text)?;
+                let text = text.xml_content().map_err(malformed_at(at))?;
+                push_text(&mut stack, &text, at)?;
             }
             Event::CData(data) => {
-                let text = data
-                    .decode()
-                    .map_err(|e| XmlError::Malformed(e.to_string()))?;
-                push_text(&mut stack, &text)?;
+                let text = data.decode().map_err(malformed_at(at))?;
+                push_text(&mut stack, &text, at)?;
             }
             Event::GeneralRef(reference) => {
-                let resolved = match reference
-                    .resolve_char_ref()
-                    .map_err(|e| XmlError::Malformed(e.to_string()))?
-                {
+                let resolved = match reference.resolve_char_ref().map_err(malformed_at(at))? {
                     Some(c) => c.to_string(),
                     None => {
-                        let name = reference
-                            .decode()
-                            .map_err(|e| XmlError::Malformed(e.to_string()))?;
+                        let name = reference.decode().map_err(malformed_at(at))?;
                         resolve_predefined_entity(&name)
-                            .ok_or_else(|| XmlError::UnknownEntity(name.into_owned()))?
+                            .ok_or(XmlError::UnknownEntity(at))?
                             .to_string()
                     }
                 };
-                push_text(&mut stack, &resolved)?;
+                push_text(&mut stack, &resolved, at)?;
             }
             Event::Eof => break,
             Event::Decl(_) | Event::PI(_) | Event::Comment(_) | Event::DocType(_) => {}
         }
     }
     if !stack.is_empty() {
-        return Err(XmlError::Malformed("unclosed element".into()));
+        // An unclosed element: reading stopped at the end.
+        return Err(XmlError::Malformed(input.len() as u64));
     }
     let mut root = root.ok_or(XmlError::NoRoot)?;
     trim_texts(&mut root);
     Ok(root)
+}
+
+/// Maps any parser error to a `Malformed` at `offset`, dropping the parser's message.
+fn malformed_at<E>(offset: u64) -> impl Fn(E) -> XmlError {
+    move |_| XmlError::Malformed(offset)
 }
 
 fn close(element: Element, stack: &mut [Element], root: &mut Option<Element>) {
@@ -170,7 +183,7 @@ fn close(element: Element, stack: &mut [Element], root: &mut Option<Element>) {
     }
 }
 
-fn push_text(stack: &mut [Element], text: &str) -> Result<(), XmlError> {
+fn push_text(stack: &mut [Element], text: &str, at: u64) -> Result<(), XmlError> {
     match stack.last_mut() {
         Some(element) => {
             element.text.push_str(text);
@@ -178,7 +191,7 @@ fn push_text(stack: &mut [Element], text: &str) -> Result<(), XmlError> {
         }
         // Whitespace around the root is fine; anything else is not a document.
         None if text.trim().is_empty() => Ok(()),
-        None => Err(XmlError::Malformed("text outside the root element".into())),
+        None => Err(XmlError::Malformed(at)),
     }
 }
 
@@ -239,10 +252,40 @@ mod tests {
         assert_eq!(parse("   "), Err(XmlError::NoRoot));
         assert!(matches!(parse("not xml"), Err(XmlError::Malformed(_))));
         assert!(matches!(parse("<a/><b/>"), Err(XmlError::Malformed(_))));
-        assert_eq!(
+        assert!(matches!(
             parse("<!DOCTYPE a [<!ENTITY x \"boom\">]><a>&x;</a>"),
-            Err(XmlError::UnknownEntity("x".into()))
+            Err(XmlError::UnknownEntity(_))
+        ));
+    }
+
+    #[test]
+    fn errors_never_quote_the_input() {
+        // Secrets sit in element text: no error text may carry any of it.
+        for input in [
+            "<request><appCertificate>Zq9&SECRETx7;</appCertificate></request>",
+            "<request><appCertificate>Zq9<SECRETx7</appCertificate></request>",
+            "<request><pin>12<SECRETx7>34</pin></request>",
+            "<request><pin>SECRETx7</pn></request>",
+            "<request><pin>&#xSECRETx7;</pin></request>",
+            "<request a=\"SECRETx7\" a=\"SECRETx7\"><pin/></request>",
+            "<request><pin>SECRETx7",
+            "SECRETx7",
+        ] {
+            let error = parse(input).unwrap_err();
+            let shown = format!("{error} {error:?}");
+            assert!(!shown.contains("SECRET"), "{input}: {shown}");
+        }
+    }
+
+    #[test]
+    fn bounds_attributes_per_element() {
+        let many: String = (0..40).map(|i| format!(" a{i}=\"v\"")).collect();
+        assert_eq!(
+            parse(&format!("<a{many}/>")),
+            Err(XmlError::TooManyAttributes)
         );
+        let few: String = (0..32).map(|i| format!(" a{i}=\"v\"")).collect();
+        assert_eq!(parse(&format!("<a{few}/>")).unwrap().attributes.len(), 32);
     }
 
     #[test]

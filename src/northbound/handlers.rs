@@ -22,6 +22,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub deadline: Duration,
     pub max_body_bytes: usize,
+    /// The body must arrive within this (the head is bounded by actix).
+    pub client_timeout: Duration,
+    pub access: Arc<crate::access::Access>,
 }
 
 /// `/api/{call}[/{segments}...]`, GET or POST.
@@ -58,6 +61,7 @@ pub async fn api(
 
     let message = read_message(&request, payload, state.max_body_bytes).await;
     let mut record = RequestRecord::new(call, started);
+    record.client = crate::access::client_of(&request);
     let doc = match screen(&state, call, &segments[2..], message, &mut record) {
         Err(Screened::NotFound) => return plain(StatusCode::NOT_FOUND, "not found\n"),
         Err(Screened::Refused(failure)) => ResultDoc::failure(
@@ -206,18 +210,42 @@ async fn read_message(
     if declared.is_some_and(|length| length > limit) {
         return Err(Failure::BodyTooLarge { limit });
     }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| {
-            Failure::Request(super::request::RequestError::MalformedXml(
-                "the body could not be read".into(),
-            ))
-        })?;
-        if body.len() + chunk.len() > limit {
-            return Err(Failure::BodyTooLarge { limit });
+    // actix bounds only the head: a client that declares a body and sends it slowly
+    // (or never) must not hold the connection. The body shares the request's budget too,
+    // so a late body is the client's fault (408 + 1002), never a CUCM one.
+    let budget = request.app_data::<web::Data<AppState>>().map(|state| {
+        (
+            state.client_timeout.min(state.deadline),
+            state.access.clone(),
+        )
+    });
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|_| {
+                Failure::Request(super::request::RequestError::MalformedXml(
+                    "the body could not be read".into(),
+                ))
+            })?;
+            if body.len() + chunk.len() > limit {
+                return Err(Failure::BodyTooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
+        Ok(body)
+    };
+    let body = match budget {
+        Some((within, access)) => match tokio::time::timeout(within, read).await {
+            Ok(body) => body?,
+            Err(_) => {
+                access.too_slow.inc();
+                return Err(Failure::TooSlow {
+                    limit_ms: within.as_millis() as u64,
+                });
+            }
+        },
+        None => read.await?,
+    };
     let body = String::from_utf8_lossy(&body);
     let content_type = request
         .headers()
@@ -229,7 +257,12 @@ async fn read_message(
     if !trimmed.is_empty() {
         let looks_like_xml = trimmed.starts_with('<');
         let is_form = content_type.starts_with("application/x-www-form-urlencoded");
-        if looks_like_xml && !is_form {
+        // Declared XML is the message even when it is not XML at all: then it is
+        // malformed (1002), which comes before every other fault.
+        let declared_xml = ["text/xml", "application/xml"]
+            .iter()
+            .any(|xml| content_type.starts_with(xml));
+        if (looks_like_xml || declared_xml) && !is_form {
             return Ok(Some(trimmed.to_string()));
         }
         if let Some(xml) = form_field(trimmed, "xml") {

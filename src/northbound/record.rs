@@ -53,6 +53,9 @@ pub struct RequestRecord {
     pub node: Option<Arc<str>>,
     /// A login with a PIN (the PIN itself is never kept).
     pub with_pin: bool,
+    /// The client's address (the peer, or the X-Forwarded-For client behind a trusted
+    /// proxy).
+    pub client: Option<String>,
 }
 
 impl RequestRecord {
@@ -70,6 +73,7 @@ impl RequestRecord {
             source: Source::Gateway,
             node: None,
             with_pin: false,
+            client: None,
         }
     }
 
@@ -112,6 +116,7 @@ impl RequestRecord {
             duration_ms = self.duration.as_secs_f64() * 1000.0,
             node = self.node.as_deref().unwrap_or(""),
             source = self.source.as_str(),
+            client = self.client.as_deref().unwrap_or(""),
             cached = self.source == Source::Cache,
             "{}",
             log_safe(&self.text)

@@ -66,8 +66,9 @@ enum Field {
     Pin,
 }
 
-/// The message's values, as given (not yet validated).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// The message's values, as given (not yet validated). Its Debug output leaves out
+/// the application password and the PIN.
+#[derive(Default, Clone, PartialEq, Eq)]
 pub struct Fields {
     pub app_id: Option<String>,
     pub app_certificate: Option<String>,
@@ -75,6 +76,20 @@ pub struct Fields {
     pub user_id: Option<String>,
     pub cluster_code: Option<String>,
     pub pin: Option<String>,
+}
+
+impl std::fmt::Debug for Fields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |value: &Option<String>| value.as_ref().map(|_| "<redacted>");
+        f.debug_struct("Fields")
+            .field("app_id", &self.app_id)
+            .field("app_certificate", &hidden(&self.app_certificate))
+            .field("device_name", &self.device_name)
+            .field("user_id", &self.user_id)
+            .field("cluster_code", &self.cluster_code)
+            .field("pin", &hidden(&self.pin))
+            .finish()
+    }
 }
 
 impl Fields {
@@ -111,7 +126,13 @@ pub enum RequestError {
 /// each field is the first element of its name at any depth (clients that nest the
 /// credentials in `<appInfo>`, as the EM API does, work too).
 pub fn parse_message(message: &str) -> Result<Fields, RequestError> {
-    let root = xml::parse(message).map_err(|e| RequestError::MalformedXml(e.to_string()))?;
+    // The parser's errors name an offset, never input: the message carries secrets.
+    let root = xml::parse(message).map_err(|e| {
+        RequestError::MalformedXml(match e {
+            xml::XmlError::Malformed(at) => format!("at byte {at}"),
+            other => other.to_string(),
+        })
+    })?;
     let find = |name: &str| {
         if root.name == name {
             return Some(root.text.clone());
@@ -342,5 +363,30 @@ mod tests {
             parse_message("hello"),
             Err(RequestError::MalformedXml(_))
         ));
+    }
+
+    #[test]
+    fn debug_output_hides_the_password_and_the_pin() {
+        let fields = parse_message(FULL).unwrap();
+        let shown = format!("{fields:?} {:?}", validate(Call::Login, &fields).unwrap());
+        assert!(shown.contains("ALMUSER01"), "{shown}");
+        assert!(
+            !shown.contains("pw\"") && !shown.contains("1234"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn malformed_xml_never_quotes_a_secret() {
+        for message in [
+            "<request><appCertificate>Zq9&SECRETx7;</appCertificate></request>",
+            "<request><appCertificate>Zq9<SECRETx7</appCertificate></request>",
+            "<request><pin>1<SECRET>2</pin></request>",
+        ] {
+            let error = parse_message(message).unwrap_err();
+            let shown = format!("{error} {error:?}");
+            assert!(!shown.contains("SECRET"), "{shown}");
+            assert!(shown.contains("malformed XML"), "{shown}");
+        }
     }
 }

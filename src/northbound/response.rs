@@ -29,6 +29,8 @@ pub mod code {
     pub const CREDENTIALS_MISSING: u32 = 1006;
     pub const PIN_REJECTED: u32 = 1007;
     pub const CUCM_UNKNOWN_FAILURE: u32 = 1008;
+    pub const FORBIDDEN: u32 = 1009;
+    pub const TOO_MANY_REQUESTS: u32 = 1010;
     pub const IN_SEVERAL_CLUSTERS: u32 = 1011;
 }
 
@@ -38,7 +40,20 @@ pub enum Failure {
     Request(RequestError),
     Route(RouteError),
     Operation(OpError),
-    BodyTooLarge { limit: usize },
+    BodyTooLarge {
+        limit: usize,
+    },
+    /// The body did not arrive within this many milliseconds: the client's fault
+    /// (HTTP 408, code 1002), never a CUCM one.
+    TooSlow {
+        limit_ms: u64,
+    },
+    /// The client's address is not allowed (HTTP 403).
+    Forbidden,
+    /// The client is over its request rate (HTTP 429 + Retry-After).
+    TooManyRequests {
+        retry_after: Duration,
+    },
 }
 
 /// One `<result>`: what the caller reads.
@@ -169,6 +184,24 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
             format!("Invalid request: the body is larger than {limit} bytes"),
             None,
         ),
+        Failure::TooSlow { limit_ms } => (
+            StatusCode::REQUEST_TIMEOUT,
+            INVALID_REQUEST,
+            format!("Invalid request: the request did not arrive within {limit_ms} ms"),
+            None,
+        ),
+        Failure::Forbidden => (
+            StatusCode::FORBIDDEN,
+            FORBIDDEN,
+            "Forbidden: this client is not allowed".into(),
+            None,
+        ),
+        Failure::TooManyRequests { retry_after } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            TOO_MANY_REQUESTS,
+            "Too many requests from this client; retry later".into(),
+            Some(*retry_after),
+        ),
         Failure::Route(RouteError::UnknownCluster(requested)) => (
             ok,
             CLUSTER_NOT_FOUND,
@@ -250,8 +283,8 @@ pub fn code_label(code: u32) -> &'static str {
         code::CREDENTIALS_MISSING => "1006",
         code::PIN_REJECTED => "1007",
         code::CUCM_UNKNOWN_FAILURE => "1008",
-        1009 => "1009",
-        1010 => "1010",
+        code::FORBIDDEN => "1009",
+        code::TOO_MANY_REQUESTS => "1010",
         code::IN_SEVERAL_CLUSTERS => "1011",
         201..=216 => EMAPP_CODES[(code - 201) as usize],
         _ => "other",
@@ -333,6 +366,14 @@ mod tests {
             (200, 1001)
         );
         assert_eq!(case(Failure::BodyTooLarge { limit: 10 }), (413, 1002));
+        assert_eq!(case(Failure::TooSlow { limit_ms: 10 }), (408, 1002));
+        assert_eq!(case(Failure::Forbidden), (403, 1009));
+        assert_eq!(
+            case(Failure::TooManyRequests {
+                retry_after: Duration::from_secs(1)
+            }),
+            (429, 1010)
+        );
         assert_eq!(
             case(Failure::Operation(OpError::Cucm {
                 code: 25,

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod dispatch;
 pub mod emapp;
 pub mod rules;
 

@@ -1,0 +1,128 @@
+//! `ClusterHandle`: what the HTTP layer holds for one cluster — the cache fast path,
+//! `send` to the actor (which respects its bounded mailbox), and a wait that ends
+//! exactly at the caller's deadline.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::cache::LoggedInCache;
+use crate::cluster::ClusterActor;
+use crate::em::EmClient;
+use crate::metrics::ClusterMetrics;
+use crate::operation::{Credentials, OpError, Operation, Reply};
+
+/// Ask the cluster to carry out one operation before `deadline`.
+#[derive(Debug)]
+pub struct Submit {
+    pub operation: Operation,
+    pub credentials: Credentials,
+    pub deadline: Instant,
+}
+
+/// The answer to come, and whether the operation has gone to CUCM yet.
+pub struct Ticket {
+    pub reply: oneshot::Receiver<Reply>,
+    pub sent: Arc<AtomicBool>,
+}
+
+impl Message for Submit {
+    type Result = Ticket;
+}
+
+/// What the HTTP layer holds for one cluster.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    pub code: Arc<str>,
+    pub(crate) addr: Addr<ClusterActor>,
+    pub(crate) cache: Arc<LoggedInCache>,
+    pub(crate) em: Arc<EmClient>,
+    pub(crate) metrics: ClusterMetrics,
+}
+
+impl std::fmt::Debug for ClusterHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterHandle")
+            .field("code", &self.code)
+            .finish()
+    }
+}
+
+impl ClusterHandle {
+    /// Carries out one operation; always answers, by the deadline.
+    pub async fn submit(
+        &self,
+        operation: Operation,
+        credentials: Credentials,
+        deadline: Instant,
+    ) -> Reply {
+        // Fast path: a fresh hit needs no actor hop. The actor removes a device's entry
+        // when a change for it is queued, so this never jumps a change.
+        if let Some(reply) = cached_answer(&self.cache, &self.metrics, &operation, &credentials) {
+            return reply;
+        }
+        let submit = Submit {
+            operation,
+            credentials,
+            deadline,
+        };
+        // The deadline is a promise to the caller: the wait ends exactly there. The
+        // actor's own answer usually comes first; when it does not, the flag says
+        // whether CUCM got the operation (1003: it may still be working on it) or it
+        // was still waiting in the gateway (1004).
+        let sent = std::sync::Mutex::new(None::<Arc<AtomicBool>>);
+        let answer = async {
+            let ticket = self.addr.send(submit).await.ok()?;
+            if let Ok(mut slot) = sent.lock() {
+                *slot = Some(ticket.sent.clone());
+            }
+            ticket.reply.await.ok()
+        };
+        match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => Reply::failed(OpError::Unavailable {
+                reason: "the cluster is shutting down".into(),
+            }),
+            Err(_) => {
+                let went_to_cucm = sent
+                    .lock()
+                    .ok()
+                    .and_then(|slot| slot.as_ref().map(|f| f.load(Ordering::Acquire)))
+                    .unwrap_or(false);
+                if went_to_cucm {
+                    Reply::failed(OpError::Unavailable {
+                        reason: "no answer from CUCM before the deadline".into(),
+                    })
+                } else {
+                    Reply::failed(OpError::Overloaded {
+                        reason: "the deadline passed while waiting for CUCM",
+                        retry_after: Duration::from_secs(1),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Readiness: at least one node is not being skipped and accepts connections.
+    pub async fn ready(&self) -> bool {
+        self.em.any_node_reachable().await
+    }
+}
+
+/// A query answered from a fresh cache entry these credentials may see (counted).
+pub(crate) fn cached_answer(
+    cache: &LoggedInCache,
+    metrics: &ClusterMetrics,
+    operation: &Operation,
+    credentials: &Credentials,
+) -> Option<Reply> {
+    let Operation::Query { device } = operation else {
+        return None;
+    };
+    let user = cache.get(device, credentials.fingerprint())?;
+    metrics.cache_hits.inc();
+    Some(Reply::cached(user))
+}
