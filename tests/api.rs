@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use futures_util::future::join_all;
 use sim::{Fixture, FixtureDevice, FixtureUser};
 
 fn fixture() -> Fixture {
@@ -349,4 +350,56 @@ async fn cluster_routing_default_and_case() {
     let gw = Gateway::start(config).await;
     gw.login(&device(2), "user2").await.expect(200, 0);
     assert_eq!(eu.logged_in_user(&device(2)).as_deref(), Some("user2"));
+}
+
+const WRONG_CREDS: &str = "<appID>bcapp</appID><appCertificate>wrong</appCertificate>";
+
+#[actix_web::test]
+async fn a_flood_of_wrong_credentials_costs_cucm_one_call() {
+    let sim = simulator(4, |_| {});
+    let gw = gateway(&sim).await;
+    let wrong = format!("<request>{WRONG_CREDS}</request>");
+    let answers = join_all((0..20).map(|i| {
+        let path = format!("/api/getloggedinuser/{}", device(1 + i % 4));
+        let gw = &gw;
+        let wrong = &wrong;
+        async move { gw.post_form(&path, wrong).await }
+    }))
+    .await;
+    // The first answers may be in flight together; after CUCM's first 3 the rest are
+    // answered from memory.
+    assert!(answers.iter().all(|a| a.code == Some(3)));
+    let first_wave = sim.stats().calls_total;
+    assert!(first_wave <= 4, "{first_wave} CUCM calls for 20 requests");
+    for _ in 0..10 {
+        gw.post_form(&format!("/api/logout/{}", device(1)), &wrong)
+            .await
+            .expect(200, 3);
+    }
+    assert_eq!(sim.stats().calls_total, first_wave);
+    let metrics = gw.metrics().await;
+    assert!(metric(&metrics, "bc_rejected_credentials_total{cluster=\"EU\"}") >= 10.0);
+    // The right credentials are not affected.
+    gw.login_seeded(1).await.expect(200, 0);
+}
+
+#[actix_web::test]
+async fn a_logout_with_wrong_credentials_keeps_the_cached_state() {
+    let sim = simulator(2, |_| {});
+    let gw = gateway(&sim).await;
+    gw.login_seeded(1).await.expect(200, 0);
+    gw.query(&device(1)).await.expect(200, 0);
+    let queries = sim.stats().calls_device_user_query;
+    gw.post_form(
+        &format!("/api/logout/{}", device(1)),
+        &format!("<request>{WRONG_CREDS}</request>"),
+    )
+    .await
+    .expect(200, 3);
+    // CUCM refused the change: the device's entry still answers, without a query.
+    let after = gw.query(&device(1)).await;
+    after.expect(200, 0);
+    assert_eq!(after.user.as_deref(), Some("user1"));
+    assert_eq!(sim.stats().calls_device_user_query, queries);
+    assert_eq!(sim.logged_in_user(&device(1)).as_deref(), Some("user1"));
 }

@@ -2,8 +2,13 @@
 //!
 //! Set by successful logins, logouts and queries; read by getloggedinuser while fresh.
 //! The HTTP handlers read it directly (no actor hop for a hit); the cluster actor
-//! writes it, and removes a device's entry the moment a login or logout for that
-//! device is accepted, so a hit never jumps ahead of a queued change.
+//! writes it. While a login or logout for a device is pending, the device is *held*:
+//! its entry answers nobody (a hit never jumps ahead of a queued change) but is kept,
+//! so a change CUCM refuses (bad credentials, say) costs the device nothing — an
+//! unauthenticated caller cannot empty the cache and force CUCM queries.
+//!
+//! Credentials CUCM just refused (code 3) are remembered for a few seconds, so a flood
+//! of requests with a wrong password is answered without spending the cluster's rate.
 //!
 //! A hit is only served to credentials CUCM has accepted recently: the cache must not
 //! become a way around CUCM's own authentication of the application user.
@@ -20,6 +25,8 @@ use crate::operation::{DeviceName, UserId};
 /// More distinct application users than this in one TTL is not a real deployment;
 /// the set is pruned to its fresh entries when it grows past it.
 const MAX_VERIFIED_CREDENTIALS: usize = 1024;
+/// How long credentials CUCM refused are answered 3 without asking CUCM again.
+pub const REJECTED_CREDENTIALS_TTL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -36,6 +43,10 @@ pub struct LoggedInCache {
     last_device_of: DashMap<UserId, DeviceName>,
     /// Credential fingerprints CUCM accepted, and until when that counts.
     verified: DashMap<u64, Instant>,
+    /// Credential fingerprints CUCM refused (code 3), and until when that counts.
+    rejected: DashMap<u64, Instant>,
+    /// Devices with a login or logout pending, and how many.
+    held: DashMap<DeviceName, u32>,
     entries_gauge: IntGauge,
 }
 
@@ -47,6 +58,8 @@ impl LoggedInCache {
             entries: DashMap::new(),
             last_device_of: DashMap::new(),
             verified: DashMap::new(),
+            rejected: DashMap::new(),
+            held: DashMap::new(),
             entries_gauge,
         }
     }
@@ -66,7 +79,7 @@ impl LoggedInCache {
             .verified
             .get(&credentials)
             .is_some_and(|until| *until > now);
-        if !allowed {
+        if !allowed || self.held.contains_key(device) {
             return None;
         }
         let entry = self.entries.get(device)?;
@@ -97,8 +110,43 @@ impl LoggedInCache {
         }
     }
 
+    /// A login or logout for the device is queued: no answers for it until it is over.
+    pub fn hold(&self, device: &DeviceName) {
+        *self.held.entry(device.clone()).or_insert(0) += 1;
+    }
+
+    /// A login or logout for the device is over (whatever its outcome).
+    pub fn release(&self, device: &DeviceName) {
+        self.held.remove_if_mut(device, |_, count| {
+            *count = count.saturating_sub(1);
+            *count == 0
+        });
+    }
+
+    /// CUCM refused these credentials just now (code 3).
+    pub fn mark_rejected(&self, credentials: u64) {
+        let now = Instant::now();
+        if self.rejected.len() >= MAX_VERIFIED_CREDENTIALS {
+            self.rejected.retain(|_, until| *until > now);
+            if self.rejected.len() >= MAX_VERIFIED_CREDENTIALS {
+                return;
+            }
+        }
+        self.verified.remove(&credentials);
+        self.rejected
+            .insert(credentials, now + REJECTED_CREDENTIALS_TTL);
+    }
+
+    /// Whether CUCM refused these credentials within the last few seconds.
+    pub fn recently_rejected(&self, credentials: u64) -> bool {
+        self.rejected
+            .get(&credentials)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
     /// CUCM accepted these credentials just now.
     pub fn mark_verified(&self, credentials: u64) {
+        self.rejected.remove(&credentials);
         if !self.enabled() {
             return;
         }
@@ -114,6 +162,7 @@ impl LoggedInCache {
         let now = Instant::now();
         self.entries.retain(|_, e| e.expires > now);
         self.verified.retain(|_, until| *until > now);
+        self.rejected.retain(|_, until| *until > now);
         // Collected first: never touch one map while holding a guard of another.
         let stale: Vec<UserId> = self
             .last_device_of
@@ -174,6 +223,43 @@ mod tests {
         assert_eq!(cache.get(&device("SEP1"), 1), Some(None));
         cache.invalidate(&device("SEP1"));
         assert_eq!(cache.get(&device("SEP1"), 1), None);
+    }
+
+    #[test]
+    fn a_held_device_answers_nothing_but_keeps_its_entry() {
+        let cache = cache(10_000);
+        cache.mark_verified(1);
+        cache.set(&device("SEP1"), Some(user("alice")));
+        cache.hold(&device("SEP1"));
+        cache.hold(&device("SEP1"));
+        assert_eq!(cache.get(&device("SEP1"), 1), None);
+        cache.release(&device("SEP1"));
+        assert_eq!(
+            cache.get(&device("SEP1"), 1),
+            None,
+            "one change still pending"
+        );
+        cache.release(&device("SEP1"));
+        assert_eq!(cache.get(&device("SEP1"), 1), Some(Some(user("alice"))));
+        cache.release(&device("SEP1"));
+        assert_eq!(cache.get(&device("SEP1"), 1), Some(Some(user("alice"))));
+    }
+
+    #[test]
+    fn refused_credentials_are_remembered_until_accepted() {
+        let cache = cache(10_000);
+        cache.mark_verified(7);
+        cache.mark_rejected(7);
+        assert!(cache.recently_rejected(7));
+        assert!(!cache.recently_rejected(8));
+        cache.set(&device("SEP1"), None);
+        assert_eq!(cache.get(&device("SEP1"), 7), None, "no longer verified");
+        cache.mark_verified(7);
+        assert!(!cache.recently_rejected(7));
+        // Also with the cache off: it protects CUCM's rate, not the cache.
+        let off = super::tests::cache(0);
+        off.mark_rejected(3);
+        assert!(off.recently_rejected(3));
     }
 
     #[test]

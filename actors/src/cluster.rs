@@ -127,7 +127,7 @@ impl ClusterActor {
             Offer::Joined => self.metrics.cache_coalesced.inc(),
             Offer::Queued if mutates => {
                 // From now on the cached state of this device is about to change.
-                self.cache.invalidate(&device);
+                self.cache.hold(&device);
             }
             Offer::Queued => {}
             Offer::Shed(shed, pending) => {
@@ -153,6 +153,9 @@ impl ClusterActor {
                 Step::Start(started) => self.call(started, ctx),
                 Step::Expired(op, error) => {
                     self.metrics.shed_deadline.inc();
+                    if op.operation.mutates() {
+                        self.cache.release(op.operation.device());
+                    }
                     answer_all(op.waiters, Reply::failed(error));
                 }
                 Step::Wait(wait) => {
@@ -273,8 +276,16 @@ impl ClusterActor {
                 if meaning.credentials_accepted {
                     self.cache.mark_verified(op.credentials.fingerprint());
                 }
-                if let CacheEffect::Set(user) = meaning.cache {
-                    self.cache.set(&device, user);
+                if rules::refuses_credentials(&meaning.result) {
+                    self.cache.mark_rejected(op.credentials.fingerprint());
+                }
+                match meaning.cache {
+                    CacheEffect::Set(user) => self.cache.set(&device, user),
+                    CacheEffect::Forget => self.cache.invalidate(&device),
+                    CacheEffect::Unchanged => {}
+                }
+                if op.operation.mutates() {
+                    self.cache.release(&device);
                 }
                 let reply = Reply {
                     result: meaning.result,

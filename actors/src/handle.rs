@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::cache::LoggedInCache;
 use crate::cluster::ClusterActor;
+use crate::em::rules::{code, cucm_message};
 use crate::em::EmClient;
 use crate::metrics::ClusterMetrics;
 use crate::operation::{Credentials, OpError, Operation, Reply};
@@ -59,7 +60,16 @@ impl ClusterHandle {
         credentials: Credentials,
         deadline: Instant,
     ) -> Reply {
-        // Fast path: a fresh hit needs no actor hop. The actor removes a device's entry
+        // CUCM refused these credentials seconds ago: it would again, at the cost of a
+        // slot and a rate token the cluster's real callers need.
+        if self.cache.recently_rejected(credentials.fingerprint()) {
+            self.metrics.rejected_credentials.inc();
+            return Reply::failed(OpError::Cucm {
+                code: code::INVALID_APP_USER,
+                text: cucm_message(code::INVALID_APP_USER).into(),
+            });
+        }
+        // Fast path: a fresh hit needs no actor hop. The actor holds a device's entry
         // when a change for it is queued, so this never jumps a change.
         if let Some(reply) = cached_answer(&self.cache, &self.metrics, &operation, &credentials) {
             return reply;

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub node_up: IntGaugeVec,
     pub node_failovers: IntCounterVec,
     pub rate_limiter_waits: IntCounterVec,
+    pub rejected_credentials: IntCounterVec,
     pub discovery: IntCounterVec,
     pub pin_logins: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -164,6 +165,11 @@ impl Metrics {
                 "Times the cluster's rate limiter (max_requests_per_second, burst) made an operation wait for a token.",
                 &["cluster"],
             )?,
+            rejected_credentials: counter(
+                "bc_rejected_credentials_total",
+                "Requests answered 3 (invalid application user) without calling CUCM, because CUCM refused the same credentials seconds before.",
+                &["cluster"],
+            )?,
             discovery: counter(
                 "bc_discovery_total",
                 "Requests without a cluster code whose device's cluster was looked up, by outcome: remembered (from an earlier lookup), found, nowhere (code 11), several (1011), failed (1003), refused (a cluster's own error).",
@@ -234,6 +240,7 @@ pub struct ClusterMetrics {
     pub cache_coalesced: prometheus::IntCounter,
     pub cache_entries: IntGauge,
     pub rate_limiter_waits: prometheus::IntCounter,
+    pub rejected_credentials: prometheus::IntCounter,
 }
 
 impl ClusterMetrics {
@@ -259,6 +266,7 @@ impl ClusterMetrics {
             cache_coalesced: metrics.cache_coalesced.with_label_values(c),
             cache_entries: metrics.cache_entries.with_label_values(c),
             rate_limiter_waits: metrics.rate_limiter_waits.with_label_values(c),
+            rejected_credentials: metrics.rejected_credentials.with_label_values(c),
         }
     }
 }

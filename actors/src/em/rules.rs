@@ -66,6 +66,18 @@ pub enum Verdict {
 
 /// The meaning of a call made at `stage` of `operation`.
 pub fn judge(operation: &Operation, stage: usize, exchange: Exchange) -> Verdict {
+    match judge_stage(operation, stage, exchange) {
+        Verdict::Done(mut meaning) => {
+            if operation.mutates() && outcome_unknown(&meaning.result) {
+                meaning.cache = CacheEffect::Forget;
+            }
+            Verdict::Done(meaning)
+        }
+        next => next,
+    }
+}
+
+fn judge_stage(operation: &Operation, stage: usize, exchange: Exchange) -> Verdict {
     let (device, user) = match operation {
         Operation::PinLogin { device, user, .. } => (device, user),
         _ => {
@@ -177,6 +189,8 @@ pub enum CacheEffect {
     Unchanged,
     /// Who is logged in on the device now (`None`: nobody).
     Set(Option<UserId>),
+    /// Nobody knows: a login or logout may or may not have happened.
+    Forget,
 }
 
 /// The meaning of one CUCM exchange.
@@ -204,6 +218,29 @@ impl Interpretation {
 
 /// CUCM's answer (or the lack of one) → the caller's result and the cache effect.
 pub fn interpret(operation: &Operation, result: Result<Answered, CallError>) -> Interpretation {
+    let mut meaning = interpret_answer(operation, result);
+    if operation.mutates() && outcome_unknown(&meaning.result) {
+        meaning.cache = CacheEffect::Forget;
+    }
+    meaning
+}
+
+/// A failure after which a login or logout may have taken effect or not.
+fn outcome_unknown(result: &Result<Outcome, OpError>) -> bool {
+    matches!(
+        result,
+        Err(OpError::Unavailable { .. }
+            | OpError::InvalidResponse { .. }
+            | OpError::CucmUnknown { .. })
+    )
+}
+
+/// Whether CUCM refused the application user's credentials.
+pub fn refuses_credentials(result: &Result<Outcome, OpError>) -> bool {
+    matches!(result, Err(OpError::Cucm { code, .. }) if *code == code::INVALID_APP_USER)
+}
+
+fn interpret_answer(operation: &Operation, result: Result<Answered, CallError>) -> Interpretation {
     let answered = match result {
         Ok(answered) => answered,
         Err(CallError::Unavailable(reason)) => {
@@ -457,7 +494,7 @@ mod tests {
     /// effect, whether the credentials count as accepted.
     #[test]
     fn every_code_rule() {
-        use CacheEffect::{Set, Unchanged};
+        use CacheEffect::{Forget, Set, Unchanged};
         let rows: Vec<Row> = vec![
             (
                 "login ok",
@@ -538,7 +575,7 @@ mod tests {
                 Err(OpError::CucmUnknown {
                     text: "Unknown Error".into(),
                 }),
-                Unchanged,
+                Forget,
                 false,
             ),
             (
@@ -546,7 +583,7 @@ mod tests {
                 logout(),
                 failed(None, "odd"),
                 Err(OpError::CucmUnknown { text: "odd".into() }),
-                Unchanged,
+                Forget,
                 false,
             ),
             (
@@ -612,7 +649,7 @@ mod tests {
                 Err(OpError::InvalidResponse {
                     detail: "an answer of the wrong kind: deviceUserResults".into(),
                 }),
-                Unchanged,
+                Forget,
                 false,
             ),
             (
@@ -628,6 +665,16 @@ mod tests {
             (
                 "unavailable",
                 login(),
+                Err(CallError::Unavailable("down".into())),
+                Err(OpError::Unavailable {
+                    reason: "down".into(),
+                }),
+                Forget,
+                false,
+            ),
+            (
+                "query unavailable",
+                query(),
                 Err(CallError::Unavailable("down".into())),
                 Err(OpError::Unavailable {
                     reason: "down".into(),
@@ -743,6 +790,19 @@ mod tests {
         for (name, stage, exchange, expected) in rows {
             assert_eq!(done(judge(&op, stage, exchange)).result, expected, "{name}");
         }
+    }
+
+    #[test]
+    fn a_pin_login_that_may_have_happened_forgets_the_device() {
+        let op = pin_login();
+        let lost = Exchange::EmApp(Err(CallError::Unavailable("timed out".into())));
+        assert_eq!(done(judge(&op, 1, lost)).cache, CacheEffect::Forget);
+        assert_eq!(
+            done(judge(&op, 1, page(Some(204)))).cache,
+            CacheEffect::Unchanged
+        );
+        assert!(refuses_credentials(&cucm(3, "Invalid App User")));
+        assert!(!refuses_credentials(&cucm(18, "x")));
     }
 
     #[test]
