@@ -2,6 +2,8 @@
 //! Extension Mobility. See README.md for the design map.
 
 pub mod config;
+pub mod dashboard;
 pub mod demo;
+pub mod history_api;
 pub mod northbound;
 pub mod server;

@@ -11,6 +11,8 @@ use actors::metrics::MetricsError;
 use actors::{Metrics, Router};
 
 use crate::config::Config;
+use crate::dashboard::{self, Admin, DashboardError};
+use crate::history_api::{self, HistoryApiError};
 use crate::northbound::handlers::{self, AppState};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,10 @@ pub enum ServerError {
     Cluster(#[from] ClusterError),
     #[error("HTTP server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    History(#[from] HistoryApiError),
+    #[error("dashboard: {0}")]
+    Dashboard(#[from] DashboardError),
 }
 
 /// Starts the cluster actors and serves until `shutdown` resolves; then stops
@@ -32,6 +38,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::new()?);
+    let history = history_api::open(&config.history, metrics.registry())?;
+    let admin = web::Data::new(Admin::new(
+        &config.dashboard,
+        &config.history,
+        history.clone(),
+        metrics.clone(),
+    )?);
+    let sampler = dashboard::start_sampler(admin.clone());
     let router = Router::launch(
         &config.clusters,
         config.default_cluster.as_deref(),
@@ -42,6 +56,7 @@ pub async fn run(
         metrics,
         deadline: config.deadline(),
         max_body_bytes: config.max_body_bytes,
+        history: history.clone(),
     });
     let workers = match config.workers {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -50,6 +65,8 @@ pub async fn run(
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            .app_data(admin.clone())
+            .configure(dashboard::routes)
             .route("/metrics", web::get().to(handlers::metrics))
             .route("/healthz", web::get().to(handlers::healthz))
             .route("/readyz", web::get().to(handlers::readyz))
@@ -68,6 +85,10 @@ pub async fn run(
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         handle.stop(true).await;
     });
-    server.await?;
+    let served = server.await;
+    sampler.abort();
+    // After the last request: flush what is queued (SIGTERM must not lose records).
+    history_api::close(history).await;
+    served?;
     Ok(())
 }

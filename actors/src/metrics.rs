@@ -180,6 +180,12 @@ impl Metrics {
         Ok(metrics)
     }
 
+    /// The registry behind every series, so other parts of the gateway (the history,
+    /// the dashboard) can register theirs and appear in the same `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Prometheus text exposition of every series.
     pub fn render(&self) -> String {
         let mut buffer = Vec::with_capacity(16 * 1024);

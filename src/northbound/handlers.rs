@@ -22,6 +22,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub deadline: Duration,
     pub max_body_bytes: usize,
+    /// Where every answered request is recorded; `None` with `[history] enabled = false`.
+    pub history: Option<Arc<history::History>>,
 }
 
 /// `/api/{call}[/{segments}...]`, GET or POST.
@@ -58,6 +60,7 @@ pub async fn api(
 
     let message = read_message(&request, payload, state.max_body_bytes).await;
     let mut record = RequestRecord::new(call, started);
+    record.client = request.peer_addr().map(|peer| peer.ip().to_string());
     let doc = match screen(&state, call, &segments[2..], message, &mut record) {
         Err(Screened::NotFound) => return plain(StatusCode::NOT_FOUND, "not found\n"),
         Err(Screened::Refused(failure)) => ResultDoc::failure(
@@ -95,7 +98,7 @@ pub async fn api(
         }
     };
     record.answered(&doc);
-    record.publish(&state.metrics);
+    record.publish(&state.metrics, state.history.as_deref());
     xml_response(doc.status, doc.render(), doc.retry_after)
 }
 
