@@ -48,7 +48,24 @@ pub struct HistorySettings {
     pub queue_capacity: usize,
     /// This instance's name in every record; default the host name, else "gateway".
     pub instance: Option<String>,
+    /// Test seam: a history the caller opened (so a test can pause its writer), used
+    /// instead of opening one from the settings above. Never set from a config file.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub opened: Option<OpenedHistory>,
 }
+
+/// A history opened outside the gateway; equal only to itself.
+#[derive(Clone)]
+pub struct OpenedHistory(pub Arc<History>);
+
+impl PartialEq for OpenedHistory {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for OpenedHistory {}
 
 impl Default for HistorySettings {
     fn default() -> Self {
@@ -60,6 +77,7 @@ impl Default for HistorySettings {
             retention_days: defaults.retention_days,
             queue_capacity: defaults.queue_capacity,
             instance: None,
+            opened: None,
         }
     }
 }
@@ -77,6 +95,7 @@ impl fmt::Debug for HistorySettings {
             .field("retention_days", &self.retention_days)
             .field("queue_capacity", &self.queue_capacity)
             .field("instance", &self.instance)
+            .field("opened", &self.opened.is_some())
             .finish()
     }
 }
@@ -160,6 +179,13 @@ pub fn open(
     settings: &HistorySettings,
     registry: &Registry,
 ) -> Result<Option<Arc<History>>, HistoryApiError> {
+    if let Some(OpenedHistory(history)) = &settings.opened {
+        // Its counters join the gateway's registry, so /metrics shows them as usual.
+        let metrics = history.metrics();
+        registry.register(Box::new(metrics.dropped.clone()))?;
+        registry.register(Box::new(metrics.written.clone()))?;
+        return Ok(Some(history.clone()));
+    }
     let metrics = HistoryMetrics::register(registry)?;
     if !settings.enabled {
         return Ok(None);
