@@ -92,6 +92,21 @@ function renderClusters(status) {
     card.append(answers);
     return card;
   });
+  const unrouted = Object.keys(status.unrouted || {});
+  if (unrouted.length > 0) {
+    // Refused before a cluster was chosen (no credentials, unknown cluster code, …).
+    const card = el("div", null, "cluster");
+    card.append(el("h3", "no cluster"), el("div", "refused before routing, last " +
+      Math.max(1, Math.round(status.window_seconds / 60)) + " min", "muted"));
+    const answers = el("table", null, "answers");
+    for (const code of unrouted.sort((a, b) => Number(a) - Number(b))) {
+      const row = el("tr", null, "fail");
+      row.append(el("td", code, "code"), el("td", status.unrouted[code]));
+      answers.append(row);
+    }
+    card.append(answers);
+    cards.push(card);
+  }
   box.replaceChildren(...cards);
 }
 
