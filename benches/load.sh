@@ -2,7 +2,8 @@
 # Business Connector load harness: "does the gateway add latency?" and "what happens
 # at 8:55 on Monday?", measured side by side in one run. See BENCHMARKS.md.
 #
-#   benches/load.sh [all|latency|storm|memory]     (default: all)
+#   benches/load.sh [all|latency|storm|memory|history]     (default: all; history runs
+#                                                          only when named)
 #
 # Stages:
 #   latency  direct to cucm-sim / nginx proxy_pass / gateway pass-through / gateway
@@ -11,6 +12,8 @@
 #   storm    1,000 logins at once against --max-concurrent 5 --latency-ms 100, the
 #            logouts back, and 100,000 getloggedinuser over 1,000 devices.
 #   memory   gateway RSS with 100,000 devices cached and 10,000 client connections.
+#   history  cache-hit peak throughput with the request history off vs on (SQLite),
+#            interleaved, RUNS runs each.
 #
 # Knobs (environment): RUNS=3 DURATION=10 (s per peak/fixed-rate run) WARMUP=2
 # CONNS=32 FIXED_RATE (req/s; default half the lower pass-through peak)
@@ -22,8 +25,8 @@
 set -euo pipefail
 
 STAGE=${1:-all}
-case "$STAGE" in all | latency | storm | memory) ;; *)
-    echo "usage: $0 [all|latency|storm|memory]" >&2
+case "$STAGE" in all | latency | storm | memory | history) ;; *)
+    echo "usage: $0 [all|latency|storm|memory|history]" >&2
     exit 2
     ;;
 esac
@@ -177,7 +180,7 @@ need_tools() {
     local missing=()
     command -v taskset >/dev/null || missing+=(util-linux)
     command -v jq >/dev/null || missing+=(jq)
-    if [ "$STAGE" = all ] || [ "$STAGE" = latency ]; then
+    if [ "$STAGE" = all ] || [ "$STAGE" = latency ] || [ "$STAGE" = history ]; then
         command -v wrk >/dev/null || missing+=(wrk)
         command -v nginx >/dev/null || missing+=(nginx)
         command -v curl >/dev/null || missing+=(curl)
@@ -475,6 +478,64 @@ stage_memory() {
     } | tee "$OUT/memory-tables.txt"
 }
 
+# ---------------------------------------------------------------- stage: history
+# What recording every request costs on the hottest path: two gateways with the same
+# warm cache, one with [history] enabled = false, one writing to SQLite; every answer is
+# a cache hit, so the only difference is building and queueing one record per request
+# (and the writer thread, which shares the gateway's CPU).
+stage_history() {
+    log "== history: cache-hit throughput, history off vs on"
+    local p_sim=$((PORT_BASE + 30)) p_off=$((PORT_BASE + 31)) p_on=$((PORT_BASE + 32))
+    local cluster=('max_concurrent = 100' 'max_requests_per_second = 0' 'cache_ttl_ms = 3600000' 'queue_limit = 100000')
+    write_wrk_script
+    start_sim sim-history "$p_sim" --devices "$DEVICES" --users "$DEVICES"
+    LAT_SIM_STATS=$SIM_STATS
+    local sim_pid=$SIM_PID
+    wait_port "$p_sim"
+    gateway_config "$OUT/gateway-history-off.toml" "$p_off" "$p_sim" 'workers = 1' \
+        '[history]' 'enabled = false' -- "${cluster[@]}"
+    gateway_config "$OUT/gateway-history-on.toml" "$p_on" "$p_sim" 'workers = 1' \
+        '[history]' "path = \"$OUT/history.sqlite\"" -- "${cluster[@]}"
+    start_gateway history-off "$OUT/gateway-history-off.toml" "$p_off"
+    local off_pid=$GW_PID
+    start_gateway history-on "$OUT/gateway-history-on.toml" "$p_on"
+    local on_pid=$GW_PID
+    local scenario run
+    declare -A port=([history-off]=$p_off [history-on]=$p_on)
+    for scenario in history-off history-on; do
+        taskset -c "$GEN_CPU" "$BIN/bc-load" --url "http://127.0.0.1:${port[$scenario]}" \
+            --mode northbound --rate 2000 --duration 2 --warmup 0.5 \
+            --connections "$CONNS" --devices "$DEVICES" >"$OUT/sanity-$scenario.json"
+        jq -e '.errors == 0 and .unexpected == 0' "$OUT/sanity-$scenario.json" >/dev/null ||
+            die "$scenario: errors or unexpected answers in the warm-up: $(cat "$OUT/sanity-$scenario.json")"
+    done
+    other_work "before history peak"
+    for run in $(seq 1 "$RUNS"); do
+        for scenario in history-off history-on; do
+            log "history peak run $run/$RUNS: $scenario"
+            wrk_peak "$scenario" "${port[$scenario]}" northbound "$run"
+        done
+    done
+    other_work "after history peak"
+    local written dropped
+    written=$(curl -fsS "http://127.0.0.1:$p_on/metrics" | awk '$1 == "bc_history_written_total" {print $2}')
+    dropped=$(curl -fsS "http://127.0.0.1:$p_on/metrics" | awk '$1 == "bc_history_dropped_total" {print $2}')
+    for pid in "$off_pid" "$on_pid" "$sim_pid"; do stop "$pid"; done
+    {
+        echo "HISTORY: cache-hit peak (wrk -t1 -c$CONNS -d${DURATION}s, median of $RUNS, interleaved)"
+        printf '  %-12s %10s %9s %9s   %s\n' scenario req/s p50_ms p99_ms "per run req/s"
+        for scenario in history-off history-on; do
+            printf '  %-12s %10.0f %9.3f %9.3f   %s\n' "$scenario" \
+                "$(median "$OUT/peak.jsonl" "$scenario" rps)" \
+                "$(jq -n "$(median "$OUT/peak.jsonl" "$scenario" p50_us) / 1000")" \
+                "$(jq -n "$(median "$OUT/peak.jsonl" "$scenario" p99_us) / 1000")" \
+                "$(jq -rs --arg s "$scenario" '[.[] | select(.scenario == $s) | .rps | floor] | join(" / ")' "$OUT/peak.jsonl")"
+        done
+        echo "  on/off: $(jq -n "$(median "$OUT/peak.jsonl" history-on rps) / $(median "$OUT/peak.jsonl" history-off rps) * 1000 | round / 1000")   (goal >= 0.95)"
+        echo "  history-on records written: ${written:-?}, dropped: ${dropped:-?}"
+    } | tee "$OUT/history-tables.txt" >/dev/null
+}
+
 # ---------------------------------------------------------------- main
 need_tools
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -490,9 +551,10 @@ all)
 latency) stage_latency ;;
 storm) stage_storm ;;
 memory) stage_memory ;;
+history) stage_history ;;
 esac
 log "raw results in $OUT"
-for table in latency storm memory; do
+for table in latency storm memory history; do
     [ -f "$OUT/$table-tables.txt" ] && cat "$OUT/$table-tables.txt"
 done
 exit 0

@@ -82,6 +82,12 @@ pub struct Config {
     pub access: AccessConfig,
     #[serde(rename = "cluster", default)]
     pub clusters: Vec<ClusterConfig>,
+    /// `[history]` (SPEC §10): what is recorded where.
+    #[serde(default)]
+    pub history: crate::history_api::HistorySettings,
+    /// `[dashboard]`: who may see the dashboard and the history.
+    #[serde(default)]
+    pub dashboard: crate::dashboard::DashboardSettings,
 }
 
 mod defaults {
@@ -153,6 +159,10 @@ impl Config {
             tls: None,
             access: AccessConfig::default(),
             clusters: vec![cluster],
+            // Off: tests run side by side and must not share one file; the demo and
+            // the history tests turn it on with a file of their own.
+            history: crate::history_api::HistorySettings::disabled(),
+            dashboard: crate::dashboard::DashboardSettings::default(),
         }
     }
 
@@ -205,6 +215,12 @@ impl Config {
                 ));
             }
         }
+        self.history
+            .validate()
+            .map_err(|(key, message)| (None, key, message))?;
+        self.dashboard
+            .validate()
+            .map_err(|(key, message)| (None, key, message))?;
         if let Some(default) = &self.default_cluster {
             if !codes.contains(&default.trim().to_ascii_uppercase()) {
                 return Err((

@@ -23,6 +23,11 @@ pub fn start(listen: SocketAddr) -> Result<(SimHandle, Config), sim::SimError> {
     let cluster = ClusterConfig::new("DEMO", vec![simulator.url()]);
     let mut config = Config::single_cluster(cluster);
     config.listen = listen;
+    // The demo records too, in the temp dir: a demo run should not leave a database in
+    // whatever directory it was started from.
+    config.history = crate::history_api::HistorySettings::sqlite(
+        std::env::temp_dir().join("business-connector-demo-history.sqlite"),
+    );
     Ok((simulator, config))
 }
 

@@ -3,7 +3,9 @@
 
 pub mod access;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
+pub mod history_api;
 pub mod northbound;
 pub mod server;
 pub mod tls;

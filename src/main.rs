@@ -24,12 +24,25 @@ struct Args {
     /// Check the config and exit.
     #[arg(long, requires = "config")]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Read a password (one line) from stdin and print its Argon2 hash for
+    /// `[dashboard] users = [{ name = "…", password_hash = "…" }]`.
+    HashPassword,
 }
 
 #[actix_web::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match serve(args).await {
+    let result = match args.command {
+        Some(Command::HashPassword) => hash_password(),
+        None => serve(args).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // The whole chain on one line, never a backtrace: a CLI error reads the same
@@ -96,6 +109,21 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     server::run(listener, config, shutdown_signal()).await?;
     drop(demo_sim);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `business-connector hash-password`: the first line of stdin (without its line end)
+/// → a PHC string on stdout. Nothing else is printed there, so `$(…)` captures the hash.
+fn hash_password() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    anyhow::ensure!(!password.is_empty(), "empty password on stdin");
+    let hash = history::password::hash_password(password)?;
+    println!("{hash}");
     Ok(())
 }
 

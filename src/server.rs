@@ -18,6 +18,8 @@ use actors::{Metrics, Router};
 
 use crate::access::{Access, AccessGuard};
 use crate::config::Config;
+use crate::dashboard::{self, Admin, DashboardError};
+use crate::history_api::{self, HistoryApiError};
 use crate::northbound::handlers::{self, AppState};
 use crate::tls::{self, TlsError};
 
@@ -31,6 +33,10 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Tls(#[from] TlsError),
+    #[error("history: {0}")]
+    History(#[from] HistoryApiError),
+    #[error("dashboard: {0}")]
+    Dashboard(#[from] DashboardError),
 }
 
 /// Set once shutdown has begun; `/readyz` then answers 503 whatever the clusters say.
@@ -57,6 +63,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::new()?);
+    let history = history_api::open(&config.history, metrics.registry())?;
+    let admin = web::Data::new(Admin::new(
+        &config.dashboard,
+        &config.history,
+        history.clone(),
+        metrics.clone(),
+    )?);
+    let sampler = dashboard::start_sampler(admin.clone());
     let router = Router::launch(
         &config.clusters,
         config.default_cluster.as_deref(),
@@ -71,6 +85,7 @@ pub async fn run(
         max_body_bytes: config.max_body_bytes,
         client_timeout: config.client_timeout(),
         access: access.clone(),
+        history: history.clone(),
     });
     let draining = web::Data::new(Draining(AtomicBool::new(false)));
     let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
@@ -85,6 +100,8 @@ pub async fn run(
                 .wrap(AccessGuard(access.clone()))
                 .app_data(state.clone())
                 .app_data(draining.clone())
+                .app_data(admin.clone())
+                .configure(dashboard::routes)
                 .route("/metrics", web::get().to(handlers::metrics))
                 .route("/healthz", web::get().to(handlers::healthz))
                 .route("/readyz", web::get().to(readyz))
@@ -125,6 +142,10 @@ pub async fn run(
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         handle.stop(true).await;
     });
-    server.await?;
+    let served = server.await;
+    sampler.abort();
+    // After the last request: flush what is queued (SIGTERM must not lose records).
+    history_api::close(history).await;
+    served?;
     Ok(())
 }

@@ -149,6 +149,15 @@ async fn a_mixed_workload_shows_in_every_family() {
             "{name}{matching:?} is zero or missing:\n{after}"
         );
     }
+    // Exported even with recording off (as here), so the history alert always has a
+    // series to watch.
+    for name in [
+        "bc_history_dropped_total",
+        "bc_history_written_total",
+        "bc_dashboard_auth_failures_total",
+    ] {
+        assert!(after.contains(&format!("\n{name} ")), "{name} is exported");
+    }
     // Whole seconds in the prometheus crate: present, but zero for a short test.
     assert!(
         after.contains("\nprocess_cpu_seconds_total "),

@@ -392,7 +392,9 @@ async fn a_hung_cucm_gets_answers_by_the_deadline_and_never_more_than_max_concur
         };
         for (took, answer) in answers {
             assert!(
-                took < deadline + Duration::from_millis(250), // debug build on a shared 2-core machine
+                // The client's clock also counts connecting and queueing for the one
+                // worker; before the fix answers came a whole second late (2.5 s).
+                took < deadline + Duration::from_millis(600),
                 "answered after {took:?}: {}",
                 answer.body
             );

@@ -209,6 +209,12 @@ impl Metrics {
         Ok(metrics)
     }
 
+    /// The registry behind every series, so other parts of the gateway (the history,
+    /// the dashboard) can register theirs and appear in the same `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Prometheus text exposition of every series.
     /// Adds a series owned elsewhere (the northbound access counters) to the exposition.
     pub fn register(

@@ -25,6 +25,8 @@ pub struct AppState {
     /// The body must arrive within this (the head is bounded by actix).
     pub client_timeout: Duration,
     pub access: Arc<crate::access::Access>,
+    /// Where every answered request is recorded; `None` with `[history] enabled = false`.
+    pub history: Option<Arc<history::History>>,
 }
 
 /// `/api/{call}[/{segments}...]`, GET or POST.
@@ -99,7 +101,7 @@ pub async fn api(
         }
     };
     record.answered(&doc);
-    record.publish(&state.metrics);
+    record.publish(&state.metrics, state.history.as_deref());
     xml_response(doc.status, doc.render(), doc.retry_after)
 }
 

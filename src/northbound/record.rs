@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actors::Metrics;
+use history::History;
 
 use super::request::Call;
 use super::response::{code_label, ResultDoc};
@@ -84,8 +85,14 @@ impl RequestRecord {
         self.duration = self.started.elapsed();
     }
 
-    /// Counts it in the request metrics and writes its log line.
-    pub fn publish(&self, metrics: &Metrics) {
+    /// Counts it in the request metrics, writes its log line, and queues it for the
+    /// history (never waiting: a full history queue drops and counts).
+    pub fn publish(&self, metrics: &Metrics, history: Option<&History>) {
+        if let Some(history) = history {
+            if let Some(record) = self.to_history() {
+                history.record(record);
+            }
+        }
         // Unrouted requests share one label: a caller's cluster code never becomes one.
         let cluster = self.cluster.as_deref().unwrap_or("none");
         let operation = self.call.label();
@@ -121,6 +128,38 @@ impl RequestRecord {
             "{}",
             log_safe(&self.text)
         );
+    }
+}
+
+impl RequestRecord {
+    /// The history's record of this request; `None` for getversioninfo, which SPEC §10
+    /// leaves out. Only fields the history has: no credential can reach it from here.
+    pub fn to_history(&self) -> Option<history::Record> {
+        let operation = match self.call {
+            Call::Version => return None,
+            Call::Login => history::Operation::Login,
+            Call::Logout => history::Operation::Logout,
+            Call::GetLoggedInUser => history::Operation::GetLoggedInUser,
+        };
+        let source = match self.source {
+            Source::Cucm => history::Source::Cucm,
+            Source::Cache => history::Source::Cache,
+            Source::Gateway => history::Source::Gateway,
+        };
+        let mut record = history::Record::new(operation, i64::from(self.code), source);
+        // Stamped when the request arrived, so the history's order is arrival order.
+        let now = history::UtcMillis::now();
+        let elapsed = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(0);
+        record.time = history::UtcMillis(now.0.saturating_sub(elapsed));
+        record.cluster = self.cluster.as_deref().map(str::to_string);
+        record.device.clone_from(&self.device);
+        record.user.clone_from(&self.user);
+        record.text.clone_from(&self.text);
+        record.duration_ms = u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX);
+        record.node = self.node.as_deref().map(str::to_string);
+        record.client.clone_from(&self.client);
+        record.app.clone_from(&self.app);
+        Some(record)
     }
 }
 

@@ -22,14 +22,20 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub async fn start(mut config: Config) -> Self {
+    pub async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        Self::start_on(listener, config).await
+    }
+
+    /// On a listener of the test's choice (e.g. 0.0.0.0:0 to be reached from a
+    /// non-loopback address).
+    pub async fn start_on(listener: TcpListener, mut config: Config) -> Self {
         if config.workers == 0 {
             config.workers = 1;
         }
         // No balancer watches these gateways: a test that stops one should not wait
         // out the drain (tests/binary.rs tests the drain itself).
         config.drain_ms = 0;
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
         let addr = listener.local_addr().expect("bound address");
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let (finished_tx, finished_rx) = oneshot::channel::<()>();

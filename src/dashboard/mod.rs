@@ -1,0 +1,153 @@
+//! The administrators' side (SPEC.md §10): `GET /dashboard` (one page, its script and
+//! style embedded in the binary), `GET /api/status` (the page's per-cluster panel, see
+//! `status`), and the access check shared with `GET /api/history` (see `auth`).
+//!
+//! The page is static: every value it shows comes from `/api/status` and `/api/history`
+//! and is inserted with `textContent`, never as HTML. The Content-Security-Policy allows
+//! only this origin's script and style, so even a value that slipped through could not
+//! run.
+
+pub mod auth;
+pub mod status;
+
+use std::sync::Arc;
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actors::Metrics;
+use history::History;
+use serde::Deserialize;
+
+pub use auth::DashboardUser;
+
+const PAGE: &str = include_str!("page.html");
+const SCRIPT: &str = include_str!("page.js");
+const STYLE: &str = include_str!("page.css");
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                   img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DashboardError {
+    #[error("{0}")]
+    Auth(#[from] auth::AuthError),
+}
+
+/// `[dashboard]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardSettings {
+    /// HTTP Basic users; none = loopback clients only.
+    pub users: Vec<DashboardUser>,
+}
+
+impl DashboardSettings {
+    /// Errors as (key, message), for `Config::validate`.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        auth::validate_users(&self.users)
+    }
+}
+
+/// What the dashboard, `/api/status` and `/api/history` share (one per server).
+pub struct Admin {
+    /// `None` when `[history] enabled = false`.
+    pub history: Option<Arc<History>>,
+    auth: auth::Auth,
+    sampler: status::Sampler,
+    metrics: Arc<Metrics>,
+    instance: String,
+    backend: &'static str,
+}
+
+impl Admin {
+    pub fn new(
+        settings: &DashboardSettings,
+        history_settings: &crate::history_api::HistorySettings,
+        history: Option<Arc<History>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, DashboardError> {
+        let backend = match (&history, &history_settings.url) {
+            (None, _) => "off",
+            (Some(_), Some(_)) => "postgres",
+            (Some(_), None) => "sqlite",
+        };
+        Ok(Self {
+            auth: auth::Auth::new(settings.users.clone(), metrics.registry())?,
+            history,
+            sampler: status::Sampler::default(),
+            instance: history_settings.history_config().instance,
+            metrics,
+            backend,
+        })
+    }
+
+    /// `Ok` when this client may see the dashboard and the history; else the answer.
+    pub async fn authorize(&self, request: &HttpRequest) -> Result<(), HttpResponse> {
+        self.auth.check(request).await
+    }
+}
+
+/// Snapshots the counters every `status::SAMPLE_EVERY` for the rates in `/api/status`.
+/// Abort the handle when the server stops.
+pub fn start_sampler(admin: web::Data<Admin>) -> actix_web::rt::task::JoinHandle<()> {
+    actix_web::rt::spawn(async move {
+        let mut ticks = actix_web::rt::time::interval(status::SAMPLE_EVERY);
+        loop {
+            ticks.tick().await;
+            admin.sampler.sample(&admin.metrics.render());
+        }
+    })
+}
+
+/// The routes of this module and `/api/history`; registered before the `/api/*`
+/// catch-all so they win.
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/dashboard", web::get().to(page))
+        .route("/dashboard/page.js", web::get().to(script))
+        .route("/dashboard/page.css", web::get().to(style))
+        .route("/api/status", web::get().to(status))
+        .route("/api/history", web::get().to(crate::history_api::get));
+}
+
+async fn page(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    asset(&request, &admin, "text/html; charset=utf-8", PAGE).await
+}
+
+async fn script(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    asset(&request, &admin, "text/javascript; charset=utf-8", SCRIPT).await
+}
+
+async fn style(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    asset(&request, &admin, "text/css; charset=utf-8", STYLE).await
+}
+
+async fn asset(
+    request: &HttpRequest,
+    admin: &Admin,
+    content_type: &'static str,
+    body: &'static str,
+) -> HttpResponse {
+    if let Err(refused) = admin.authorize(request).await {
+        return refused;
+    }
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, content_type))
+        .insert_header((header::CONTENT_SECURITY_POLICY, CSP))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .insert_header((header::REFERRER_POLICY, "no-referrer"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .body(body)
+}
+
+/// `GET /api/status` (see `status` for the document).
+async fn status(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    if let Err(refused) = admin.authorize(&request).await {
+        return refused;
+    }
+    let document = admin
+        .sampler
+        .status(&admin.metrics.render(), &admin.instance, admin.backend);
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(document)
+}

@@ -1,0 +1,364 @@
+//! `GET /api/status`: the dashboard's per-cluster panel, computed from the gateway's own
+//! metrics (the same numbers `/metrics` exports, so the page and Grafana never disagree).
+//!
+//! Gauges (node health, in flight, cap, queue depth) are read now. Rates need two points
+//! in time: a sampler takes a snapshot of the counters every `SAMPLE_EVERY` and keeps
+//! `WINDOW` of them; calls/s compares now with the newest snapshot at least `RATE_SPAN`
+//! old, answers by code and the cache hit ratio compare now with the oldest one (the last
+//! five minutes, or since start when younger).
+//!
+//! ```json
+//! {"time":"…Z","instance":"gw1","history":"sqlite","window_seconds":300.0,
+//!  "clusters":[{"code":"EU","nodes":[{"node":"cucm-eu-1:8443","up":true}],
+//!               "in_flight":2,"max_concurrent":5,"queue_depth":0,"cache_entries":812,
+//!               "calls_per_second":3.2,"cache_hit_ratio":0.93,"answers":{"0":512,"1004":3}}],
+//!  "unrouted":{"1006":1}}
+//! ```
+//! `calls_per_second` and `cache_hit_ratio` are `null` until there is something to divide.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+/// How often the sampler snapshots the counters.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// How far back "answers by code" and the cache hit ratio look.
+pub const WINDOW: Duration = Duration::from_secs(300);
+/// The span calls/s is averaged over (short, so the number moves with the load).
+const RATE_SPAN: Duration = Duration::from_secs(10);
+
+/// One series of the text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Series {
+    fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// The series of a Prometheus text exposition (comments skipped, unparsable lines too:
+/// this reads our own output, and a line it does not understand is simply not shown).
+pub fn parse_exposition(text: &str) -> Vec<Series> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(parse_line)
+        .collect()
+}
+
+fn parse_line(line: &str) -> Option<Series> {
+    let (head, value) = line.trim_end().rsplit_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    let (name, labels) = match head.split_once('{') {
+        None => (head, Vec::new()),
+        Some((name, rest)) => (name, parse_labels(rest.strip_suffix('}')?)?),
+    };
+    Some(Series {
+        name: name.to_string(),
+        labels,
+        value,
+    })
+}
+
+/// `a="x",b="y\"z"` → pairs, undoing the exposition's `\\`, `\"` and `\n` escapes.
+fn parse_labels(text: &str) -> Option<Vec<(String, String)>> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            let (index, c) = chars.next()?;
+            match c {
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                '"' => break index,
+                other => value.push(other),
+            }
+        };
+        labels.push((key.trim_start_matches(',').to_string(), value));
+        rest = after[end + 1..].trim_start_matches(',');
+    }
+    Some(labels)
+}
+
+/// The counters one snapshot keeps, per cluster.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct ClusterTotals {
+    cucm_calls: f64,
+    cache_hits: f64,
+    cache_misses: f64,
+    answers: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Totals {
+    clusters: BTreeMap<String, ClusterTotals>,
+    /// Requests that never reached a cluster (cluster label "none"), by code.
+    unrouted: BTreeMap<String, f64>,
+}
+
+impl Totals {
+    fn from_series(series: &[Series]) -> Self {
+        let mut totals = Totals::default();
+        for one in series {
+            let Some(cluster) = one.label("cluster") else {
+                continue;
+            };
+            match one.name.as_str() {
+                "bc_requests_total" => {
+                    let code = one.label("code").unwrap_or("?").to_string();
+                    let answers = if cluster == "none" {
+                        &mut totals.unrouted
+                    } else {
+                        &mut totals
+                            .clusters
+                            .entry(cluster.to_string())
+                            .or_default()
+                            .answers
+                    };
+                    *answers.entry(code).or_default() += one.value;
+                }
+                "bc_cucm_calls_total" => {
+                    totals.cluster(cluster).cucm_calls += one.value;
+                }
+                "bc_cache_hits_total" => totals.cluster(cluster).cache_hits += one.value,
+                "bc_cache_misses_total" => totals.cluster(cluster).cache_misses += one.value,
+                _ => {}
+            }
+        }
+        totals
+    }
+
+    fn cluster(&mut self, code: &str) -> &mut ClusterTotals {
+        self.clusters.entry(code.to_string()).or_default()
+    }
+}
+
+/// Counter snapshots over the last `WINDOW`.
+#[derive(Default)]
+pub struct Sampler {
+    samples: Mutex<VecDeque<(Instant, Totals)>>,
+}
+
+impl Sampler {
+    /// Take a snapshot of `exposition` now (the sampler task calls this every
+    /// `SAMPLE_EVERY`).
+    pub fn sample(&self, exposition: &str) {
+        self.sample_at(Instant::now(), exposition);
+    }
+
+    fn sample_at(&self, at: Instant, exposition: &str) {
+        let totals = Totals::from_series(&parse_exposition(exposition));
+        let mut samples = self.lock();
+        samples.push_back((at, totals));
+        while samples
+            .front()
+            .is_some_and(|(taken, _)| at.saturating_duration_since(*taken) > WINDOW)
+        {
+            samples.pop_front();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Totals)>> {
+        self.samples
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The `/api/status` document for the exposition as it is now.
+    pub fn status(&self, exposition: &str, instance: &str, history: &str) -> Value {
+        self.status_at(Instant::now(), exposition, instance, history)
+    }
+
+    fn status_at(&self, now: Instant, exposition: &str, instance: &str, history: &str) -> Value {
+        let series = parse_exposition(exposition);
+        let current = Totals::from_series(&series);
+        let samples = self.lock();
+        let oldest = samples.front();
+        let rate_base = samples
+            .iter()
+            .rev()
+            .find(|(taken, _)| now.saturating_duration_since(*taken) >= RATE_SPAN)
+            .or(oldest);
+        let empty = Totals::default();
+        let (window_base, window) = match oldest {
+            Some((taken, totals)) => (totals, now.saturating_duration_since(*taken)),
+            None => (&empty, Duration::ZERO),
+        };
+
+        // Clusters are the ones with a concurrency cap: every configured cluster sets it
+        // at start, whether or not it has seen traffic.
+        let mut clusters: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
+        for one in series
+            .iter()
+            .filter(|s| s.name == "bc_cucm_concurrency_limit")
+        {
+            if let Some(code) = one.label("cluster") {
+                let mut cluster = Map::new();
+                cluster.insert("code".into(), json!(code));
+                cluster.insert("nodes".into(), json!([]));
+                cluster.insert("max_concurrent".into(), json!(one.value as i64));
+                clusters.insert(code, cluster);
+            }
+        }
+        for one in &series {
+            let Some(cluster) = one.label("cluster").and_then(|c| clusters.get_mut(c)) else {
+                continue;
+            };
+            let key = match one.name.as_str() {
+                "bc_cucm_in_flight" => "in_flight",
+                "bc_queue_depth" => "queue_depth",
+                "bc_cache_entries" => "cache_entries",
+                "bc_node_up" => {
+                    if let Some(Value::Array(nodes)) = cluster.get_mut("nodes") {
+                        nodes.push(json!({
+                            "node": one.label("node").unwrap_or(""),
+                            "up": one.value >= 1.0,
+                        }));
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            cluster.insert(key.into(), json!(one.value as i64));
+        }
+        let zero = ClusterTotals::default();
+        for (code, cluster) in &mut clusters {
+            let now_totals = current.clusters.get(*code).unwrap_or(&zero);
+            let calls_per_second = rate_base.and_then(|(taken, base)| {
+                let span = now.saturating_duration_since(*taken).as_secs_f64();
+                let before = base.clusters.get(*code).map_or(0.0, |t| t.cucm_calls);
+                (span >= 0.5).then(|| round2((now_totals.cucm_calls - before).max(0.0) / span))
+            });
+            let before = window_base.clusters.get(*code).unwrap_or(&zero);
+            let hits = now_totals.cache_hits - before.cache_hits;
+            let misses = now_totals.cache_misses - before.cache_misses;
+            let ratio = (hits + misses > 0.0).then(|| round2(hits / (hits + misses)));
+            cluster.insert("calls_per_second".into(), json!(calls_per_second));
+            cluster.insert("cache_hit_ratio".into(), json!(ratio));
+            cluster.insert(
+                "answers".into(),
+                json!(difference(&now_totals.answers, &before.answers)),
+            );
+        }
+        json!({
+            "time": history::UtcMillis::now().to_rfc3339(),
+            "instance": instance,
+            "history": history,
+            "window_seconds": window.as_secs(),
+            "clusters": clusters.into_values().collect::<Vec<_>>(),
+            "unrouted": difference(&current.unrouted, &window_base.unrouted),
+        })
+    }
+}
+
+/// Per code, how many more now than before (codes with none left out).
+fn difference(
+    now: &BTreeMap<String, f64>,
+    before: &BTreeMap<String, f64>,
+) -> BTreeMap<String, u64> {
+    now.iter()
+        .filter_map(|(code, count)| {
+            let delta = count - before.get(code).copied().unwrap_or(0.0);
+            (delta >= 1.0).then(|| (code.clone(), delta as u64))
+        })
+        .collect()
+}
+
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE: &str = "# HELP bc_node_up x\n\
+        bc_cucm_concurrency_limit{cluster=\"EU\"} 5\n\
+        bc_node_up{cluster=\"EU\",node=\"cucm-eu-1:8443\"} 1\n\
+        bc_node_up{cluster=\"EU\",node=\"cucm-eu-2:8443\"} 0\n\
+        bc_cucm_in_flight{cluster=\"EU\"} 2\n\
+        bc_queue_depth{cluster=\"EU\"} 7\n\
+        bc_cucm_calls_total{cluster=\"EU\",node=\"a\",operation=\"login\",outcome=\"success\"} 100\n\
+        bc_cache_hits_total{cluster=\"EU\"} 10\n\
+        bc_cache_misses_total{cluster=\"EU\"} 10\n\
+        bc_requests_total{cluster=\"EU\",code=\"0\",operation=\"login\"} 50\n\
+        bc_requests_total{cluster=\"none\",code=\"1006\",operation=\"login\"} 1\n";
+
+    #[test]
+    fn parses_labels_with_escapes() {
+        let series = parse_exposition("m{a=\"x\\\"y\",b=\"p\\\\q\\nr\"} 2.5\nplain 3\n# c\n");
+        assert_eq!(series.len(), 2);
+        assert_eq!(
+            series[0].labels,
+            vec![
+                ("a".to_string(), "x\"y".to_string()),
+                ("b".to_string(), "p\\q\nr".to_string())
+            ]
+        );
+        assert_eq!(series[0].value, 2.5);
+        assert_eq!(series[1].name, "plain");
+    }
+
+    #[test]
+    fn status_has_gauges_rates_and_answers_over_the_window() {
+        let sampler = Sampler::default();
+        let start = Instant::now();
+        sampler.sample_at(start, BEFORE);
+        let after = BEFORE
+            .replace("outcome=\"success\"} 100", "outcome=\"success\"} 150")
+            .replace(
+                "bc_cache_hits_total{cluster=\"EU\"} 10",
+                "bc_cache_hits_total{cluster=\"EU\"} 40",
+            )
+            .replace(
+                "code=\"0\",operation=\"login\"} 50",
+                "code=\"0\",operation=\"login\"} 53",
+            )
+            + "bc_requests_total{cluster=\"EU\",code=\"1004\",operation=\"login\"} 2\n";
+        let status = sampler.status_at(start + Duration::from_secs(10), &after, "gw1", "sqlite");
+        let eu = &status["clusters"][0];
+        assert_eq!(eu["code"], "EU");
+        assert_eq!(eu["max_concurrent"], 5);
+        assert_eq!(eu["in_flight"], 2);
+        assert_eq!(eu["queue_depth"], 7);
+        assert_eq!(eu["nodes"][0]["up"], true);
+        assert_eq!(eu["nodes"][1]["up"], false);
+        assert_eq!(eu["calls_per_second"], 5.0);
+        assert_eq!(eu["cache_hit_ratio"], 1.0);
+        assert_eq!(eu["answers"], json!({"0": 3, "1004": 2}));
+        assert_eq!(status["unrouted"], json!({}));
+        assert_eq!(status["window_seconds"], 10);
+        assert_eq!(status["instance"], "gw1");
+    }
+
+    #[test]
+    fn without_samples_rates_are_null() {
+        let status = Sampler::default().status(BEFORE, "gw", "off");
+        assert!(status["clusters"][0]["calls_per_second"].is_null());
+        assert_eq!(status["clusters"][0]["cache_hit_ratio"], 0.5);
+        assert_eq!(status["unrouted"], json!({"1006": 1}));
+    }
+
+    #[test]
+    fn old_samples_leave_the_window() {
+        let sampler = Sampler::default();
+        let start = Instant::now();
+        sampler.sample_at(start, BEFORE);
+        sampler.sample_at(start + WINDOW + Duration::from_secs(1), BEFORE);
+        assert_eq!(sampler.lock().len(), 1);
+    }
+}
