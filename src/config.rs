@@ -82,7 +82,7 @@ pub struct Config {
     pub access: AccessConfig,
     #[serde(rename = "cluster", default)]
     pub clusters: Vec<ClusterConfig>,
-    /// `[history]` (SPEC §10): what is recorded where.
+    /// `[history]`: what is recorded where.
     #[serde(default)]
     pub history: crate::history_api::HistorySettings,
     /// `[dashboard]`: who may see the dashboard and the history.

@@ -1,4 +1,4 @@
-//! The request history in the gateway (SPEC.md §10, §12): the `[history]` config table,
+//! The request history in the gateway: the `[history]` config table,
 //! opening and closing the `history` crate's [`History`], and `GET /api/history`.
 //!
 //! Recording itself happens in `northbound::record` (`RequestRecord::publish`), the one

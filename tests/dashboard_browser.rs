@@ -1,4 +1,4 @@
-//! The dashboard in a real browser (SPEC.md §10): headless Chromium (Debian's
+//! The dashboard in a real browser: headless Chromium (Debian's
 //! `chromium`) loads `/dashboard` from the real server, runs its script against
 //! `/api/status` and `/api/history`, and the rendered DOM must show the cluster and a
 //! login the test made, with no script error. A screenshot is saved as

@@ -1,4 +1,4 @@
-//! The request history and the dashboard's access rules (SPEC.md §10), against the real
+//! The request history and the dashboard's access rules, against the real
 //! server on port 0 and a simulated cluster: what is recorded (refusals too), the
 //! `/api/history` filters and formats, no secret in the database file, records kept
 //! across a restart, a stalled writer that drops instead of blocking, HTTP Basic and

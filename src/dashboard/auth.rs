@@ -1,4 +1,4 @@
-//! Who may see the history and the dashboard (SPEC.md §10): HTTP Basic users from
+//! Who may see the history and the dashboard: HTTP Basic users from
 //! `[dashboard] users` (Argon2 PHC hashes), or, with no users configured, loopback
 //! clients only.
 //!

@@ -1,4 +1,4 @@
-//! The administrators' side (SPEC.md §10): `GET /dashboard` (one page, its script and
+//! The administrators' side: `GET /dashboard` (one page, its script and
 //! style embedded in the binary), `GET /api/status` (the page's per-cluster panel, see
 //! `status`), and the access check shared with `GET /api/history` (see `auth`).
 //!

@@ -1,4 +1,4 @@
-// Business Connector dashboard (SPEC.md §10). Reads /api/status and /api/history every
+// Business Connector dashboard. Reads /api/status and /api/history every
 // REFRESH_MS. Every value from the server goes into the page through textContent (el()),
 // never through innerHTML: a device name or a CUCM text cannot become markup.
 "use strict";

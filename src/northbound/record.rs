@@ -132,8 +132,8 @@ impl RequestRecord {
 }
 
 impl RequestRecord {
-    /// The history's record of this request; `None` for getversioninfo, which SPEC §10
-    /// leaves out. Only fields the history has: no credential can reach it from here.
+    /// The history's record of this request; `None` for getversioninfo, which is
+    /// not recorded. Only fields the history has: no credential can reach it from here.
     pub fn to_history(&self) -> Option<history::Record> {
         let operation = match self.call {
             Call::Version => return None,
