@@ -462,7 +462,7 @@ impl Client {
 }
 
 /// One request's fate.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Sample {
     op: Op,
     device: usize,
@@ -685,6 +685,11 @@ struct PhaseReport {
     /// Shutdown phase: requests sent after SIGTERM that were not accepted.
     refused_after_sigterm: usize,
     late: Vec<Sample>,
+    /// The first few answers with an unexpected code, for the details.
+    odd: Vec<Sample>,
+    /// Shutdown phase: requests in flight when SIGTERM was sent, and how many of them
+    /// were answered.
+    in_flight_at_sigterm: (usize, usize),
     max_ms: u64,
     /// First success of a request sent after the fault was switched off.
     recovered_after: Option<Duration>,
@@ -714,6 +719,8 @@ impl PhaseReport {
             lost: Vec::new(),
             refused_after_sigterm: 0,
             late: Vec::new(),
+            odd: Vec::new(),
+            in_flight_at_sigterm: (0, 0),
             max_ms: 0,
             recovered_after: None,
             window,
@@ -724,6 +731,12 @@ impl PhaseReport {
         };
         for sample in samples {
             let took = sample.ended - sample.started;
+            if let Some(at) = sigterm_at {
+                if sample.started < at && sample.ended > at {
+                    report.in_flight_at_sigterm.0 += 1;
+                    report.in_flight_at_sigterm.1 += usize::from(sample.outcome.is_ok());
+                }
+            }
             report.max_ms = report.max_ms.max(took.as_millis() as u64);
             let reply = match sample.outcome {
                 Ok(reply) => reply,
@@ -780,6 +793,9 @@ impl PhaseReport {
                 };
                 let key = (format!("{} {place}", sample.op.label()), what);
                 *report.unexpected.entry(key).or_default() += 1;
+                if report.odd.len() < 5 {
+                    report.odd.push(sample.clone());
+                }
             }
             if took > limit {
                 report.late.push(sample);
@@ -867,10 +883,20 @@ fn render(reports: &[PhaseReport], args: &Args, shutdown_exit: Option<String>) -
             (None, Some(at)) => format!("SIGTERM at {:.3} s", at.as_secs_f64()),
             (None, None) => "no fault".to_string(),
         };
-        if r.lost.is_empty() && r.late.is_empty() {
+        if r.lost.is_empty() && r.late.is_empty() && r.odd.is_empty() && r.sigterm_at.is_none() {
             continue;
         }
         let _ = writeln!(out, "\n{} ({windows}):", r.phase.name());
+        if r.sigterm_at.is_some() {
+            let (in_flight, answered) = r.in_flight_at_sigterm;
+            let _ = writeln!(
+                out,
+                "- in flight when SIGTERM was sent: {in_flight}, answered: {answered}"
+            );
+        }
+        for sample in &r.odd {
+            let _ = writeln!(out, "- unexpected: {}", describe(sample));
+        }
         let mut lost_by: BTreeMap<(Lost, Op), usize> = BTreeMap::new();
         for sample in &r.lost {
             if let Err(cause) = sample.outcome {
