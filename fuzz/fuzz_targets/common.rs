@@ -47,7 +47,12 @@ pub fn check_validate(call: Call, fields: &Fields) {
             }
             assert!(
                 !valid.credentials.app_id().trim().is_empty()
-                    && !valid.credentials.app_certificate().expose().trim().is_empty(),
+                    && !valid
+                        .credentials
+                        .app_certificate()
+                        .expose()
+                        .trim()
+                        .is_empty(),
                 "validated without credentials"
             );
             if let Some(code) = &valid.cluster_code {

@@ -32,6 +32,10 @@ fuzz_target!(|data: &[u8]| {
 
 /// CUCM texts are cleaned and cut to 200 characters (plus the `…` mark).
 fn check_text(text: &str) {
-    assert!(text.chars().count() <= 201, "text not cut: {} chars", text.len());
+    assert!(
+        text.chars().count() <= 201,
+        "text not cut: {} chars",
+        text.len()
+    );
     assert_eq!(text, text.trim());
 }

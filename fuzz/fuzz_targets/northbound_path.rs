@@ -20,8 +20,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
-    let call = [Call::Login, Call::Logout, Call::GetLoggedInUser, Call::Version]
-        [usize::from(selector & 3)];
+    let call = [
+        Call::Login,
+        Call::Logout,
+        Call::GetLoggedInUser,
+        Call::Version,
+    ][usize::from(selector & 3)];
     let mut fields = if selector & 4 != 0 {
         parse_message(FULL).expect("the fixed message parses")
     } else {
