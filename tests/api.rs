@@ -403,3 +403,34 @@ async fn a_logout_with_wrong_credentials_keeps_the_cached_state() {
     assert_eq!(sim.stats().calls_device_user_query, queries);
     assert_eq!(sim.logged_in_user(&device(1)).as_deref(), Some("user1"));
 }
+
+#[actix_web::test]
+async fn characters_xml_forbids_never_reach_an_answer() {
+    let sim = simulator(2, |_| {});
+    let gw = gateway(&sim).await;
+    for path in [
+        "/api/logout/%01",
+        "/api/getloggedinuser/A%00B",
+        "/api/login/SEP1/%EF%BF%BF",
+    ] {
+        let answer = gw
+            .post_form(path, &format!("<request>{CREDS}</request>"))
+            .await;
+        answer.expect(200, 1002);
+        assert!(
+            answer.body.chars().all(actors::xml::is_xml_char),
+            "{path}: {:?}",
+            answer.body
+        );
+        actors::xml::parse(&answer.body).expect("a well-formed answer");
+    }
+    // A NUL inside the body's XML is malformed XML, and the text does not quote it.
+    let nul = gw.post_xml("/api/login", "</\u{0}>").await;
+    nul.expect(200, 1002);
+    assert!(
+        nul.body.chars().all(actors::xml::is_xml_char),
+        "{:?}",
+        nul.body
+    );
+    assert_eq!(sim.stats().calls_total, 0);
+}

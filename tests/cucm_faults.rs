@@ -276,3 +276,36 @@ async fn tls_with_a_ca_file_or_insecure_mode() {
     assert_eq!(sim.logged_in_user(&device(3)), None);
     let _ = std::fs::remove_file(ca_file);
 }
+
+#[actix_web::test]
+async fn a_cucm_busy_until_the_deadline_answers_1004_never_26() {
+    let sim = simulator(4, |c| {
+        c.behavior = faults(Faults {
+            busy_every: Some(1),
+            ..Faults::default()
+        })
+    });
+    let mut config = business_connector::config::Config::single_cluster(
+        actors::ClusterConfig::new("EU", vec![sim.url()]),
+    );
+    config.clusters[0].max_requests_per_second = 0;
+    config.deadline_ms = 1000;
+    let gw = Gateway::start(config).await;
+    let started = Instant::now();
+    let answers = futures_util::future::join_all((1..=4).map(|n| gw.login_seeded(n))).await;
+    for answer in &answers {
+        answer.expect(503, 1004);
+        assert!(answer.retry_after.is_some());
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1600),
+        "{:?}",
+        started.elapsed()
+    );
+    // It kept trying while a retry fitted: more than one busy answer per login.
+    assert!(
+        sim.stats().busy_answers > 4,
+        "{:?}",
+        sim.stats().busy_answers
+    );
+}

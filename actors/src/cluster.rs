@@ -27,7 +27,7 @@ use crate::em::{dispatch, CallError, EmAppClient, EmClient, EmClientError};
 use crate::handle::cached_answer;
 pub use crate::handle::{ClusterHandle, Submit, Ticket};
 use crate::metrics::{ClusterMetrics, Metrics};
-use crate::operation::{DeviceName, Operation, Reply};
+use crate::operation::{DeviceName, OpError, Operation, Reply};
 use crate::scheduler::{CallEnd, Completion, Offer, Scheduler, Shed, Started, Step};
 
 /// Mailbox bound: `Submit` handling is quick, so this only fills under a pathological
@@ -293,6 +293,16 @@ impl ClusterActor {
                     from_cache: false,
                 };
                 answer_all(op.waiters, reply);
+            }
+            Completion::StillBusy(op) => {
+                if op.operation.mutates() {
+                    self.cache.release(&device);
+                }
+                let error = OpError::Overloaded {
+                    reason: "CUCM stayed busy until the deadline",
+                    retry_after: Duration::from_secs(1),
+                };
+                answer_all(op.waiters, Reply::failed(error));
             }
             Completion::Unknown => {}
         }

@@ -115,6 +115,9 @@ pub enum Completion {
     RetryAfter(Duration),
     /// The operation is over: answer its waiters.
     Done(PendingOp),
+    /// CUCM stayed busy and no retry fits before the deadline: answer 1004 (CUCM's
+    /// 26 is never passed on).
+    StillBusy(PendingOp),
     /// The device had nothing running (cannot happen when driven correctly).
     Unknown,
 }
@@ -321,20 +324,31 @@ impl<C: Clock + Clone> Scheduler<C> {
         let Some(queue) = self.devices.get_mut(device) else {
             return Completion::Unknown;
         };
+        let mut exhausted = false;
         if let CallEnd::Answered { busy: true, .. } = end {
             if let Some(op) = queue.current_mut() {
                 op.busy_answers += 1;
-                let back_off = jittered(BUSY_BACK_OFF.delay(op.busy_answers), unit);
-                if now + back_off + MIN_RETRY_WINDOW < op.deadline {
+                let wanted = jittered(BUSY_BACK_OFF.delay(op.busy_answers), unit);
+                // The longest wait that still leaves time for the retry itself.
+                let room = op
+                    .deadline
+                    .saturating_duration_since(now)
+                    .saturating_sub(self.call_time.unwrap_or_default() + MIN_RETRY_WINDOW);
+                if !room.is_zero() {
                     // CUCM is at its own limit: wait, then retry ahead of newcomers.
                     queue.back_off();
-                    return Completion::RetryAfter(back_off);
+                    return Completion::RetryAfter(wanted.min(room));
                 }
+                exhausted = true;
             }
         }
         let done = queue.finish();
         self.after_turn(device.clone());
-        done.map_or(Completion::Unknown, Completion::Done)
+        match done {
+            Some(op) if exhausted => Completion::StillBusy(op),
+            Some(op) => Completion::Done(op),
+            None => Completion::Unknown,
+        }
     }
 
     /// A started call was answered and its operation has another stage: the device
@@ -585,7 +599,7 @@ mod tests {
     }
 
     #[test]
-    fn busy_is_passed_on_when_the_deadline_leaves_no_room_for_a_retry() {
+    fn busy_backs_off_less_when_the_deadline_is_near_and_gives_up_when_nothing_fits() {
         let (mut s, _) = scheduler(1, None, 100);
         let now = Instant::now();
         s.offer(login(1, now + Duration::from_millis(120)), now);
@@ -594,9 +608,17 @@ mod tests {
             took: Duration::from_millis(10),
             busy: true,
         };
+        // 120 ms left, 10 ms per call, 50 ms to spare: wait at most 60 ms, not 100.
+        let Completion::RetryAfter(after) = s.complete(&device(1), busy, now, 0.5) else {
+            panic!("a retry still fits");
+        };
+        assert_eq!(after, Duration::from_millis(60));
+        s.retry_due(&device(1));
+        started(s.next_step(now));
+        let later = now + Duration::from_millis(70);
         assert!(matches!(
-            s.complete(&device(1), busy, now, 0.5),
-            Completion::Done(_)
+            s.complete(&device(1), busy, later, 0.5),
+            Completion::StillBusy(_)
         ));
     }
 

@@ -216,7 +216,21 @@ pub fn shorten(value: &str, max_chars: usize) -> String {
 
 /// Escapes a value for element text or an attribute value.
 pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
-    quick_xml::escape::escape(value)
+    if value.chars().all(is_xml_char) {
+        return quick_xml::escape::escape(value);
+    }
+    // A character XML 1.0 forbids (most C0 controls, U+FFFE, U+FFFF) would make the
+    // whole document malformed, escaped or not: it becomes U+FFFD.
+    let legal: String = value
+        .chars()
+        .map(|c| if is_xml_char(c) { c } else { '\u{fffd}' })
+        .collect();
+    std::borrow::Cow::Owned(quick_xml::escape::escape(&legal).into_owned())
+}
+
+/// Whether XML 1.0 allows the character in a document.
+pub fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r') || (c >= ' ' && c != '\u{fffe}' && c != '\u{ffff}')
 }
 
 #[cfg(test)]
@@ -303,5 +317,10 @@ mod tests {
     #[test]
     fn escapes_markup() {
         assert_eq!(escape("<a&'\">"), "&lt;a&amp;&apos;&quot;&gt;");
+        assert_eq!(
+            escape("a\u{1}b\0<\u{ffff}"),
+            "a\u{fffd}b\u{fffd}&lt;\u{fffd}"
+        );
+        assert_eq!(escape("tab\tline\n"), "tab\tline\n");
     }
 }
