@@ -125,7 +125,7 @@ impl ClusterActor {
             deadline,
         } = msg;
         let device = operation.device().clone();
-        if !operation.mutates() {
+        if matches!(operation, Operation::Query { .. }) {
             // Nothing pending on the device: a fresh cache entry is the current truth.
             let settled = !self.scheduler.has_pending(&device);
             if let Some(reply) = settled
@@ -205,10 +205,19 @@ impl ClusterActor {
         let call = async move {
             let devices = [operation.device().clone()];
             let exchange = match (rules::plan(&operation, stage), &operation) {
-                (Plan::EmLogin, Operation::Login { device, user }) => Exchange::Em(
+                (
+                    Plan::EmLogin,
+                    Operation::Login { device, user } | Operation::ForceLogin { device, user, .. },
+                ) => Exchange::Em(
                     em.call(EmRequest::Login { device, user }, &credentials, deadline)
                         .await,
                 ),
+                (Plan::EmUserDevicesQuery, Operation::UserDevicesQuery { user, .. }) => {
+                    Exchange::Em(
+                        em.call(EmRequest::UserDevicesQuery { user }, &credentials, deadline)
+                            .await,
+                    )
+                }
                 (Plan::EmLogout, _) => Exchange::Em(
                     em.call(
                         EmRequest::Logout {
@@ -262,7 +271,15 @@ impl ClusterActor {
             Exchange::EmApp(result) => (result.is_ok(), false),
         };
         // A busy answer is the scheduler's to retry; anything else is judged now.
-        let verdict = (!busy).then(|| rules::judge(&operation, stage, exchange.clone()));
+        let mut verdict = (!busy).then(|| rules::judge(&operation, stage, exchange.clone()));
+        if let Some(Verdict::Displacing(user)) =
+            verdict.take_if(|v| matches!(v, Verdict::Displacing(_)))
+        {
+            if let Some(op) = self.scheduler.running_mut(&device) {
+                rules::displace(&mut op.operation, user);
+            }
+            verdict = Some(Verdict::NextStage);
+        }
         if verdict == Some(Verdict::NextStage) && self.scheduler.advance(&device, took) {
             self.pump(ctx);
             return;

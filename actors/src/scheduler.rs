@@ -336,6 +336,12 @@ impl<C: Clock + Clone> Scheduler<C> {
         }
     }
 
+    /// The operation running on a device (an actor records between stages what a later
+    /// stage needs, e.g. whom a forced login logs out).
+    pub fn running_mut(&mut self, device: &DeviceName) -> Option<&mut PendingOp> {
+        self.devices.get_mut(device)?.current_mut()
+    }
+
     /// A busy back-off is over: the device retries before anyone who came later.
     pub fn retry_due(&mut self, device: &DeviceName) {
         if let Some(queue) = self.devices.get_mut(device) {

@@ -139,7 +139,12 @@ fn screen<'a>(
         validate(call, &fields).map_err(|error| Screened::Refused(Failure::Request(error)))?;
     record.device = Some(valid.operation.device().as_str().to_string());
     record.user = match &valid.operation {
-        Operation::Login { user, .. } | Operation::PinLogin { user, .. } => {
+        Operation::Login { user, .. }
+        | Operation::PinLogin { user, .. }
+        | Operation::ForceLogin { user, .. } => Some(user.as_str().to_string()),
+        Operation::UserDevicesQuery { user, .. } => {
+            // Its queue key is no device.
+            record.device = None;
             Some(user.as_str().to_string())
         }
         _ => None,
@@ -174,6 +179,12 @@ async fn carry_out(
             return (Some(cluster.code.clone()), reply);
         }
         Route::Discover => {
+            if let Operation::UserDevicesQuery { user, .. } = &operation {
+                let reply = router
+                    .user_devices_everywhere(user, &credentials, deadline)
+                    .await;
+                return (None, reply);
+            }
             let device = operation.device().clone();
             match router.locate(&device, &credentials, deadline).await {
                 Located::Answer(reply) => return (None, reply),
