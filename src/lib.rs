@@ -4,4 +4,5 @@
 pub mod config;
 pub mod demo;
 pub mod northbound;
+pub mod openapi;
 pub mod server;

@@ -229,3 +229,196 @@ async fn a_forced_login_racing_queries_on_the_same_phone() {
         "one phone, one call at a time"
     );
 }
+
+/// POST a JSON body; the answer parsed as JSON.
+async fn post_json(gw: &Gateway, path: &str, body: &str) -> (u16, String, serde_json::Value) {
+    let response = gw
+        .client
+        .post(gw.url(path))
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("gateway reachable");
+    read_json(response).await
+}
+
+async fn read_json(response: reqwest::Response) -> (u16, String, serde_json::Value) {
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = response.text().await.expect("body");
+    let value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    (status, content_type, value)
+}
+
+const JSON_CREDS: &str = r#""appID":"bcapp","appCertificate":"bcsecret""#;
+
+#[actix_web::test]
+async fn json_in_and_out() {
+    let sim = simulator(3, |_| {});
+    let gw = Gateway::with_cluster("EU", vec![sim.url()], |_| {}).await;
+
+    let (status, content_type, login) = post_json(
+        &gw,
+        "/api/login",
+        &format!(r#"{{{JSON_CREDS},"deviceName":"sep000000000001","userID":"user1"}}"#),
+    )
+    .await;
+    assert_eq!((status, content_type.as_str()), (200, "application/json"));
+    assert_eq!(login["code"], 0);
+    assert_eq!(login["deviceName"], device(1));
+    assert_eq!(login["userID"], "user1");
+    assert_eq!(sim.logged_in_user(&device(1)).as_deref(), Some("user1"));
+
+    // Forced, in JSON, with a boolean.
+    let (_, _, forced) = post_json(
+        &gw,
+        "/api/login",
+        &format!(
+            r#"{{{JSON_CREDS},"deviceName":"{}","userID":"user2","force":true}}"#,
+            device(1)
+        ),
+    )
+    .await;
+    assert_eq!(forced["code"], 0, "{forced}");
+    assert!(forced["text"]
+        .as_str()
+        .unwrap()
+        .contains("logging out user1"));
+
+    // getuserdevices: devices as an array, no deviceName.
+    let (_, _, found) = post_json(
+        &gw,
+        "/api/getuserdevices",
+        &format!(r#"{{{JSON_CREDS},"userID":"user2"}}"#),
+    )
+    .await;
+    assert_eq!(found["devices"], serde_json::json!([device(1)]));
+    assert!(found.get("deviceName").is_none());
+
+    // A form request that accepts JSON gets JSON; the same codes.
+    let response = gw
+        .client
+        .post(gw.url(&format!("/api/getloggedinuser/{}", device(2))))
+        .header("Accept", "application/json")
+        .form(&[("xml", creds())])
+        .send()
+        .await
+        .expect("gateway reachable");
+    let (status, _, nobody) = read_json(response).await;
+    assert_eq!((status, nobody["code"].as_u64()), (200, Some(0)));
+    assert_eq!(nobody["userID"], "");
+
+    // Malformed JSON and wrong types: 1002 before anything else; missing device: 404.
+    for bad in ["{", "[1]", r#"{"deviceName":7}"#] {
+        let (status, _, answer) = post_json(&gw, "/api/logout", bad).await;
+        assert_eq!(
+            (status, answer["code"].as_u64()),
+            (200, Some(1002)),
+            "{bad}"
+        );
+        assert!(answer["text"].as_str().unwrap().contains("JSON"));
+    }
+    let (_, _, missing) = post_json(&gw, "/api/logout", &format!("{{{JSON_CREDS}}}")).await;
+    assert_eq!(missing["code"], 404);
+    // Too large: 413 in JSON too.
+    let huge = format!(r#"{{"pad":"{}"}}"#, "x".repeat(70_000));
+    let (status, _, too_large) = post_json(&gw, "/api/logout", &huge).await;
+    assert_eq!((status, too_large["code"].as_u64()), (413, Some(1002)));
+    // Without Accept or a JSON body: XML as always.
+    let xml = gw.query(&device(1)).await;
+    assert!(xml.content_type.starts_with("text/xml"));
+    assert_eq!(xml.user.as_deref(), Some("user2"));
+
+    let (status, _, version) = read_json(
+        gw.client
+            .get(gw.url("/api/getversioninfo"))
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .expect("reachable"),
+    )
+    .await;
+    assert_eq!((status, version["appversion"].as_str()), (200, Some("1.4")));
+}
+
+#[actix_web::test]
+async fn json_overload_keeps_503_and_retry_after() {
+    let sim = simulator(3, |_| {});
+    sim.set_faults(sim::Faults {
+        hang: true,
+        ..Default::default()
+    });
+    let gw = Gateway::with_cluster("EU", vec![sim.url()], |c| {
+        c.queue_limit = 1;
+        c.max_concurrent = 1;
+    })
+    .await;
+    // One hangs at CUCM, one waits in the queue: the third is shed.
+    let body = |n: usize| format!(r#"{{{JSON_CREDS},"deviceName":"{}"}}"#, device(n));
+    let hung = gw
+        .client
+        .post(gw.url("/api/logout"))
+        .header("Content-Type", "application/json")
+        .body(body(1))
+        .send();
+    let waiting = gw
+        .client
+        .post(gw.url("/api/logout"))
+        .header("Content-Type", "application/json")
+        .body(body(2))
+        .send();
+    let in_background = actix_web::rt::spawn(async move {
+        let _ = futures_util::join!(hung, waiting);
+    });
+    wait_until(
+        "one call hangs at CUCM",
+        std::time::Duration::from_secs(10),
+        || sim.stats().hung_calls >= 1,
+    )
+    .await;
+    let mut shed = None;
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while shed.is_none() && std::time::Instant::now() < give_up {
+        let response = gw
+            .client
+            .post(gw.url("/api/logout"))
+            .header("Content-Type", "application/json")
+            .body(body(3))
+            .send()
+            .await
+            .expect("reachable");
+        let retry_after = response.headers().contains_key("retry-after");
+        let (status, _, answer) = read_json(response).await;
+        if status == 503 {
+            shed = Some((retry_after, answer));
+        }
+    }
+    let (retry_after, answer) = shed.expect("the third request is shed");
+    assert!(retry_after);
+    assert_eq!(answer["code"], 1004);
+    sim.set_faults(sim::Faults::default());
+    in_background.abort();
+}
+
+#[actix_web::test]
+async fn openapi_document_is_served() {
+    let sim = simulator(1, |_| {});
+    let gw = Gateway::with_cluster("EU", vec![sim.url()], |_| {}).await;
+    let (status, content_type, doc) = read_json(
+        gw.client
+            .get(gw.url("/openapi.json"))
+            .send()
+            .await
+            .expect("reachable"),
+    )
+    .await;
+    assert_eq!((status, content_type.as_str()), (200, "application/json"));
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/api/getuserdevices/{userID}"]["post"].is_object());
+}

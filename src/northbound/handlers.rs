@@ -12,6 +12,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actors::{ClusterHandle, Located, Metrics, Operation, Outcome, Reply, Route, Router};
 use futures_util::StreamExt;
 
+use super::json;
 use super::record::{RequestRecord, Source};
 use super::request::{apply_path, parse_message, validate, Call, Fields, ValidRequest};
 use super::response::{version_document, Failure, ResultDoc, CONTENT_TYPE};
@@ -49,16 +50,28 @@ pub async fn api(
             .content_type("text/plain; charset=utf-8")
             .body("method not allowed\n");
     }
+    let answer_json = json::wants_json(request.headers());
     if call == Call::Version {
         if segments.len() > 2 {
             return plain(StatusCode::NOT_FOUND, "not found\n");
+        }
+        if answer_json {
+            return json::response(StatusCode::OK, &json::version_value(), None);
         }
         return xml_response(StatusCode::OK, version_document(), None);
     }
 
     let message = read_message(&request, payload, state.max_body_bytes).await;
     let mut record = RequestRecord::new(call, started);
-    let doc = match screen(&state, call, &segments[2..], message, &mut record) {
+    let json_body = json::has_json_body(request.headers());
+    let doc = match screen(
+        &state,
+        call,
+        &segments[2..],
+        message,
+        json_body,
+        &mut record,
+    ) {
         Err(Screened::NotFound) => return plain(StatusCode::NOT_FOUND, "not found\n"),
         Err(Screened::Refused(failure)) => ResultDoc::failure(
             call,
@@ -96,6 +109,9 @@ pub async fn api(
     };
     record.answered(&doc);
     record.publish(&state.metrics);
+    if answer_json {
+        return json::response(doc.status, &json::result_value(&doc), doc.retry_after);
+    }
     xml_response(doc.status, doc.render(), doc.retry_after)
 }
 
@@ -115,13 +131,15 @@ fn screen<'a>(
     call: Call,
     path_segments: &[&str],
     message: Result<Option<String>, Failure>,
+    json_body: bool,
     record: &mut RequestRecord,
 ) -> Result<(ValidRequest, Route<'a>), Screened> {
-    let mut fields = match message
-        .map_err(Screened::Refused)?
-        .as_deref()
-        .map(parse_message)
-    {
+    let parse = if json_body {
+        json::parse_fields
+    } else {
+        parse_message
+    };
+    let mut fields = match message.map_err(Screened::Refused)?.as_deref().map(parse) {
         Some(parsed) => parsed.map_err(|e| Screened::Refused(Failure::Request(e)))?,
         None => Fields::default(),
     };
@@ -237,6 +255,9 @@ async fn read_message(
         .unwrap_or("")
         .to_ascii_lowercase();
     let trimmed = body.trim_start_matches('\u{feff}').trim();
+    if json::is_json_type(&content_type) {
+        return Ok((!trimmed.is_empty()).then(|| trimmed.to_string()));
+    }
     if !trimmed.is_empty() {
         let looks_like_xml = trimmed.starts_with('<');
         let is_form = content_type.starts_with("application/x-www-form-urlencoded");

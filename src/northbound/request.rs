@@ -108,6 +108,8 @@ impl Fields {
 pub enum RequestError {
     #[error("Invalid request: malformed XML ({0})")]
     MalformedXml(String),
+    #[error("Invalid request: malformed JSON ({0})")]
+    MalformedJson(String),
     #[error("Invalid request: a path segment is not valid percent-encoded UTF-8")]
     MalformedPath,
     #[error("Device ID empty")]

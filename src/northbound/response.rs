@@ -199,6 +199,7 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
                 None,
             ),
             RequestError::MalformedXml(detail) => invalid(format!("malformed XML ({detail})")),
+            RequestError::MalformedJson(detail) => invalid(format!("malformed JSON ({detail})")),
             RequestError::MalformedPath => {
                 invalid("a path segment is not valid percent-encoded UTF-8".into())
             }
