@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use crate::cache::LoggedInCache;
 use crate::config::ClusterConfig;
 use crate::device_queue::PendingOp;
-use crate::em::rules::{self, CacheEffect, Exchange, Plan, Verdict};
+use crate::em::rules::{self, BatchAnswer, CacheEffect, Exchange, Interpretation, Plan, Verdict};
 use crate::em::{EmAppClient, EmClient, EmClientError, EmRequest};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::operation::{Credentials, DeviceName, OpError, Operation, Reply};
@@ -103,7 +103,8 @@ impl ClusterActor {
             em: em.clone(),
             emapp: Arc::new(emapp),
             cache: cache.clone(),
-            scheduler: Scheduler::new(config.max_concurrent, config.rate(), config.queue_limit),
+            scheduler: Scheduler::new(config.max_concurrent, config.rate(), config.queue_limit)
+                .with_batching(config.max_devices_per_query),
             rate_wake_up: None,
             metrics: cluster_metrics.clone(),
         };
@@ -164,6 +165,7 @@ impl ClusterActor {
         loop {
             match self.scheduler.next_step(Instant::now()) {
                 Step::Start(started) => self.call(started, ctx),
+                Step::Batch(members) => self.call_batch(members, ctx),
                 Step::Expired(op, error) => {
                     self.metrics.shed_deadline.inc();
                     answer_all(op.waiters, Reply::failed(error));
@@ -323,6 +325,136 @@ impl ClusterActor {
             Completion::Unknown => {}
         }
         self.pump(ctx);
+    }
+}
+
+impl ClusterActor {
+    /// Several devices' queries as one `deviceUserQuery` (one slot, one token). The
+    /// call is bounded by the earliest member's deadline, so no caller waits past its
+    /// own.
+    fn call_batch(&mut self, members: Vec<Started>, ctx: &mut Context<Self>) {
+        for waited in members.iter().filter_map(|m| m.waited) {
+            self.metrics.queue_wait.observe(waited.as_secs_f64());
+        }
+        self.metrics.batched_queries.inc_by(members.len() as u64);
+        let Some(first) = members.first() else {
+            return;
+        };
+        let credentials = first.credentials.clone();
+        let deadline = members
+            .iter()
+            .map(|m| m.deadline)
+            .min()
+            .unwrap_or(first.deadline);
+        let devices: Vec<DeviceName> = members.into_iter().map(|m| m.device).collect();
+        let em = self.em.clone();
+        let call_started = Instant::now();
+        let call = async move {
+            let result = em
+                .call(
+                    EmRequest::DeviceUserQuery { devices: &devices },
+                    &credentials,
+                    deadline,
+                )
+                .await;
+            (devices, result)
+        };
+        ctx.spawn(
+            call.into_actor(self)
+                .map(move |(devices, result), actor, ctx| {
+                    actor.finish_batch(devices, result, call_started.elapsed(), ctx);
+                }),
+        );
+    }
+
+    fn finish_batch(
+        &mut self,
+        devices: Vec<DeviceName>,
+        result: Result<crate::em::Answered, crate::em::CallError>,
+        took: Duration,
+        ctx: &mut Context<Self>,
+    ) {
+        let busy = rules::is_busy(&result);
+        self.scheduler.batch_ended(if result.is_ok() {
+            CallEnd::Answered { took, busy }
+        } else {
+            CallEnd::NoAnswer
+        });
+        if busy {
+            // Each member backs off (and may batch again when it retries); one that
+            // has no time left gets CUCM's answer.
+            for device in devices {
+                let meaning = rules::interpret(
+                    &Operation::Query {
+                        device: device.clone(),
+                    },
+                    result.clone(),
+                );
+                self.member_done(device, true, meaning, ctx);
+            }
+        } else {
+            match rules::split_batch(&devices, result) {
+                BatchAnswer::PerDevice(meanings) => {
+                    for (device, meaning) in devices.into_iter().zip(meanings) {
+                        self.member_done(device, false, meaning, ctx);
+                    }
+                }
+                BatchAnswer::NotBatching(why) => {
+                    if self.scheduler.disable_batching() {
+                        self.metrics.batching_disabled.set(1);
+                        tracing::warn!(
+                            cluster = %self.code,
+                            answered = why,
+                            "CUCM did not answer a batched deviceUserQuery properly: asking one device at a time from now on"
+                        );
+                    }
+                    for device in devices.iter().rev() {
+                        self.scheduler.retry_alone(device);
+                    }
+                }
+            }
+        }
+        self.pump(ctx);
+    }
+
+    fn member_done(
+        &mut self,
+        device: DeviceName,
+        busy: bool,
+        meaning: Interpretation,
+        ctx: &mut Context<Self>,
+    ) {
+        let jitter = rand::rng().random_range(0.0..1.0);
+        match self
+            .scheduler
+            .finish_member(&device, busy, Instant::now(), jitter)
+        {
+            Completion::RetryAfter(back_off) => {
+                self.metrics.busy_retries.inc();
+                ctx.run_later(back_off, move |actor, ctx| {
+                    actor.scheduler.retry_due(&device);
+                    actor.pump(ctx);
+                });
+            }
+            Completion::Done(op) => self.conclude(&device, op, meaning),
+            Completion::Unknown => {}
+        }
+    }
+
+    /// An operation is over: the cache learns, every waiter gets the answer.
+    fn conclude(&mut self, device: &DeviceName, op: PendingOp, meaning: Interpretation) {
+        if meaning.credentials_accepted {
+            self.cache.mark_verified(op.credentials.fingerprint());
+        }
+        if let CacheEffect::Set(user) = meaning.cache {
+            self.cache.set(device, user);
+        }
+        let reply = Reply {
+            result: meaning.result,
+            node: meaning.node,
+            from_cache: false,
+        };
+        answer_all(op.waiters, reply);
     }
 }
 

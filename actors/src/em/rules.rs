@@ -412,6 +412,63 @@ fn query_state(state: DeviceState) -> (Result<Outcome, OpError>, CacheEffect, bo
     }
 }
 
+/// What one `deviceUserQuery` for several devices means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchAnswer {
+    /// One meaning per device asked, in the order asked.
+    PerDevice(Vec<Interpretation>),
+    /// The cluster does not answer batches properly (a failure for the whole
+    /// document, a device left out, another kind of answer): ask each device alone,
+    /// and do not batch for this cluster again. The text says why, for the log.
+    NotBatching(&'static str),
+}
+
+/// A batch's answer → each device's meaning, as if it had been asked alone. No answer
+/// at all (timeout, refused, garbage) is each device's failure, like a single query's:
+/// it says nothing about batching. Busy is the scheduler's, before this.
+pub fn split_batch(devices: &[DeviceName], result: Result<Answered, CallError>) -> BatchAnswer {
+    let answered = match result {
+        Ok(answered) => answered,
+        Err(error) => {
+            return BatchAnswer::PerDevice(
+                devices
+                    .iter()
+                    .map(|device| {
+                        interpret(
+                            &Operation::Query {
+                                device: device.clone(),
+                            },
+                            Err(error.clone()),
+                        )
+                    })
+                    .collect(),
+            )
+        }
+    };
+    let entries = match answered.response {
+        EmResponse::DeviceUsers(entries) => entries,
+        EmResponse::Failure { .. } => return BatchAnswer::NotBatching("a failure for the batch"),
+        _ => return BatchAnswer::NotBatching("an answer of the wrong kind for the batch"),
+    };
+    let mut meanings = Vec::with_capacity(devices.len());
+    for device in devices {
+        let Some(entry) = entries.iter().find(|e| e.device == device.as_str()) else {
+            return BatchAnswer::NotBatching("an answer without every device of the batch");
+        };
+        let alone = Answered {
+            response: EmResponse::DeviceUsers(vec![entry.clone()]),
+            node: answered.node.clone(),
+        };
+        meanings.push(interpret(
+            &Operation::Query {
+                device: device.clone(),
+            },
+            Ok(alone),
+        ));
+    }
+    BatchAnswer::PerDevice(meanings)
+}
+
 /// One user's entry in a `userDevicesResults`. The cache (keyed by device) learns
 /// nothing: the answer does not say who is on the devices the user is *not* on.
 fn user_state(state: UserState) -> (Result<Outcome, OpError>, CacheEffect, bool) {
@@ -1124,6 +1181,63 @@ mod tests {
                 (other, expected) => panic!("{name}: {other:?} vs {expected:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_batch_answer_is_split_per_device() {
+        let devices = [device(), DeviceName::parse("SEP2").unwrap()];
+        let entry = |name: &str, state: DeviceState| DeviceUser {
+            device: name.into(),
+            state,
+        };
+        let both = answered(EmResponse::DeviceUsers(vec![
+            entry("SEP2", DeviceState::LoggedIn("bob".into())),
+            entry("SEP1", DeviceState::Nobody),
+        ]));
+        let BatchAnswer::PerDevice(meanings) = split_batch(&devices, both) else {
+            panic!("a full answer splits");
+        };
+        assert_eq!(meanings[0].result, Ok(Outcome::CurrentUser(None)));
+        assert_eq!(meanings[0].cache, CacheEffect::Set(None));
+        assert_eq!(
+            meanings[1].result,
+            Ok(Outcome::CurrentUser(Some(user("bob"))))
+        );
+        assert!(meanings.iter().all(|m| m.node.is_some()));
+        // A device's own failure inside the results is that device's answer.
+        let one_unknown = answered(EmResponse::DeviceUsers(vec![
+            entry("SEP1", DeviceState::DoesNotExist),
+            entry("SEP2", DeviceState::Nobody),
+        ]));
+        let BatchAnswer::PerDevice(meanings) = split_batch(&devices, one_unknown) else {
+            panic!("per-device states split");
+        };
+        assert_eq!(meanings[0].result, cucm(11, "Device does not exist"));
+        // Not batching: only the first device answered, a failure, another kind.
+        let rows = [
+            answered(EmResponse::DeviceUsers(vec![entry(
+                "SEP1",
+                DeviceState::Nobody,
+            )])),
+            failed(Some(1), "Error on Parsing"),
+            answered(EmResponse::Success),
+        ];
+        for result in rows {
+            assert!(matches!(
+                split_batch(&devices, result),
+                BatchAnswer::NotBatching(_)
+            ));
+        }
+        // No answer at all: every device fails as it would alone.
+        let BatchAnswer::PerDevice(meanings) =
+            split_batch(&devices, Err(CallError::Unavailable("down".into())))
+        else {
+            panic!("no answer is each device's failure");
+        };
+        assert_eq!(meanings.len(), 2);
+        assert!(meanings
+            .iter()
+            .all(|m| matches!(m.result, Err(OpError::Unavailable { .. }))));
     }
 
     #[test]
