@@ -53,6 +53,11 @@ done
 curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null || { cat "$log"; echo "no /healthz" >&2; exit 1; }
 echo "gateway on port $port"
 
+# From a scratch directory: schemathesis keeps a cache (.schemathesis/) in its working
+# directory, which does not belong in the tree.
+scratch="$(mktemp -d)"
+trap 'kill "$gateway" 2>/dev/null || true; wait "$gateway" 2>/dev/null || true; rm -rf "$log" "$scratch"' EXIT
+cd "$scratch"
 "$SCHEMATHESIS" run "http://127.0.0.1:$port/openapi.json" \
     --checks all --exclude-checks negative_data_rejection \
     --max-examples "$MAX_EXAMPLES" \
