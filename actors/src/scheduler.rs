@@ -127,6 +127,8 @@ pub struct Scheduler<C: Clock = DefaultClock> {
     ready: VecDeque<DeviceName>,
     /// Accepted operations not yet sent to CUCM.
     queued: usize,
+    /// How many of them are device queries (they may leave in batches).
+    queued_queries: usize,
     queue_limit: usize,
     shaper: Shaper<C>,
     /// Recent CUCM call time (exponentially weighted), to foresee a missed deadline.
@@ -158,6 +160,7 @@ impl<C: Clock + Clone> Scheduler<C> {
             devices: HashMap::new(),
             ready: VecDeque::new(),
             queued: 0,
+            queued_queries: 0,
             queue_limit,
             shaper,
             call_time: None,
@@ -197,10 +200,12 @@ impl<C: Clock + Clone> Scheduler<C> {
                 return Offer::Shed(shed, Box::new(op));
             }
         }
+        let query = batchable(&op.operation);
         match self.devices.entry(device.clone()).or_default().push(op) {
             Pushed::Joined => Offer::Joined,
             Pushed::Queued { needs_turn } => {
                 self.queued += 1;
+                self.queued_queries += usize::from(query);
                 if needs_turn {
                     self.ready.push_back(device);
                 }
@@ -222,9 +227,11 @@ impl<C: Clock + Clone> Scheduler<C> {
     }
 
     /// How long a new operation would likely wait: the work ahead divided by what the
-    /// cap and the rate let through.
+    /// cap and the rate let through. Queued queries count as the batches they will
+    /// leave in (with batching off, one call each).
     pub fn expected_wait(&self) -> Duration {
-        let ahead = self.queued as f64;
+        let others = self.queued.saturating_sub(self.queued_queries);
+        let ahead = (others + self.queued_queries.div_ceil(self.max_batch)) as f64;
         let by_concurrency = self.call_time.map_or(0.0, |t| {
             t.as_secs_f64() * ahead / self.shaper.max_concurrent() as f64
         });
@@ -282,6 +289,9 @@ impl<C: Clock + Clone> Scheduler<C> {
         let (op, never_started) = self.devices.get_mut(&device)?.drop_next()?;
         if never_started {
             self.queued = self.queued.saturating_sub(1);
+            if batchable(&op.operation) {
+                self.queued_queries = self.queued_queries.saturating_sub(1);
+            }
         }
         self.after_turn(device);
         let error = OpError::Overloaded {
@@ -352,6 +362,9 @@ impl<C: Clock + Clone> Scheduler<C> {
         };
         if first_time {
             self.queued = self.queued.saturating_sub(1);
+            if batchable(&started.operation) {
+                self.queued_queries = self.queued_queries.saturating_sub(1);
+            }
         }
         Some(started)
     }
@@ -863,6 +876,35 @@ mod tests {
             s.complete(&device(n), answered(), now, 0.5);
         }
         assert!(!s.retry_alone(&device(1)), "nothing running");
+    }
+
+    #[test]
+    fn the_expected_wait_counts_queries_by_batch() {
+        // 1,000 cold queries at 20 calls/s: one by one that is a 50 s wait, which a
+        // 15 s deadline would shed; in batches of 50 it is about one second.
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(15);
+        let (mut off, _) = scheduler(5, Some((20, 5)), 10_000);
+        let shed = (1..=1000)
+            .filter(|&n| matches!(off.offer(query(n, deadline), now), Offer::Shed(..)))
+            .count();
+        assert!(shed > 600, "{shed} shed without batching");
+        let (s, _) = scheduler(5, Some((20, 5)), 10_000);
+        let mut on = s.with_batching(50);
+        for n in 1..=1000 {
+            assert!(matches!(on.offer(query(n, deadline), now), Offer::Queued));
+        }
+        assert!(on.expected_wait() < Duration::from_secs(1));
+        // Logins still count one call each.
+        for n in 1001..=1100 {
+            on.offer(login(n, now + LONG), now);
+        }
+        assert!(on.expected_wait() > Duration::from_secs(5));
+        // Started and expired queries leave the count.
+        batch(on.next_step(now));
+        assert_eq!(on.queued_queries, 950);
+        assert!(on.disable_batching());
+        assert!(on.expected_wait() > Duration::from_secs(50));
     }
 
     #[test]
