@@ -214,3 +214,26 @@ async fn a_cluster_answering_only_the_first_device_is_asked_one_by_one() {
     assert!(later.iter().all(|a| a.code == Some(0)));
     assert!(seen.lock().unwrap()[calls.len()..].iter().all(|&d| d == 1));
 }
+
+#[actix_web::test]
+async fn a_cold_storm_under_a_rate_limit_is_answered_in_batches() {
+    // 300 devices at once, 20 calls/s with a burst of 5, 100 ms per call, the default
+    // deadline: one by one that is 15 s of calls (the tail would be shed with 1004).
+    let sim = simulator(300, |_| {});
+    sim.set_behavior(slow_queries(100));
+    let gw = Gateway::with_cluster("EU", vec![sim.url()], |c| {
+        c.max_requests_per_second = 20;
+        c.burst = 5;
+    })
+    .await;
+    let started = Instant::now();
+    let answers = ask(&gw, 1..=300).await;
+    let took = started.elapsed();
+    assert!(answers.iter().all(|a| a.code == Some(0)), "none shed");
+    let calls = sim.stats().calls_device_user_query;
+    // While requests are still arriving, a free token carries whatever waits (no
+    // caller is held back to fill a batch); then one full batch per token. 300
+    // one by one: 300 calls.
+    assert!(calls <= 20, "{calls} calls");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
