@@ -7,5 +7,6 @@ pub mod dashboard;
 pub mod demo;
 pub mod history_api;
 pub mod northbound;
+pub mod openapi;
 pub mod server;
 pub mod tls;

@@ -105,6 +105,7 @@ pub async fn run(
                 .route("/metrics", web::get().to(handlers::metrics))
                 .route("/healthz", web::get().to(handlers::healthz))
                 .route("/readyz", web::get().to(readyz))
+                .route("/openapi.json", web::get().to(crate::openapi::serve))
                 .default_service(web::to(handlers::api))
         }
     })

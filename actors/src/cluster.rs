@@ -22,8 +22,8 @@ use tokio::sync::oneshot;
 use crate::cache::LoggedInCache;
 use crate::config::ClusterConfig;
 use crate::device_queue::PendingOp;
-use crate::em::rules::{self, CacheEffect, Exchange, Verdict};
-use crate::em::{dispatch, CallError, EmAppClient, EmClient, EmClientError};
+use crate::em::rules::{self, BatchAnswer, CacheEffect, Exchange, Interpretation, Verdict};
+use crate::em::{dispatch, CallError, EmAppClient, EmClient, EmClientError, EmRequest};
 use crate::handle::cached_answer;
 pub use crate::handle::{ClusterHandle, Submit, Ticket};
 use crate::metrics::{ClusterMetrics, Metrics};
@@ -82,7 +82,8 @@ impl ClusterActor {
             emapp: Arc::new(emapp),
             cache: cache.clone(),
             scheduler: Scheduler::new(config.max_concurrent, config.rate(), config.queue_limit)
-                .hold_slots_after_timeout(config.timeout()),
+                .hold_slots_after_timeout(config.timeout())
+                .with_batching(config.max_devices_per_query),
             call_timeout: config.timeout(),
             rate_wake_up: None,
             metrics: cluster_metrics.clone(),
@@ -105,7 +106,7 @@ impl ClusterActor {
             deadline,
         } = msg;
         let device = operation.device().clone();
-        if !operation.mutates() {
+        if matches!(operation, Operation::Query { .. }) {
             // Nothing pending on the device: a fresh cache entry is the current truth.
             let settled = !self.scheduler.has_pending(&device);
             if let Some(reply) = settled
@@ -151,6 +152,7 @@ impl ClusterActor {
         loop {
             match self.scheduler.next_step(Instant::now()) {
                 Step::Start(started) => self.call(started, ctx),
+                Step::Batch(members) => self.call_batch(members, ctx),
                 Step::Expired(op, error) => {
                     self.metrics.shed_deadline.inc();
                     if op.operation.mutates() {
@@ -241,7 +243,15 @@ impl ClusterActor {
             ),
         };
         // A busy answer is the scheduler's to retry; anything else is judged now.
-        let verdict = (!busy).then(|| rules::judge(&operation, stage, exchange.clone()));
+        let mut verdict = (!busy).then(|| rules::judge(&operation, stage, exchange.clone()));
+        if let Some(Verdict::Displacing(user)) =
+            verdict.take_if(|v| matches!(v, Verdict::Displacing(_)))
+        {
+            if let Some(op) = self.scheduler.running_mut(&device) {
+                rules::displace(&mut op.operation, user);
+            }
+            verdict = Some(Verdict::NextStage);
+        }
         if verdict == Some(Verdict::NextStage)
             && self.scheduler.advance(&device, took, Instant::now())
         {
@@ -273,37 +283,9 @@ impl ClusterActor {
                     // Busy with no time left to retry: CUCM's answer stands.
                     _ => rules::judge_last(&op.operation, stage, exchange),
                 };
-                if meaning.credentials_accepted {
-                    self.cache.mark_verified(op.credentials.fingerprint());
-                }
-                if rules::refuses_credentials(&meaning.result) {
-                    self.cache.mark_rejected(op.credentials.fingerprint());
-                }
-                match meaning.cache {
-                    CacheEffect::Set(user) => self.cache.set(&device, user),
-                    CacheEffect::Forget => self.cache.invalidate(&device),
-                    CacheEffect::Unchanged => {}
-                }
-                if op.operation.mutates() {
-                    self.cache.release(&device);
-                }
-                let reply = Reply {
-                    result: meaning.result,
-                    node: meaning.node,
-                    from_cache: false,
-                };
-                answer_all(op.waiters, reply);
+                self.conclude(&device, op, meaning);
             }
-            Completion::StillBusy(op) => {
-                if op.operation.mutates() {
-                    self.cache.release(&device);
-                }
-                let error = OpError::Overloaded {
-                    reason: "CUCM stayed busy until the deadline",
-                    retry_after: Duration::from_secs(1),
-                };
-                answer_all(op.waiters, Reply::failed(error));
-            }
+            Completion::StillBusy(op) => self.still_busy(&device, op),
             Completion::Unknown => {}
         }
         self.pump(ctx);
@@ -319,6 +301,158 @@ struct EndedCall {
     took: Duration,
     /// How long the EM client could take: a failure that took this long timed out.
     budget: Duration,
+}
+
+impl ClusterActor {
+    /// Several devices' queries as one `deviceUserQuery` (one slot, one token). The
+    /// call is bounded by the earliest member's deadline, so no caller waits past its
+    /// own.
+    fn call_batch(&mut self, members: Vec<Started>, ctx: &mut Context<Self>) {
+        for waited in members.iter().filter_map(|m| m.waited) {
+            self.metrics.queue_wait.observe(waited.as_secs_f64());
+        }
+        self.metrics.batched_queries.inc_by(members.len() as u64);
+        let Some(first) = members.first() else {
+            return;
+        };
+        let credentials = first.credentials.clone();
+        let deadline = members
+            .iter()
+            .map(|m| m.deadline)
+            .min()
+            .unwrap_or(first.deadline);
+        let devices: Vec<DeviceName> = members.into_iter().map(|m| m.device).collect();
+        let em = self.em.clone();
+        let call_started = Instant::now();
+        let call = async move {
+            let result = em
+                .call(
+                    EmRequest::DeviceUserQuery { devices: &devices },
+                    &credentials,
+                    deadline,
+                )
+                .await;
+            (devices, result)
+        };
+        ctx.spawn(
+            call.into_actor(self)
+                .map(move |(devices, result), actor, ctx| {
+                    actor.finish_batch(devices, result, call_started.elapsed(), ctx);
+                }),
+        );
+    }
+
+    fn finish_batch(
+        &mut self,
+        devices: Vec<DeviceName>,
+        result: Result<crate::em::Answered, crate::em::CallError>,
+        took: Duration,
+        ctx: &mut Context<Self>,
+    ) {
+        let busy = rules::is_busy(&result);
+        let end = if result.is_ok() {
+            CallEnd::Answered { took, busy }
+        } else {
+            CallEnd::NoAnswer
+        };
+        self.scheduler.batch_ended(end, Instant::now());
+        if busy {
+            // Each member backs off (and may batch again when it retries); one that
+            // has no time left gets CUCM's answer.
+            for device in devices {
+                let meaning = rules::interpret(
+                    &Operation::Query {
+                        device: device.clone(),
+                    },
+                    result.clone(),
+                );
+                self.member_done(device, true, meaning, ctx);
+            }
+        } else {
+            match rules::split_batch(&devices, result) {
+                BatchAnswer::PerDevice(meanings) => {
+                    for (device, meaning) in devices.into_iter().zip(meanings) {
+                        self.member_done(device, false, meaning, ctx);
+                    }
+                }
+                BatchAnswer::NotBatching(why) => {
+                    if self.scheduler.disable_batching() {
+                        self.metrics.batching_disabled.set(1);
+                        tracing::warn!(
+                            cluster = %self.code,
+                            answered = why,
+                            "CUCM did not answer a batched deviceUserQuery properly: asking one device at a time from now on"
+                        );
+                    }
+                    for device in devices.iter().rev() {
+                        self.scheduler.retry_alone(device);
+                    }
+                }
+            }
+        }
+        self.pump(ctx);
+    }
+
+    fn member_done(
+        &mut self,
+        device: DeviceName,
+        busy: bool,
+        meaning: Interpretation,
+        ctx: &mut Context<Self>,
+    ) {
+        let jitter = rand::rng().random_range(0.0..1.0);
+        match self
+            .scheduler
+            .finish_member(&device, busy, Instant::now(), jitter)
+        {
+            Completion::RetryAfter(back_off) => {
+                self.metrics.busy_retries.inc();
+                ctx.run_later(back_off, move |actor, ctx| {
+                    actor.scheduler.retry_due(&device);
+                    actor.pump(ctx);
+                });
+            }
+            Completion::Done(op) => self.conclude(&device, op, meaning),
+            Completion::StillBusy(op) => self.still_busy(&device, op),
+            Completion::Unknown => {}
+        }
+    }
+
+    /// An operation is over: the cache learns, every waiter gets the answer.
+    fn conclude(&mut self, device: &DeviceName, op: PendingOp, meaning: Interpretation) {
+        if meaning.credentials_accepted {
+            self.cache.mark_verified(op.credentials.fingerprint());
+        }
+        if rules::refuses_credentials(&meaning.result) {
+            self.cache.mark_rejected(op.credentials.fingerprint());
+        }
+        match meaning.cache {
+            CacheEffect::Set(user) => self.cache.set(device, user),
+            CacheEffect::Forget => self.cache.invalidate(device),
+            CacheEffect::Unchanged => {}
+        }
+        if op.operation.mutates() {
+            self.cache.release(device);
+        }
+        let reply = Reply {
+            result: meaning.result,
+            node: meaning.node,
+            from_cache: false,
+        };
+        answer_all(op.waiters, reply);
+    }
+
+    /// CUCM stayed busy and no retry fits before the deadline: 1004, never its 26.
+    fn still_busy(&mut self, device: &DeviceName, op: PendingOp) {
+        if op.operation.mutates() {
+            self.cache.release(device);
+        }
+        let error = OpError::Overloaded {
+            reason: "CUCM stayed busy until the deadline",
+            retry_after: Duration::from_secs(1),
+        };
+        answer_all(op.waiters, Reply::failed(error));
+    }
 }
 
 impl Actor for ClusterActor {

@@ -17,6 +17,9 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// A batch's request and answer stay a few tens of KiB.
+pub const MAX_DEVICES_PER_QUERY: usize = 200;
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         key,
@@ -53,6 +56,10 @@ pub struct ClusterConfig {
     /// (same scheme, host and port, path `/emapp/EMAppServlet`).
     #[serde(default)]
     pub emapp_nodes: Option<Vec<String>>,
+    /// Queries of different devices waiting for a slot leave together in one
+    /// `deviceUserQuery` of up to this many devices (1 turns batching off).
+    #[serde(default = "defaults::max_devices_per_query")]
+    pub max_devices_per_query: usize,
 }
 
 pub mod defaults {
@@ -74,6 +81,9 @@ pub mod defaults {
     pub fn queue_limit() -> usize {
         10_000
     }
+    pub fn max_devices_per_query() -> usize {
+        50
+    }
 }
 
 impl ClusterConfig {
@@ -91,6 +101,7 @@ impl ClusterConfig {
             ca_file: None,
             tls_insecure: false,
             emapp_nodes: None,
+            max_devices_per_query: defaults::max_devices_per_query(),
         }
     }
 
@@ -140,6 +151,12 @@ impl ClusterConfig {
         }
         if !(1..=1_000_000).contains(&self.queue_limit) {
             return Err(invalid("queue_limit", "must be 1-1000000"));
+        }
+        if !(1..=MAX_DEVICES_PER_QUERY).contains(&self.max_devices_per_query) {
+            return Err(invalid(
+                "max_devices_per_query",
+                format!("must be 1-{MAX_DEVICES_PER_QUERY} (1 turns batching off)"),
+            ));
         }
         if self.tls_insecure && self.ca_file.is_some() {
             return Err(invalid(
@@ -246,6 +263,8 @@ mod tests {
             (|c| c.burst = 0, "burst"),
             (|c| c.timeout_ms = 5, "timeout_ms"),
             (|c| c.queue_limit = 0, "queue_limit"),
+            (|c| c.max_devices_per_query = 0, "max_devices_per_query"),
+            (|c| c.max_devices_per_query = 201, "max_devices_per_query"),
             (
                 |c| {
                     c.tls_insecure = true;

@@ -62,7 +62,7 @@ impl PendingOp {
     }
 
     fn can_share_with(&self, other: &PendingOp) -> bool {
-        matches!(self.operation, Operation::Query { .. })
+        !self.operation.mutates()
             && self.operation == other.operation
             && self.credentials.fingerprint() == other.credentials.fingerprint()
     }

@@ -20,6 +20,7 @@ pub mod operation;
 pub mod router;
 pub mod scheduler;
 pub mod shaper;
+pub mod whereabouts;
 pub mod xml;
 
 pub use cluster::{ClusterActor, ClusterHandle, Submit};

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub node_failovers: IntCounterVec,
     pub rate_limiter_waits: IntCounterVec,
     pub rejected_credentials: IntCounterVec,
+    pub batching_disabled: IntGaugeVec,
+    pub batched_queries: IntCounterVec,
     pub discovery: IntCounterVec,
     pub pin_logins: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -170,6 +172,16 @@ impl Metrics {
                 "Requests answered 3 (invalid application user) without calling CUCM, because CUCM refused the same credentials seconds before.",
                 &["cluster"],
             )?,
+            batching_disabled: gauge(
+                "bc_batching_disabled",
+                "1 once the cluster answered a batched deviceUserQuery with a failure or without every device: its queries then go one device at a time (0: batching on, or max_devices_per_query = 1).",
+                &["cluster"],
+            )?,
+            batched_queries: counter(
+                "bc_batched_queries_total",
+                "Device queries that went to CUCM in a deviceUserQuery together with other devices' queries.",
+                &["cluster"],
+            )?,
             discovery: counter(
                 "bc_discovery_total",
                 "Requests without a cluster code whose device's cluster was looked up, by outcome: remembered (from an earlier lookup), found, nowhere (code 11), several (1011), failed (1003), refused (a cluster's own error).",
@@ -247,6 +259,8 @@ pub struct ClusterMetrics {
     pub cache_entries: IntGauge,
     pub rate_limiter_waits: prometheus::IntCounter,
     pub rejected_credentials: prometheus::IntCounter,
+    pub batching_disabled: IntGauge,
+    pub batched_queries: prometheus::IntCounter,
 }
 
 impl ClusterMetrics {
@@ -273,6 +287,8 @@ impl ClusterMetrics {
             cache_entries: metrics.cache_entries.with_label_values(c),
             rate_limiter_waits: metrics.rate_limiter_waits.with_label_values(c),
             rejected_credentials: metrics.rejected_credentials.with_label_values(c),
+            batching_disabled: metrics.batching_disabled.with_label_values(c),
+            batched_queries: metrics.batched_queries.with_label_values(c),
         }
     }
 }

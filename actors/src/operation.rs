@@ -214,21 +214,50 @@ pub enum Operation {
     Query {
         device: DeviceName,
     },
+    /// Which devices a user is logged in on (`userDevicesQuery`). It concerns no
+    /// device, so it is serialized under its own key (see [`Operation::user_devices`]).
+    UserDevicesQuery {
+        user: UserId,
+        key: DeviceName,
+    },
+    /// A login that, when another user is on the phone (CUCM's 18), logs that user out
+    /// and the requested one in: four calls at most, all in the device's turn.
+    /// `displaced` is filled in between stages with whoever was logged out.
+    ForceLogin {
+        device: DeviceName,
+        user: UserId,
+        displaced: Option<UserId>,
+    },
 }
 
 impl Operation {
+    /// A user query. Its queue key is `@` followed by the user ID: `@` is outside the
+    /// device-name alphabet, so the key never collides with a phone, and identical
+    /// user queries meet in one queue and share one CUCM call. It goes through the
+    /// same slots and rate as everything else.
+    pub fn user_devices(user: UserId) -> Self {
+        let key = DeviceName(Arc::from(format!("@{}", user.as_str())));
+        Operation::UserDevicesQuery { user, key }
+    }
+
+    /// The device it concerns; for a user query, its serialization key.
     pub fn device(&self) -> &DeviceName {
         match self {
             Operation::Login { device, .. }
             | Operation::PinLogin { device, .. }
+            | Operation::ForceLogin { device, .. }
             | Operation::Logout { device }
             | Operation::Query { device } => device,
+            Operation::UserDevicesQuery { key, .. } => key,
         }
     }
 
     /// Whether it changes who is logged in (then it is never sent twice).
     pub fn mutates(&self) -> bool {
-        !matches!(self, Operation::Query { .. })
+        !matches!(
+            self,
+            Operation::Query { .. } | Operation::UserDevicesQuery { .. }
+        )
     }
 }
 
@@ -239,6 +268,14 @@ pub enum Outcome {
     LoggedOut,
     /// Who is logged in on the device; `None` when nobody is.
     CurrentUser(Option<UserId>),
+    /// The devices a user is logged in on (empty: none). `unanswered` names clusters
+    /// that could not be asked when several were (the list may then miss theirs).
+    UserDevices {
+        devices: Vec<DeviceName>,
+        unanswered: Vec<String>,
+    },
+    /// Logged in after logging this other user out (a forced login).
+    LoggedInReplacing(UserId),
 }
 
 /// Why an operation did not succeed. Each variant maps to exactly one northbound code

@@ -14,7 +14,8 @@ use crate::config::ClusterConfig;
 use crate::discovery::{conclude, Conclusion, DeviceDirectory};
 use crate::em::rules::code;
 use crate::metrics::Metrics;
-use crate::operation::{Credentials, DeviceName, OpError, Operation, Reply};
+use crate::operation::{Credentials, DeviceName, OpError, Operation, Reply, UserId};
+use crate::whereabouts;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
@@ -144,6 +145,32 @@ impl Router {
                 Located::Answer(Reply::failed(error))
             }
         }
+    }
+
+    /// A user query with no cluster to go to: every cluster is asked at once, each
+    /// through its own shaping, and the answers merged (`whereabouts::merge`).
+    pub async fn user_devices_everywhere(
+        &self,
+        user: &UserId,
+        credentials: &Credentials,
+        deadline: Instant,
+    ) -> Reply {
+        let handles: Vec<&ClusterHandle> = self.clusters_in_order().collect();
+        let questions = handles.iter().map(|cluster| {
+            cluster.submit(
+                Operation::user_devices(user.clone()),
+                credentials.clone(),
+                deadline,
+            )
+        });
+        let answers = futures_util::future::join_all(questions).await;
+        whereabouts::merge(
+            handles
+                .iter()
+                .map(|c| c.code.to_string())
+                .zip(answers)
+                .collect(),
+        )
     }
 
     /// A cluster answered for a device found by discovery: an 11 means it moved.

@@ -30,6 +30,9 @@ const MIN_RETRY_WINDOW: Duration = Duration::from_millis(50);
 const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Weight of the newest CUCM call time in the running estimate.
 const CALL_TIME_WEIGHT: f64 = 0.2;
+/// How far down the ready line a batch looks for further queries: bounds the work of
+/// one step however long the line is.
+const BATCH_SCAN_WINDOW: usize = 2048;
 
 /// Why an operation is refused before it is queued (code 1004 for the caller).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +90,11 @@ pub struct Started {
 pub enum Step {
     /// Send this to CUCM; report its end with [`Scheduler::complete`].
     Start(Started),
+    /// Queries of several devices (same credentials), to send as one
+    /// `deviceUserQuery` under one slot and one rate token; report its end with
+    /// [`Scheduler::batch_ended`] and then each member with
+    /// [`Scheduler::finish_member`] or [`Scheduler::retry_alone`].
+    Batch(Vec<Started>),
     /// It cannot finish before its deadline: answer it 1004 without calling CUCM.
     Expired(PendingOp, OpError),
     /// The rate limit holds the next call back this long.
@@ -128,6 +136,8 @@ pub struct Scheduler<C: Clock = DefaultClock> {
     ready: VecDeque<DeviceName>,
     /// Accepted operations not yet sent to CUCM.
     queued: usize,
+    /// How many of them are device queries (they may leave in batches).
+    queued_queries: usize,
     queue_limit: usize,
     shaper: Shaper<C>,
     /// Recent CUCM call time (exponentially weighted), to foresee a missed deadline.
@@ -136,6 +146,8 @@ pub struct Scheduler<C: Clock = DefaultClock> {
     timeout_hold: Duration,
     /// When the slots of timed-out calls are released.
     held: Vec<Instant>,
+    /// Most devices one `deviceUserQuery` carries; 1 = no batching.
+    max_batch: usize,
 }
 
 impl<C: Clock> std::fmt::Debug for Scheduler<C> {
@@ -161,9 +173,11 @@ impl<C: Clock + Clone> Scheduler<C> {
             devices: HashMap::new(),
             ready: VecDeque::new(),
             queued: 0,
+            queued_queries: 0,
             queue_limit,
             shaper,
             call_time: None,
+            max_batch: 1,
             timeout_hold: Duration::ZERO,
             held: Vec::new(),
         }
@@ -182,6 +196,18 @@ impl<C: Clock + Clone> Scheduler<C> {
         for _ in self.held.len()..before {
             self.shaper.release();
         }
+    }
+
+    /// Lets queries of up to `max_devices` devices leave together (1 = off).
+    pub fn with_batching(mut self, max_devices: usize) -> Self {
+        self.max_batch = max_devices.max(1);
+        self
+    }
+
+    /// The cluster does not answer batches properly: one device per query from now
+    /// on. Returns whether batching was on until now.
+    pub fn disable_batching(&mut self) -> bool {
+        std::mem::replace(&mut self.max_batch, 1) > 1
     }
 
     /// Whether the device has an operation queued or running (then a cache entry may
@@ -204,10 +230,12 @@ impl<C: Clock + Clone> Scheduler<C> {
                 return Offer::Shed(shed, Box::new(op));
             }
         }
+        let query = batchable(&op.operation);
         match self.devices.entry(device.clone()).or_default().push(op) {
             Pushed::Joined => Offer::Joined,
             Pushed::Queued { needs_turn } => {
                 self.queued += 1;
+                self.queued_queries += usize::from(query);
                 if needs_turn {
                     self.ready.push_back(device);
                 }
@@ -229,9 +257,11 @@ impl<C: Clock + Clone> Scheduler<C> {
     }
 
     /// How long a new operation would likely wait: the work ahead divided by what the
-    /// cap and the rate let through.
+    /// cap and the rate let through. Queued queries count as the batches they will
+    /// leave in (with batching off, one call each).
     pub fn expected_wait(&self) -> Duration {
-        let ahead = self.queued as f64;
+        let others = self.queued.saturating_sub(self.queued_queries);
+        let ahead = (others + self.queued_queries.div_ceil(self.max_batch)) as f64;
         let by_concurrency = self.call_time.map_or(0.0, |t| {
             t.as_secs_f64() * ahead / self.shaper.max_concurrent() as f64
         });
@@ -265,6 +295,14 @@ impl<C: Clock + Clone> Scheduler<C> {
             }
             return match self.shaper.try_acquire() {
                 Ok(()) => match self.start_front() {
+                    Some(started) if self.max_batch > 1 && batchable(&started.operation) => {
+                        let mut members = vec![started];
+                        self.gather(&mut members, now);
+                        match members.len() {
+                            1 => Step::Start(members.remove(0)),
+                            _ => Step::Batch(members),
+                        }
+                    }
                     Some(started) => Step::Start(started),
                     None => {
                         self.shaper.release();
@@ -286,6 +324,9 @@ impl<C: Clock + Clone> Scheduler<C> {
         let (op, never_started) = self.devices.get_mut(&device)?.drop_next()?;
         if never_started {
             self.queued = self.queued.saturating_sub(1);
+            if batchable(&op.operation) {
+                self.queued_queries = self.queued_queries.saturating_sub(1);
+            }
         }
         self.after_turn(device);
         let error = OpError::Overloaded {
@@ -297,6 +338,54 @@ impl<C: Clock + Clone> Scheduler<C> {
 
     fn start_front(&mut self) -> Option<Started> {
         let device = self.ready.pop_front()?;
+        self.start_device(device)
+    }
+
+    /// Adds to a batch further ready devices whose next operation is a query with the
+    /// same credentials (one `appInfo` per document) that can still finish in time,
+    /// from anywhere in the ready line: they ride along without a slot or a token of
+    /// their own, so nobody behind them waits longer. Each stays its device's current
+    /// operation, so per-device order is untouched.
+    fn gather(&mut self, members: &mut Vec<Started>, now: Instant) {
+        let Some(first) = members.first() else {
+            return;
+        };
+        let fingerprint = first.credentials.fingerprint();
+        let latest_start = now + self.call_time.unwrap_or_default();
+        let room = self.max_batch.saturating_sub(members.len());
+        let chosen: Vec<usize> = self
+            .ready
+            .iter()
+            .take(BATCH_SCAN_WINDOW)
+            .enumerate()
+            .filter(|(_, device)| {
+                self.devices
+                    .get(*device)
+                    .and_then(DeviceQueue::next)
+                    .is_some_and(|op| {
+                        batchable(&op.operation)
+                            && op.credentials.fingerprint() == fingerprint
+                            && op.deadline > latest_start
+                    })
+            })
+            .map(|(index, _)| index)
+            .take(room)
+            .collect();
+        // From the back, so the earlier indexes stay valid.
+        let mut taken: Vec<DeviceName> = chosen
+            .into_iter()
+            .rev()
+            .filter_map(|index| self.ready.remove(index))
+            .collect();
+        taken.reverse();
+        for device in taken {
+            if let Some(started) = self.start_device(device) {
+                members.push(started);
+            }
+        }
+    }
+
+    fn start_device(&mut self, device: DeviceName) -> Option<Started> {
         let (op, first_time) = self.devices.get_mut(&device)?.start()?;
         let started = Started {
             device: device.clone(),
@@ -308,6 +397,9 @@ impl<C: Clock + Clone> Scheduler<C> {
         };
         if first_time {
             self.queued = self.queued.saturating_sub(1);
+            if batchable(&started.operation) {
+                self.queued_queries = self.queued_queries.saturating_sub(1);
+            }
         }
         Some(started)
     }
@@ -321,11 +413,29 @@ impl<C: Clock + Clone> Scheduler<C> {
         unit: f64,
     ) -> Completion {
         self.call_ended(end, now);
+        let busy = matches!(end, CallEnd::Answered { busy: true, .. });
+        self.finish_member(device, busy, now, unit)
+    }
+
+    /// A batch's call ended: its one slot is free again.
+    pub fn batch_ended(&mut self, end: CallEnd, now: Instant) {
+        self.call_ended(end, now);
+    }
+
+    /// One device of an ended call (a batch member, or via [`Scheduler::complete`]):
+    /// `busy` when CUCM said busy, then it backs off like a single call.
+    pub fn finish_member(
+        &mut self,
+        device: &DeviceName,
+        busy: bool,
+        now: Instant,
+        unit: f64,
+    ) -> Completion {
         let Some(queue) = self.devices.get_mut(device) else {
             return Completion::Unknown;
         };
         let mut exhausted = false;
-        if let CallEnd::Answered { busy: true, .. } = end {
+        if busy {
             if let Some(op) = queue.current_mut() {
                 op.busy_answers += 1;
                 let wanted = jittered(BUSY_BACK_OFF.delay(op.busy_answers), unit);
@@ -388,6 +498,27 @@ impl<C: Clock + Clone> Scheduler<C> {
         }
     }
 
+    /// A batch member goes again on its own, at the front of the line (its cluster
+    /// did not answer the batch for it). Call it for the members in reverse order to
+    /// keep their order. Returns false when nothing was running.
+    pub fn retry_alone(&mut self, device: &DeviceName) -> bool {
+        let Some(queue) = self.devices.get_mut(device) else {
+            return false;
+        };
+        if queue.turn() != Turn::Running {
+            return false;
+        }
+        queue.line_up();
+        self.ready.push_front(device.clone());
+        true
+    }
+
+    /// The operation running on a device (an actor records between stages what a later
+    /// stage needs, e.g. whom a forced login logs out).
+    pub fn running_mut(&mut self, device: &DeviceName) -> Option<&mut PendingOp> {
+        self.devices.get_mut(device)?.current_mut()
+    }
+
     /// A busy back-off is over: the device retries before anyone who came later.
     pub fn retry_due(&mut self, device: &DeviceName) {
         if let Some(queue) = self.devices.get_mut(device) {
@@ -417,6 +548,11 @@ impl<C: Clock + Clone> Scheduler<C> {
     pub fn in_flight(&self) -> usize {
         self.shaper.in_flight()
     }
+}
+
+/// Only a device query rides in a batch (a PIN login's checks stay its own calls).
+fn batchable(operation: &Operation) -> bool {
+    matches!(operation, Operation::Query { .. })
 }
 
 #[cfg(test)]
@@ -699,6 +835,197 @@ mod tests {
         // Other failures free the slot at once.
         s.complete(&device(2), CallEnd::NoAnswer, now, 0.5);
         assert_eq!(s.in_flight(), 0);
+    }
+
+    fn batch(step: Step) -> Vec<DeviceName> {
+        match step {
+            Step::Batch(members) => members.into_iter().map(|m| m.device).collect(),
+            other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+
+    fn query_as(n: u32, app: &str, deadline: Instant) -> PendingOp {
+        let (tx, rx) = oneshot::channel::<Reply>();
+        drop(rx);
+        PendingOp::new(
+            Operation::Query { device: device(n) },
+            Credentials::new(app, "pw"),
+            deadline,
+            tx,
+        )
+    }
+
+    #[test]
+    fn queries_of_several_devices_leave_together_under_one_slot_and_token() {
+        // One slot, one token a second: without batching, three calls would take 2 s.
+        let (s, clock) = scheduler(1, Some((1, 1)), 100);
+        let mut s = s.with_batching(3);
+        let now = Instant::now();
+        s.offer(query(1, now + LONG), now);
+        s.offer(login(6, now + LONG), now);
+        for n in 2..=5 {
+            s.offer(query(n, now + LONG), now);
+        }
+        // The front is a query: further ready queries join it, up to the max, past
+        // the login (which keeps its place at the front).
+        assert_eq!(batch(s.next_step(now)), [device(1), device(2), device(3)]);
+        assert_eq!((s.in_flight(), s.queued()), (1, 3));
+        assert!(
+            matches!(s.next_step(now), Step::Blocked),
+            "one slot for all"
+        );
+        s.batch_ended(answered(), now);
+        for n in 1..=3 {
+            assert!(matches!(
+                s.finish_member(&device(n), false, now, 0.5),
+                Completion::Done(_)
+            ));
+        }
+        assert!(
+            matches!(s.next_step(now), Step::Wait(_)),
+            "one token for all"
+        );
+        clock.advance(Duration::from_secs(1));
+        // The login goes alone; the rest wait for its slot.
+        assert_eq!(started(s.next_step(now)).device, device(6));
+    }
+
+    #[test]
+    fn a_batch_keeps_each_devices_order_and_credentials_apart() {
+        let (s, _) = scheduler(2, None, 100);
+        let mut s = s.with_batching(50);
+        let now = Instant::now();
+        s.offer(query(1, now + LONG), now);
+        s.offer(login(1, now + LONG), now);
+        s.offer(query_as(2, "other-app", now + LONG), now);
+        s.offer(query(3, now + LONG), now);
+        s.offer(login(4, now + LONG), now);
+        // Device 1's login waits for its query; device 2 has other credentials.
+        assert_eq!(batch(s.next_step(now)), [device(1), device(3)]);
+        assert_eq!(started(s.next_step(now)).device, device(2));
+        assert!(matches!(s.next_step(now), Step::Blocked));
+        s.batch_ended(answered(), now);
+        s.finish_member(&device(1), false, now, 0.5);
+        s.finish_member(&device(3), false, now, 0.5);
+        // Device 4's login came first; device 1's login after it.
+        assert_eq!(started(s.next_step(now)).device, device(4));
+    }
+
+    #[test]
+    fn a_member_that_cannot_finish_in_time_stays_out_and_expires() {
+        let (s, _) = scheduler(1, None, 100);
+        let mut s = s.with_batching(50);
+        let now = Instant::now();
+        s.offer(login(9, now + LONG), now);
+        started(s.next_step(now));
+        s.offer(query(1, now + LONG), now);
+        s.offer(query(2, now + Duration::from_secs(1)), now);
+        s.offer(query(3, now + LONG), now);
+        // CUCM took 2 s: device 2's query can no longer make it.
+        s.complete(
+            &device(9),
+            CallEnd::Answered {
+                took: Duration::from_secs(2),
+                busy: false,
+            },
+            now,
+            0.5,
+        );
+        assert_eq!(batch(s.next_step(now)), [device(1), device(3)]);
+        s.batch_ended(answered(), now);
+        s.finish_member(&device(1), false, now, 0.5);
+        s.finish_member(&device(3), false, now, 0.5);
+        assert!(matches!(s.next_step(now), Step::Expired(..)));
+        assert_eq!(s.queued(), 0);
+    }
+
+    #[test]
+    fn a_cluster_that_does_not_batch_gets_each_device_alone_in_order() {
+        let (s, _) = scheduler(1, None, 100);
+        let mut s = s.with_batching(50);
+        let now = Instant::now();
+        for n in 1..=3 {
+            s.offer(query(n, now + LONG), now);
+        }
+        let members = batch(s.next_step(now));
+        s.batch_ended(answered(), now);
+        assert!(s.disable_batching());
+        assert!(!s.disable_batching(), "once");
+        for device in members.iter().rev() {
+            assert!(s.retry_alone(device));
+        }
+        for n in 1..=3 {
+            let alone = started(s.next_step(now));
+            assert_eq!(alone.device, device(n));
+            assert!(alone.waited.is_none(), "a retry, not a new start");
+            s.complete(&device(n), answered(), now, 0.5);
+        }
+        assert!(!s.retry_alone(&device(1)), "nothing running");
+    }
+
+    #[test]
+    fn the_expected_wait_counts_queries_by_batch() {
+        // 1,000 cold queries at 20 calls/s: one by one that is a 50 s wait, which a
+        // 15 s deadline would shed; in batches of 50 it is about one second.
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(15);
+        let (mut off, _) = scheduler(5, Some((20, 5)), 10_000);
+        let shed = (1..=1000)
+            .filter(|&n| matches!(off.offer(query(n, deadline), now), Offer::Shed(..)))
+            .count();
+        assert!(shed > 600, "{shed} shed without batching");
+        let (s, _) = scheduler(5, Some((20, 5)), 10_000);
+        let mut on = s.with_batching(50);
+        for n in 1..=1000 {
+            assert!(matches!(on.offer(query(n, deadline), now), Offer::Queued));
+        }
+        assert!(on.expected_wait() < Duration::from_secs(1));
+        // Logins still count one call each.
+        for n in 1001..=1100 {
+            on.offer(login(n, now + LONG), now);
+        }
+        assert!(on.expected_wait() > Duration::from_secs(5));
+        // Started and expired queries leave the count.
+        batch(on.next_step(now));
+        assert_eq!(on.queued_queries, 950);
+        assert!(on.disable_batching());
+        assert!(on.expected_wait() > Duration::from_secs(50));
+    }
+
+    #[test]
+    fn batching_off_sends_one_device_per_call() {
+        let (mut s, _) = scheduler(5, None, 100);
+        let now = Instant::now();
+        s.offer(query(1, now + LONG), now);
+        s.offer(query(2, now + LONG), now);
+        assert_eq!(started(s.next_step(now)).device, device(1));
+        assert_eq!(started(s.next_step(now)).device, device(2));
+    }
+
+    #[test]
+    fn a_busy_batch_backs_each_member_off() {
+        let (s, _) = scheduler(1, None, 100);
+        let mut s = s.with_batching(50);
+        let now = Instant::now();
+        s.offer(query(1, now + LONG), now);
+        s.offer(query(2, now + LONG), now);
+        batch(s.next_step(now));
+        s.batch_ended(
+            CallEnd::Answered {
+                took: Duration::from_millis(10),
+                busy: true,
+            },
+            now,
+        );
+        for n in 1..=2 {
+            assert!(matches!(
+                s.finish_member(&device(n), true, now, 0.5),
+                Completion::RetryAfter(_)
+            ));
+        }
+        s.retry_due(&device(2));
+        s.retry_due(&device(1));
+        assert_eq!(batch(s.next_step(now)), [device(1), device(2)]);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actors::{ClusterHandle, Located, Metrics, Operation, Outcome, Reply, Route, Router};
 use futures_util::StreamExt;
 
+use super::json;
 use super::record::{RequestRecord, Source};
 use super::request::{apply_path, parse_message, validate, Call, Fields, ValidRequest};
 use super::response::{version_document, Failure, ResultDoc, CONTENT_TYPE};
@@ -54,9 +55,13 @@ pub async fn api(
             .content_type("text/plain; charset=utf-8")
             .body("method not allowed\n");
     }
+    let answer_json = json::wants_json(request.headers());
     if call == Call::Version {
         if segments.len() > 2 {
             return plain(StatusCode::NOT_FOUND, "not found\n");
+        }
+        if answer_json {
+            return json::response(StatusCode::OK, &json::version_value(), None);
         }
         return xml_response(StatusCode::OK, version_document(), None);
     }
@@ -64,7 +69,15 @@ pub async fn api(
     let message = read_message(&request, payload, state.max_body_bytes).await;
     let mut record = RequestRecord::new(call, started);
     record.client = crate::access::client_of(&request);
-    let doc = match screen(&state, call, &segments[2..], message, &mut record) {
+    let json_body = json::has_json_body(request.headers());
+    let doc = match screen(
+        &state,
+        call,
+        &segments[2..],
+        message,
+        json_body,
+        &mut record,
+    ) {
         Err(Screened::NotFound) => return plain(StatusCode::NOT_FOUND, "not found\n"),
         Err(Screened::Refused(failure)) => ResultDoc::failure(
             call,
@@ -102,6 +115,9 @@ pub async fn api(
     };
     record.answered(&doc);
     record.publish(&state.metrics, state.history.as_deref());
+    if answer_json {
+        return json::response(doc.status, &json::result_value(&doc), doc.retry_after);
+    }
     xml_response(doc.status, doc.render(), doc.retry_after)
 }
 
@@ -121,13 +137,15 @@ fn screen<'a>(
     call: Call,
     path_segments: &[&str],
     message: Result<Option<String>, Failure>,
+    json_body: bool,
     record: &mut RequestRecord,
 ) -> Result<(ValidRequest, Route<'a>), Screened> {
-    let mut fields = match message
-        .map_err(Screened::Refused)?
-        .as_deref()
-        .map(parse_message)
-    {
+    let parse = if json_body {
+        json::parse_fields
+    } else {
+        parse_message
+    };
+    let mut fields = match message.map_err(Screened::Refused)?.as_deref().map(parse) {
         Some(parsed) => parsed.map_err(|e| Screened::Refused(Failure::Request(e)))?,
         None => Fields::default(),
     };
@@ -145,7 +163,12 @@ fn screen<'a>(
         validate(call, &fields).map_err(|error| Screened::Refused(Failure::Request(error)))?;
     record.device = Some(valid.operation.device().as_str().to_string());
     record.user = match &valid.operation {
-        Operation::Login { user, .. } | Operation::PinLogin { user, .. } => {
+        Operation::Login { user, .. }
+        | Operation::PinLogin { user, .. }
+        | Operation::ForceLogin { user, .. } => Some(user.as_str().to_string()),
+        Operation::UserDevicesQuery { user, .. } => {
+            // Its queue key is no device.
+            record.device = None;
             Some(user.as_str().to_string())
         }
         _ => None,
@@ -180,6 +203,12 @@ async fn carry_out(
             return (Some(cluster.code.clone()), reply);
         }
         Route::Discover => {
+            if let Operation::UserDevicesQuery { user, .. } = &operation {
+                let reply = router
+                    .user_devices_everywhere(user, &credentials, deadline)
+                    .await;
+                return (None, reply);
+            }
             let device = operation.device().clone();
             match router.locate(&device, &credentials, deadline).await {
                 Located::Answer(reply) => return (None, reply),
@@ -256,6 +285,9 @@ async fn read_message(
         .unwrap_or("")
         .to_ascii_lowercase();
     let trimmed = body.trim_start_matches('\u{feff}').trim();
+    if json::is_json_type(&content_type) {
+        return Ok((!trimmed.is_empty()).then(|| trimmed.to_string()));
+    }
     if !trimmed.is_empty() {
         let looks_like_xml = trimmed.starts_with('<');
         let is_form = content_type.starts_with("application/x-www-form-urlencoded");

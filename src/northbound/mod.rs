@@ -6,6 +6,7 @@
 //! `handlers` wires them to actix-web and the cluster actors.
 
 pub mod handlers;
+pub mod json;
 pub mod record;
 pub mod request;
 pub mod response;

@@ -140,6 +140,7 @@ impl RequestRecord {
             Call::Login => history::Operation::Login,
             Call::Logout => history::Operation::Logout,
             Call::GetLoggedInUser => history::Operation::GetLoggedInUser,
+            Call::GetUserDevices => history::Operation::GetUserDevices,
         };
         let source = match self.source {
             Source::Cucm => history::Source::Cucm,

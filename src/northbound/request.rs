@@ -14,6 +14,8 @@ pub enum Call {
     Login,
     Logout,
     GetLoggedInUser,
+    /// Where a user is logged in (beyond 1.4: SPEC §11).
+    GetUserDevices,
 }
 
 impl Call {
@@ -24,6 +26,7 @@ impl Call {
             "login" => Some(Call::Login),
             "logout" => Some(Call::Logout),
             "getloggedinuser" => Some(Call::GetLoggedInUser),
+            "getuserdevices" => Some(Call::GetUserDevices),
             _ => None,
         }
     }
@@ -39,6 +42,7 @@ impl Call {
                 Field::Pin,
             ],
             Call::Logout | Call::GetLoggedInUser => &[Field::DeviceName, Field::ClusterCode],
+            Call::GetUserDevices => &[Field::UserId, Field::ClusterCode],
         }
     }
 
@@ -49,12 +53,21 @@ impl Call {
             Call::Login => "login",
             Call::Logout => "logout",
             Call::GetLoggedInUser => "getloggedinuser",
+            Call::GetUserDevices => "getuserdevices",
         }
     }
 
     /// Whether the answer carries a `<userID>`.
     pub fn echoes_user(self) -> bool {
-        matches!(self, Call::Login | Call::GetLoggedInUser)
+        matches!(
+            self,
+            Call::Login | Call::GetLoggedInUser | Call::GetUserDevices
+        )
+    }
+
+    /// Whether the call concerns a user rather than a device (no `<deviceName>`).
+    pub fn about_user(self) -> bool {
+        self == Call::GetUserDevices
     }
 }
 
@@ -76,6 +89,8 @@ pub struct Fields {
     pub user_id: Option<String>,
     pub cluster_code: Option<String>,
     pub pin: Option<String>,
+    /// `<force>` of a login (beyond 1.4): `true`/`1`/`yes` or `false`/`0`/`no`.
+    pub force: Option<String>,
 }
 
 impl std::fmt::Debug for Fields {
@@ -108,6 +123,8 @@ impl Fields {
 pub enum RequestError {
     #[error("Invalid request: malformed XML ({0})")]
     MalformedXml(String),
+    #[error("Invalid request: malformed JSON ({0})")]
+    MalformedJson(String),
     #[error("Invalid request: a path segment is not valid percent-encoded UTF-8")]
     MalformedPath,
     #[error("Device ID empty")]
@@ -120,6 +137,10 @@ pub enum RequestError {
     CredentialsMissing,
     #[error("Invalid request: a PIN is only taken by login")]
     PinNotAllowed,
+    #[error(
+        "Invalid request: force must be true or false, and is only taken by a login without a PIN"
+    )]
+    InvalidForce,
 }
 
 /// Reads the XML message. Element names are case sensitive; unknown ones are ignored;
@@ -146,6 +167,7 @@ pub fn parse_message(message: &str) -> Result<Fields, RequestError> {
         user_id: find("userID"),
         cluster_code: find("clusterCode"),
         pin: find("pin"),
+        force: find("force"),
     })
 }
 
@@ -181,27 +203,57 @@ pub struct ValidRequest {
 
 /// Checks the fields in the spec's order of faults.
 pub fn validate(call: Call, fields: &Fields) -> Result<ValidRequest, RequestError> {
+    if call.about_user() {
+        return validate_user_call(fields);
+    }
     let device = present(&fields.device_name).ok_or(RequestError::DeviceMissing)?;
     let device = DeviceName::parse(device)?;
     let pin = present(&fields.pin);
+    let force = parse_force(&fields.force)?;
     let operation = match call {
         Call::Login => {
             let user = present(&fields.user_id).ok_or(RequestError::UserMissing)?;
             let user = UserId::parse(user)?;
-            match pin {
-                Some(pin) => Operation::PinLogin {
+            match (pin, force) {
+                // Logging someone out needs the EM API; a PIN login goes through the
+                // phone's EM application, which has no such step.
+                (Some(_), true) => return Err(RequestError::InvalidForce),
+                (Some(pin), false) => Operation::PinLogin {
                     device,
                     user,
                     pin: Pin::parse(pin)?,
                 },
-                None => Operation::Login { device, user },
+                (None, true) => Operation::ForceLogin {
+                    device,
+                    user,
+                    displaced: None,
+                },
+                (None, false) => Operation::Login { device, user },
             }
         }
         _ if pin.is_some() => return Err(RequestError::PinNotAllowed),
+        _ if force => return Err(RequestError::InvalidForce),
         Call::Logout => Operation::Logout { device },
         // Version has no device: never validated; treated as a query defensively.
-        Call::GetLoggedInUser | Call::Version => Operation::Query { device },
+        Call::GetLoggedInUser | Call::Version | Call::GetUserDevices => Operation::Query { device },
     };
+    with_credentials(operation, fields)
+}
+
+/// getuserdevices: userID instead of deviceName, same order of faults otherwise.
+fn validate_user_call(fields: &Fields) -> Result<ValidRequest, RequestError> {
+    let user = present(&fields.user_id).ok_or(RequestError::UserMissing)?;
+    let user = UserId::parse(user)?;
+    if present(&fields.pin).is_some() {
+        return Err(RequestError::PinNotAllowed);
+    }
+    if parse_force(&fields.force)? {
+        return Err(RequestError::InvalidForce);
+    }
+    with_credentials(Operation::user_devices(user), fields)
+}
+
+fn with_credentials(operation: Operation, fields: &Fields) -> Result<ValidRequest, RequestError> {
     let (Some(app_id), Some(app_certificate)) =
         (present(&fields.app_id), present(&fields.app_certificate))
     else {
@@ -212,6 +264,19 @@ pub fn validate(call: Call, fields: &Fields) -> Result<ValidRequest, RequestErro
         credentials: Credentials::new(app_id, app_certificate),
         cluster_code: present(&fields.cluster_code).map(str::to_string),
     })
+}
+
+/// `<force>`: absent or blank is false; anything but the usual spellings is refused
+/// rather than guessed (a typo must not log somebody out).
+fn parse_force(value: &Option<String>) -> Result<bool, RequestError> {
+    match present(value)
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("false" | "0" | "no") => Ok(false),
+        Some("true" | "1" | "yes") => Ok(true),
+        Some(_) => Err(RequestError::InvalidForce),
+    }
 }
 
 /// A value that is there and not blank. Device names and user IDs are used as given
@@ -351,6 +416,70 @@ mod tests {
         assert_eq!(request.operation.device().as_str(), "SEP1CE6C79BAF1F");
         assert_eq!(request.cluster_code.as_deref(), Some("EU"));
         assert_eq!(request.credentials.app_id(), "app");
+    }
+
+    #[test]
+    fn getuserdevices_takes_a_user_and_no_device() {
+        let mut fields =
+            parse_message("<request><appID>a</appID><appCertificate>b</appCertificate></request>")
+                .unwrap();
+        assert_eq!(
+            validate(Call::GetUserDevices, &fields).unwrap_err(),
+            RequestError::UserMissing
+        );
+        assert!(apply_path(Call::GetUserDevices, &["em%40cisco.com", "EU"], &mut fields).unwrap());
+        let valid = validate(Call::GetUserDevices, &fields).unwrap();
+        assert!(
+            matches!(&valid.operation, Operation::UserDevicesQuery { user, .. } if user.as_str() == "em@cisco.com")
+        );
+        assert_eq!(valid.cluster_code.as_deref(), Some("EU"));
+        assert!(!apply_path(Call::GetUserDevices, &["u", "EU", "x"], &mut fields).unwrap());
+        fields.app_id = None;
+        assert_eq!(
+            validate(Call::GetUserDevices, &fields).unwrap_err(),
+            RequestError::CredentialsMissing
+        );
+    }
+
+    #[test]
+    fn force_makes_a_forced_login_and_is_refused_elsewhere() {
+        let base = "<request><appID>a</appID><appCertificate>b</appCertificate>\
+                    <deviceName>SEP1</deviceName><userID>u</userID>";
+        let login = |force: &str| {
+            validate(
+                Call::Login,
+                &parse_message(&format!("{base}{force}</request>")).unwrap(),
+            )
+        };
+        for yes in [
+            "<force>true</force>",
+            "<force> TRUE </force>",
+            "<force>1</force>",
+        ] {
+            assert!(
+                matches!(login(yes).unwrap().operation, Operation::ForceLogin { .. }),
+                "{yes}"
+            );
+        }
+        for no in ["", "<force>false</force>", "<force/>", "<force>0</force>"] {
+            assert!(
+                matches!(login(no).unwrap().operation, Operation::Login { .. }),
+                "{no}"
+            );
+        }
+        assert_eq!(
+            login("<force>sure</force>").unwrap_err(),
+            RequestError::InvalidForce
+        );
+        assert_eq!(
+            login("<force>true</force><pin>1234</pin>").unwrap_err(),
+            RequestError::InvalidForce
+        );
+        let logout = parse_message(&format!("{base}<force>true</force></request>")).unwrap();
+        assert_eq!(
+            validate(Call::Logout, &logout).unwrap_err(),
+            RequestError::InvalidForce
+        );
     }
 
     #[test]

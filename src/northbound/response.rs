@@ -63,8 +63,10 @@ pub struct ResultDoc {
     pub code: u32,
     pub text: String,
     pub device_name: String,
-    /// `Some` for login and getloggedinuser.
+    /// `Some` for login, getloggedinuser and getuserdevices.
     pub user_id: Option<String>,
+    /// `Some` for getuserdevices (which has no `<deviceName>` of its own).
+    pub devices: Option<Vec<String>>,
     pub retry_after: Option<Duration>,
 }
 
@@ -87,6 +89,40 @@ impl ResultDoc {
                 Some(String::new()),
                 format!("No user is logged in on device {device}"),
             ),
+            Outcome::LoggedInReplacing(previous) => {
+                let user = user.unwrap_or_default();
+                (
+                    Some(user.to_string()),
+                    format!(
+                        "Login successful for {user} on device {device} after logging out {}",
+                        shorten(previous.as_str(), MAX_ECHO_CHARS)
+                    ),
+                )
+            }
+            Outcome::UserDevices {
+                devices,
+                unanswered,
+            } => {
+                let user = user.unwrap_or_default();
+                let mut text = match devices.len() {
+                    0 => format!("User {user} is not logged in on any device"),
+                    n => format!("User {user} is logged in on {n} device(s)"),
+                };
+                if !unanswered.is_empty() {
+                    let _ = write!(
+                        text,
+                        "; clusters that could not be asked: {}",
+                        unanswered.join(", ")
+                    );
+                }
+                (Some(user.to_string()), text)
+            }
+        };
+        let devices = match outcome {
+            Outcome::UserDevices { devices, .. } => {
+                Some(devices.iter().map(|d| d.to_string()).collect())
+            }
+            _ => None,
         };
         Self {
             status: StatusCode::OK,
@@ -98,6 +134,7 @@ impl ResultDoc {
             } else {
                 None
             },
+            devices: call.about_user().then(|| devices.unwrap_or_default()),
             retry_after: None,
         }
     }
@@ -110,8 +147,9 @@ impl ResultDoc {
             code,
             text,
             device_name: device.to_string(),
+            devices: call.about_user().then(Vec::new),
             user_id: call.echoes_user().then(|| {
-                if call == Call::Login {
+                if call == Call::Login || call.about_user() {
                     user.unwrap_or_default().to_string()
                 } else {
                     String::new()
@@ -125,13 +163,26 @@ impl ResultDoc {
         let mut out = String::with_capacity(256);
         out.push_str(XML_DECLARATION);
         out.push_str("\n<response>\n<result>\n");
-        let _ = writeln!(
-            out,
-            "<deviceName>{}</deviceName>",
-            escape(&shorten(&self.device_name, MAX_ECHO_CHARS))
-        );
+        if self.devices.is_none() {
+            let _ = writeln!(
+                out,
+                "<deviceName>{}</deviceName>",
+                escape(&shorten(&self.device_name, MAX_ECHO_CHARS))
+            );
+        }
         if let Some(user) = &self.user_id {
             let _ = writeln!(out, "<userID>{}</userID>", escape(&shorten(user, 128)));
+        }
+        if let Some(devices) = &self.devices {
+            out.push_str("<devices>");
+            for device in devices {
+                let _ = write!(
+                    out,
+                    "<deviceName>{}</deviceName>",
+                    escape(&shorten(device, MAX_ECHO_CHARS))
+                );
+            }
+            out.push_str("</devices>\n");
         }
         let _ = writeln!(out, "<code>{}</code>", self.code);
         let _ = writeln!(out, "<text>{}</text>", escape(&self.text));
@@ -163,11 +214,15 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
                 None,
             ),
             RequestError::MalformedXml(detail) => invalid(format!("malformed XML ({detail})")),
+            RequestError::MalformedJson(detail) => invalid(format!("malformed JSON ({detail})")),
             RequestError::MalformedPath => {
                 invalid("a path segment is not valid percent-encoded UTF-8".into())
             }
             RequestError::UserMissing => invalid("userID is missing".into()),
             RequestError::PinNotAllowed => invalid("a PIN is only taken by login".into()),
+            RequestError::InvalidForce => invalid(
+                "force must be true or false, and is only taken by a login without a PIN".into(),
+            ),
             RequestError::InvalidValue(InvalidValue::Pin) => {
                 invalid(format!("PIN must be 1-{MAX_PIN_DIGITS} digits"))
             }

@@ -27,6 +27,10 @@ pub enum EmRequest<'a> {
     DeviceUserQuery {
         devices: &'a [DeviceName],
     },
+    /// `userDevicesQuery`: which devices this user is logged in on.
+    UserDevicesQuery {
+        user: &'a UserId,
+    },
 }
 
 impl EmRequest<'_> {
@@ -36,20 +40,24 @@ impl EmRequest<'_> {
             EmRequest::Login { .. } => "login",
             EmRequest::Logout { .. } => "logout",
             EmRequest::DeviceUserQuery { .. } => "deviceUserQuery",
+            EmRequest::UserDevicesQuery { .. } => "userDevicesQuery",
         }
     }
 
     /// Whether CUCM may have changed state when the outcome of a call is unknown
     /// (a timeout): such calls are never sent twice.
     pub fn mutates(&self) -> bool {
-        !matches!(self, EmRequest::DeviceUserQuery { .. })
+        !matches!(
+            self,
+            EmRequest::DeviceUserQuery { .. } | EmRequest::UserDevicesQuery { .. }
+        )
     }
 
     /// The XML document, every value escaped.
     pub fn encode(&self, credentials: &Credentials) -> String {
         let mut out = String::with_capacity(256);
         let root = match self {
-            EmRequest::DeviceUserQuery { .. } => "query",
+            EmRequest::DeviceUserQuery { .. } | EmRequest::UserDevicesQuery { .. } => "query",
             _ => "request",
         };
         // Infallible: writing to a String.
@@ -82,6 +90,13 @@ impl EmRequest<'_> {
                 }
                 out.push_str("</deviceUserQuery>");
             }
+            EmRequest::UserDevicesQuery { user } => {
+                let _ = write!(
+                    out,
+                    "<userDevicesQuery><userID>{}</userID></userDevicesQuery>",
+                    escape(user.as_str())
+                );
+            }
         }
         let _ = write!(out, "</{root}>");
         out
@@ -99,7 +114,34 @@ pub enum EmResponse {
     },
     /// `deviceUserResults`, one entry per `<device>`.
     DeviceUsers(Vec<DeviceUser>),
+    /// `userDevicesResults`, one entry per `<user>`.
+    UserDevices(Vec<UserDevices>),
 }
+
+/// One `<user>` of a `userDevicesResults`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserDevices {
+    /// The `id` attribute, percent-decoded.
+    pub user: String,
+    pub state: UserState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserState {
+    /// Logged in on these devices (the names as CUCM sent them, upper-cased; at most
+    /// [`MAX_DEVICES_PER_USER`]).
+    Devices(Vec<String>),
+    /// `<none/>`, or no device named: logged in nowhere.
+    Nowhere,
+    DoesNotExist,
+    Failure {
+        code: Option<u32>,
+        text: String,
+    },
+}
+
+/// A user is on a handful of phones; more than this is not a sane answer and is cut.
+pub const MAX_DEVICES_PER_USER: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceUser {
@@ -126,7 +168,7 @@ pub enum CodecError {
     NotXml(#[from] xml::XmlError),
     #[error("root element is <{0}>, not <response>")]
     UnexpectedRoot(String),
-    #[error("<response> holds none of success, failure, deviceUserResults")]
+    #[error("<response> holds none of success, failure, deviceUserResults, userDevicesResults")]
     UnknownResponse,
 }
 
@@ -157,6 +199,16 @@ pub fn decode(body: &str) -> Result<EmResponse, CodecError> {
             .collect();
         return Ok(EmResponse::DeviceUsers(devices));
     }
+    if let Some(results) = root.child("userDevicesResults") {
+        let users = results
+            .children_named("user")
+            .map(|user| UserDevices {
+                user: percent_decode(user.attribute("id").unwrap_or_default()),
+                state: read_user_state(user),
+            })
+            .collect();
+        return Ok(EmResponse::UserDevices(users));
+    }
     Err(CodecError::UnknownResponse)
 }
 
@@ -177,6 +229,26 @@ fn read_device_state(device: &Element) -> DeviceState {
         return DeviceState::Failure { code, text };
     }
     DeviceState::Nobody
+}
+
+fn read_user_state(user: &Element) -> UserState {
+    let devices: Vec<String> = user
+        .children_named("deviceName")
+        .map(|d| d.text.trim().to_ascii_uppercase())
+        .filter(|d| !d.is_empty())
+        .take(MAX_DEVICES_PER_USER)
+        .collect();
+    if !devices.is_empty() {
+        return UserState::Devices(devices);
+    }
+    if user.child("doesNotExist").is_some() {
+        return UserState::DoesNotExist;
+    }
+    if let Some(failure) = user.child("failure") {
+        let (code, text) = read_failure(failure);
+        return UserState::Failure { code, text };
+    }
+    UserState::Nowhere
 }
 
 /// `<failure><error code="N">text</error></failure>` or `<failure><errorMessage>`.
@@ -335,6 +407,33 @@ mod tests {
         // unknown elements anywhere, other order
         let d = one("<response><extra/><deviceUserResults><device name=\"x\"><emccDevice>no</emccDevice><future>1</future><userID>a+b%20c</userID></device></deviceUserResults></response>");
         assert_eq!(d.state, DeviceState::LoggedIn("a+b c".into()));
+    }
+
+    #[test]
+    fn user_devices_query_and_results() {
+        let user = UserId::parse("em@cisco.com").unwrap();
+        assert_eq!(
+            EmRequest::UserDevicesQuery { user: &user }.encode(&Credentials::new("a", "b")),
+            "<query><appInfo><appID>a</appID><appCertificate>b</appCertificate></appInfo>\
+             <userDevicesQuery><userID>em@cisco.com</userID></userDevicesQuery></query>"
+        );
+        let users = |body: &str| match decode(body).unwrap() {
+            EmResponse::UserDevices(users) => users,
+            other => panic!("unexpected {other:?}"),
+        };
+        // [S2] and [S1] examples.
+        let u = users("<response>\n  <userDevicesResults>\n    <user id=\"john\">\n      <deviceName>SEP003094C25B15</deviceName>\n      <deviceName>sep003094c25b49</deviceName>\n    </user>\n  </userDevicesResults>\n</response>");
+        assert_eq!(u[0].user, "john");
+        assert_eq!(
+            u[0].state,
+            UserState::Devices(vec!["SEP003094C25B15".into(), "SEP003094C25B49".into()])
+        );
+        let u = users("<response><userDevicesResults><user id=\"em%40cisco.com\"><deviceName>SEP402CF4915265</deviceName></user></userDevicesResults></response>");
+        assert_eq!(u[0].user, "em@cisco.com");
+        let u = users("<response><userDevicesResults><user id=\"x\"><none/></user><user id=\"y\"><doesNotExist/></user><user id=\"z\"/></userDevicesResults></response>");
+        assert_eq!(u[0].state, UserState::Nowhere);
+        assert_eq!(u[1].state, UserState::DoesNotExist);
+        assert_eq!(u[2].state, UserState::Nowhere);
     }
 
     #[test]

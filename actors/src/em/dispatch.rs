@@ -1,5 +1,6 @@
 //! From an operation's stage to the CUCM call that carries it out: the EM service
-//! (login, logout, deviceUserQuery) or the EM application (the PIN login).
+//! (login, logout, deviceUserQuery, userDevicesQuery) or the EM application (the PIN
+//! login).
 
 use std::time::Instant;
 
@@ -21,7 +22,13 @@ pub async fn exchange(
         (Plan::EmAppLogin, Operation::PinLogin { device, user, pin }) => {
             return Exchange::EmApp(emapp.login(device, user, pin, deadline).await)
         }
-        (Plan::EmLogin, Operation::Login { device, user }) => EmRequest::Login { device, user },
+        (
+            Plan::EmLogin,
+            Operation::Login { device, user } | Operation::ForceLogin { device, user, .. },
+        ) => EmRequest::Login { device, user },
+        (Plan::EmUserDevicesQuery, Operation::UserDevicesQuery { user, .. }) => {
+            EmRequest::UserDevicesQuery { user }
+        }
         (Plan::EmLogout, _) => EmRequest::Logout {
             device: &devices[0],
         },

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use super::client::{Answered, CallError};
-use super::codec::{DeviceState, EmResponse};
+use super::codec::{DeviceState, EmResponse, UserState};
 use super::emapp::PageAnswer;
-use crate::operation::{OpError, Operation, Outcome, UserId};
+use crate::operation::{DeviceName, OpError, Operation, Outcome, UserId};
 
 /// CUCM's EM service codes the gateway acts on.
 pub mod code {
@@ -35,6 +35,7 @@ pub enum Plan {
     EmQuery,
     /// The EM application's login with the PIN.
     EmAppLogin,
+    EmUserDevicesQuery,
 }
 
 /// A login with a PIN makes three calls, all in the device's turn: who is on the
@@ -47,6 +48,11 @@ pub fn plan(operation: &Operation, stage: usize) -> Plan {
         (Operation::Query { .. }, _) => Plan::EmQuery,
         (Operation::PinLogin { .. }, 1) => Plan::EmAppLogin,
         (Operation::PinLogin { .. }, _) => Plan::EmQuery,
+        (Operation::UserDevicesQuery { .. }, _) => Plan::EmUserDevicesQuery,
+        // A forced login: try, and on 18 see who is there, log them out, log in.
+        (Operation::ForceLogin { .. }, 1) => Plan::EmQuery,
+        (Operation::ForceLogin { .. }, 2) => Plan::EmLogout,
+        (Operation::ForceLogin { .. }, _) => Plan::EmLogin,
     }
 }
 
@@ -62,6 +68,90 @@ pub enum Exchange {
 pub enum Verdict {
     Done(Interpretation),
     NextStage,
+    /// The next stage, and this user is the one a forced login logs out (the actor
+    /// records it with [`displace`] so the answer can name them).
+    Displacing(UserId),
+}
+
+/// Records in a forced login who it logs out.
+pub fn displace(operation: &mut Operation, user: UserId) {
+    if let Operation::ForceLogin { displaced, .. } = operation {
+        *displaced = Some(user);
+    }
+}
+
+/// A forced login, stage by stage: 0 the plain login; on 18, 1 who is on the phone;
+/// 2 that user's logout (19, nobody any more, is as good); 3 the login again.
+fn judge_forced(
+    device: &DeviceName,
+    user: &UserId,
+    displaced: &Option<UserId>,
+    stage: usize,
+    exchange: Exchange,
+) -> Verdict {
+    let Exchange::Em(result) = exchange else {
+        return Verdict::Done(wrong_exchange());
+    };
+    let as_login = Operation::Login {
+        device: device.clone(),
+        user: user.clone(),
+    };
+    match stage {
+        0 => {
+            let tried = interpret(&as_login, result);
+            match &tried.result {
+                Err(OpError::Cucm { code, .. }) if *code == code::ANOTHER_USER_LOGGED_IN => {
+                    Verdict::NextStage
+                }
+                _ => Verdict::Done(tried),
+            }
+        }
+        1 => {
+            let seen = interpret(
+                &Operation::Query {
+                    device: device.clone(),
+                },
+                result,
+            );
+            match &seen.result {
+                Ok(Outcome::CurrentUser(Some(current))) if same_user(current, user) => {
+                    Verdict::Done(Interpretation {
+                        result: Ok(Outcome::LoggedIn),
+                        ..seen
+                    })
+                }
+                Ok(Outcome::CurrentUser(Some(other))) => Verdict::Displacing(other.clone()),
+                // Gone meanwhile: the logout will answer 19, which is as good.
+                Ok(Outcome::CurrentUser(None)) => Verdict::NextStage,
+                _ => Verdict::Done(seen),
+            }
+        }
+        2 => {
+            let logout = interpret(
+                &Operation::Logout {
+                    device: device.clone(),
+                },
+                result,
+            );
+            match &logout.result {
+                Ok(_) => Verdict::NextStage,
+                Err(OpError::Cucm { code, .. }) if *code == code::NO_USER_LOGGED_IN => {
+                    Verdict::NextStage
+                }
+                _ => Verdict::Done(logout),
+            }
+        }
+        _ => {
+            let login = interpret(&as_login, result);
+            match (&login.result, displaced) {
+                (Ok(Outcome::LoggedIn), Some(previous)) => Verdict::Done(Interpretation {
+                    result: Ok(Outcome::LoggedInReplacing(previous.clone())),
+                    ..login
+                }),
+                _ => Verdict::Done(login),
+            }
+        }
+    }
 }
 
 /// The meaning of a call made at `stage` of `operation`.
@@ -80,6 +170,11 @@ pub fn judge(operation: &Operation, stage: usize, exchange: Exchange) -> Verdict
 fn judge_stage(operation: &Operation, stage: usize, exchange: Exchange) -> Verdict {
     let (device, user) = match operation {
         Operation::PinLogin { device, user, .. } => (device, user),
+        Operation::ForceLogin {
+            device,
+            user,
+            displaced,
+        } => return judge_forced(device, user, displaced, stage, exchange),
         _ => {
             return Verdict::Done(match exchange {
                 Exchange::Em(result) => interpret(operation, result),
@@ -165,9 +260,11 @@ fn judge_stage(operation: &Operation, stage: usize, exchange: Exchange) -> Verdi
 pub fn judge_last(operation: &Operation, stage: usize, exchange: Exchange) -> Interpretation {
     match judge(operation, stage, exchange) {
         Verdict::Done(meaning) => meaning,
-        Verdict::NextStage => Interpretation::refused(OpError::Unavailable {
-            reason: "no time left for the next step".into(),
-        }),
+        Verdict::NextStage | Verdict::Displacing(_) => {
+            Interpretation::refused(OpError::Unavailable {
+                reason: "no time left for the next step".into(),
+            })
+        }
     }
 }
 
@@ -268,6 +365,24 @@ fn interpret_answer(operation: &Operation, result: Result<Answered, CallError>) 
         (Operation::Logout { .. }, EmResponse::Success) => {
             (Ok(Outcome::LoggedOut), CacheEffect::Set(None), true)
         }
+        (Operation::UserDevicesQuery { user, .. }, EmResponse::UserDevices(users)) => {
+            let entry = match users.len() {
+                1 => users.into_iter().next(),
+                _ => users
+                    .into_iter()
+                    .find(|u| u.user.to_lowercase() == user.as_str().to_lowercase()),
+            };
+            match entry.map(|u| u.state) {
+                Some(state) => user_state(state),
+                None => (
+                    Err(OpError::InvalidResponse {
+                        detail: "userDevicesResults without the user asked for".into(),
+                    }),
+                    CacheEffect::Unchanged,
+                    false,
+                ),
+            }
+        }
         (Operation::Query { device }, EmResponse::DeviceUsers(devices)) => {
             let entry = match devices.len() {
                 // One device asked, one answered: take it even if CUCM spelled the
@@ -334,6 +449,112 @@ fn query_state(state: DeviceState) -> (Result<Outcome, OpError>, CacheEffect, bo
     }
 }
 
+/// What one `deviceUserQuery` for several devices means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchAnswer {
+    /// One meaning per device asked, in the order asked.
+    PerDevice(Vec<Interpretation>),
+    /// The cluster does not answer batches properly (a failure for the whole
+    /// document, a device left out, another kind of answer): ask each device alone,
+    /// and do not batch for this cluster again. The text says why, for the log.
+    NotBatching(&'static str),
+}
+
+/// A batch's answer → each device's meaning, as if it had been asked alone. No answer
+/// at all (timeout, refused, garbage) is each device's failure, like a single query's:
+/// it says nothing about batching. Busy is the scheduler's, before this.
+pub fn split_batch(devices: &[DeviceName], result: Result<Answered, CallError>) -> BatchAnswer {
+    let answered = match result {
+        Ok(answered) => answered,
+        Err(error) => {
+            return BatchAnswer::PerDevice(
+                devices
+                    .iter()
+                    .map(|device| {
+                        interpret(
+                            &Operation::Query {
+                                device: device.clone(),
+                            },
+                            Err(error.clone()),
+                        )
+                    })
+                    .collect(),
+            )
+        }
+    };
+    let entries = match answered.response {
+        EmResponse::DeviceUsers(entries) => entries,
+        EmResponse::Failure { .. } => return BatchAnswer::NotBatching("a failure for the batch"),
+        _ => return BatchAnswer::NotBatching("an answer of the wrong kind for the batch"),
+    };
+    let mut meanings = Vec::with_capacity(devices.len());
+    for device in devices {
+        let Some(entry) = entries.iter().find(|e| e.device == device.as_str()) else {
+            return BatchAnswer::NotBatching("an answer without every device of the batch");
+        };
+        let alone = Answered {
+            response: EmResponse::DeviceUsers(vec![entry.clone()]),
+            node: answered.node.clone(),
+        };
+        meanings.push(interpret(
+            &Operation::Query {
+                device: device.clone(),
+            },
+            Ok(alone),
+        ));
+    }
+    BatchAnswer::PerDevice(meanings)
+}
+
+/// One user's entry in a `userDevicesResults`. The cache (keyed by device) learns
+/// nothing: the answer does not say who is on the devices the user is *not* on.
+fn user_state(state: UserState) -> (Result<Outcome, OpError>, CacheEffect, bool) {
+    match state {
+        UserState::Devices(names) => {
+            match names
+                .iter()
+                .map(|n| DeviceName::parse(n))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(devices) => (
+                    Ok(Outcome::UserDevices {
+                        devices,
+                        unanswered: Vec::new(),
+                    }),
+                    CacheEffect::Unchanged,
+                    true,
+                ),
+                Err(_) => (
+                    Err(OpError::InvalidResponse {
+                        detail: "CUCM named a device name that is not valid".into(),
+                    }),
+                    CacheEffect::Unchanged,
+                    false,
+                ),
+            }
+        }
+        UserState::Nowhere => (
+            Ok(Outcome::UserDevices {
+                devices: Vec::new(),
+                unanswered: Vec::new(),
+            }),
+            CacheEffect::Unchanged,
+            true,
+        ),
+        UserState::DoesNotExist => (
+            Err(OpError::Cucm {
+                code: code::USER_NOT_FOUND,
+                text: cucm_message(code::USER_NOT_FOUND).into(),
+            }),
+            CacheEffect::Unchanged,
+            false,
+        ),
+        UserState::Failure { code, text } => {
+            (Err(failure(code, text)), CacheEffect::Unchanged, false)
+        }
+    }
+}
+
 /// Whether CUCM answered "busy" (a retry later may succeed).
 pub fn is_busy(result: &Result<Answered, CallError>) -> bool {
     matches!(
@@ -369,6 +590,7 @@ fn response_kind(response: &EmResponse) -> &'static str {
         EmResponse::Success => "success",
         EmResponse::Failure { .. } => "failure",
         EmResponse::DeviceUsers(_) => "deviceUserResults",
+        EmResponse::UserDevices(_) => "userDevicesResults",
     }
 }
 
@@ -744,7 +966,7 @@ mod tests {
     fn done(verdict: Verdict) -> Interpretation {
         match verdict {
             Verdict::Done(meaning) => meaning,
-            Verdict::NextStage => panic!("expected the operation to be over"),
+            other => panic!("expected the operation to be over, got {other:?}"),
         }
     }
 
@@ -814,6 +1036,268 @@ mod tests {
         ));
         assert_eq!(meaning.result, Ok(Outcome::LoggedIn));
         assert_eq!(plan(&logout(), 0), Plan::EmLogout);
+    }
+
+    fn user_query() -> Operation {
+        Operation::user_devices(user("em@cisco.com"))
+    }
+
+    fn user_answer(id: &str, state: UserState) -> Result<Answered, CallError> {
+        answered(EmResponse::UserDevices(vec![
+            crate::em::codec::UserDevices {
+                user: id.into(),
+                state,
+            },
+        ]))
+    }
+
+    #[test]
+    fn every_user_devices_rule() {
+        type UserRow = (
+            &'static str,
+            Result<Answered, CallError>,
+            Result<Outcome, OpError>,
+        );
+        let rows: Vec<UserRow> = vec![
+            (
+                "two devices",
+                user_answer(
+                    "em@cisco.com",
+                    UserState::Devices(vec!["SEP1".into(), "SEP2".into()]),
+                ),
+                Ok(Outcome::UserDevices {
+                    devices: vec![device(), DeviceName::parse("SEP2").unwrap()],
+                    unanswered: vec![],
+                }),
+            ),
+            (
+                "nowhere",
+                user_answer("em@cisco.com", UserState::Nowhere),
+                Ok(Outcome::UserDevices {
+                    devices: vec![],
+                    unanswered: vec![],
+                }),
+            ),
+            (
+                "unknown user: 23",
+                user_answer("em@cisco.com", UserState::DoesNotExist),
+                cucm(23, "User not found"),
+            ),
+            (
+                "invalid device name",
+                user_answer("x", UserState::Devices(vec!["SEP 1".into()])),
+                Err(OpError::InvalidResponse {
+                    detail: "CUCM named a device name that is not valid".into(),
+                }),
+            ),
+            (
+                "whole failure",
+                failed(Some(3), "bad app"),
+                cucm(3, "bad app"),
+            ),
+            (
+                "wrong kind",
+                one_device("SEP1", DeviceState::Nobody),
+                Err(OpError::InvalidResponse {
+                    detail: "an answer of the wrong kind: deviceUserResults".into(),
+                }),
+            ),
+            (
+                "no entry",
+                answered(EmResponse::UserDevices(vec![])),
+                Err(OpError::InvalidResponse {
+                    detail: "userDevicesResults without the user asked for".into(),
+                }),
+            ),
+        ];
+        for (name, result, expected) in rows {
+            let meaning = interpret(&user_query(), result);
+            assert_eq!(meaning.result, expected, "{name}");
+            assert_eq!(meaning.cache, CacheEffect::Unchanged, "{name}");
+        }
+        assert_eq!(plan(&user_query(), 0), Plan::EmUserDevicesQuery);
+        assert_eq!(user_query().device().as_str(), "@em@cisco.com");
+        assert!(!user_query().mutates());
+    }
+
+    fn forced() -> Operation {
+        Operation::ForceLogin {
+            device: device(),
+            user: user("alice"),
+            displaced: None,
+        }
+    }
+
+    #[test]
+    fn a_forced_login_logs_the_other_user_out_first() {
+        let mut op = forced();
+        let plans: Vec<Plan> = (0..4).map(|stage| plan(&op, stage)).collect();
+        assert_eq!(
+            plans,
+            [Plan::EmLogin, Plan::EmQuery, Plan::EmLogout, Plan::EmLogin]
+        );
+        // Free phone: one call, like a plain login.
+        let meaning = done(judge(&op, 0, Exchange::Em(answered(EmResponse::Success))));
+        assert_eq!(meaning.result, Ok(Outcome::LoggedIn));
+        assert_eq!(meaning.cache, CacheEffect::Set(Some(user("alice"))));
+        // 18: see who, log them out, log in; the answer names them.
+        assert_eq!(
+            judge(
+                &op,
+                0,
+                Exchange::Em(failed(Some(18), "Another user logged in"))
+            ),
+            Verdict::NextStage
+        );
+        let bob = Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("bob".into())));
+        let Verdict::Displacing(who) = judge(&op, 1, bob) else {
+            panic!("expected bob to be displaced");
+        };
+        assert_eq!(who, user("bob"));
+        displace(&mut op, who);
+        assert_eq!(
+            judge(&op, 2, Exchange::Em(answered(EmResponse::Success))),
+            Verdict::NextStage
+        );
+        let meaning = done(judge(&op, 3, Exchange::Em(answered(EmResponse::Success))));
+        assert_eq!(meaning.result, Ok(Outcome::LoggedInReplacing(user("bob"))));
+        assert_eq!(meaning.cache, CacheEffect::Set(Some(user("alice"))));
+    }
+
+    #[test]
+    fn every_forced_login_rule() {
+        let op = forced();
+        /// `None`: the operation goes on to its next stage.
+        type ForcedRow = (
+            &'static str,
+            usize,
+            Exchange,
+            Option<Result<Outcome, OpError>>,
+        );
+        let rows: Vec<ForcedRow> = vec![
+            (
+                "other failure ends it",
+                0,
+                Exchange::Em(failed(Some(23), "")),
+                Some(cucm(23, "User not found")),
+            ),
+            (
+                "already the user",
+                1,
+                Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("ALICE".into()))),
+                Some(Ok(Outcome::LoggedIn)),
+            ),
+            (
+                "gone meanwhile: go on",
+                1,
+                Exchange::Em(one_device("SEP1", DeviceState::Nobody)),
+                None,
+            ),
+            (
+                "query fails",
+                1,
+                Exchange::Em(failed(Some(3), "x")),
+                Some(cucm(3, "x")),
+            ),
+            (
+                "logout 19 is fine",
+                2,
+                Exchange::Em(failed(Some(19), "")),
+                None,
+            ),
+            (
+                "logout fails",
+                2,
+                Exchange::Em(failed(Some(6), "db")),
+                Some(cucm(6, "db")),
+            ),
+            (
+                "login again 18",
+                3,
+                Exchange::Em(failed(Some(18), "again")),
+                Some(cucm(18, "again")),
+            ),
+            (
+                "no displaced user: plain success",
+                3,
+                Exchange::Em(answered(EmResponse::Success)),
+                Some(Ok(Outcome::LoggedIn)),
+            ),
+            (
+                "EMApp never",
+                0,
+                page(None),
+                Some(Err(OpError::InvalidResponse {
+                    detail: "an answer of the wrong kind for this step".into(),
+                })),
+            ),
+        ];
+        for (name, stage, exchange, expected) in rows {
+            match (judge(&op, stage, exchange), expected) {
+                (Verdict::Done(meaning), Some(expected)) => {
+                    assert_eq!(meaning.result, expected, "{name}")
+                }
+                (Verdict::NextStage, None) => {}
+                (other, expected) => panic!("{name}: {other:?} vs {expected:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_answer_is_split_per_device() {
+        let devices = [device(), DeviceName::parse("SEP2").unwrap()];
+        let entry = |name: &str, state: DeviceState| DeviceUser {
+            device: name.into(),
+            state,
+        };
+        let both = answered(EmResponse::DeviceUsers(vec![
+            entry("SEP2", DeviceState::LoggedIn("bob".into())),
+            entry("SEP1", DeviceState::Nobody),
+        ]));
+        let BatchAnswer::PerDevice(meanings) = split_batch(&devices, both) else {
+            panic!("a full answer splits");
+        };
+        assert_eq!(meanings[0].result, Ok(Outcome::CurrentUser(None)));
+        assert_eq!(meanings[0].cache, CacheEffect::Set(None));
+        assert_eq!(
+            meanings[1].result,
+            Ok(Outcome::CurrentUser(Some(user("bob"))))
+        );
+        assert!(meanings.iter().all(|m| m.node.is_some()));
+        // A device's own failure inside the results is that device's answer.
+        let one_unknown = answered(EmResponse::DeviceUsers(vec![
+            entry("SEP1", DeviceState::DoesNotExist),
+            entry("SEP2", DeviceState::Nobody),
+        ]));
+        let BatchAnswer::PerDevice(meanings) = split_batch(&devices, one_unknown) else {
+            panic!("per-device states split");
+        };
+        assert_eq!(meanings[0].result, cucm(11, "Device does not exist"));
+        // Not batching: only the first device answered, a failure, another kind.
+        let rows = [
+            answered(EmResponse::DeviceUsers(vec![entry(
+                "SEP1",
+                DeviceState::Nobody,
+            )])),
+            failed(Some(1), "Error on Parsing"),
+            answered(EmResponse::Success),
+        ];
+        for result in rows {
+            assert!(matches!(
+                split_batch(&devices, result),
+                BatchAnswer::NotBatching(_)
+            ));
+        }
+        // No answer at all: every device fails as it would alone.
+        let BatchAnswer::PerDevice(meanings) =
+            split_batch(&devices, Err(CallError::Unavailable("down".into())))
+        else {
+            panic!("no answer is each device's failure");
+        };
+        assert_eq!(meanings.len(), 2);
+        assert!(meanings
+            .iter()
+            .all(|m| matches!(m.result, Err(OpError::Unavailable { .. }))));
     }
 
     #[test]
