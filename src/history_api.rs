@@ -40,7 +40,7 @@ pub struct HistorySettings {
     pub enabled: bool,
     /// The SQLite file (used when `url` is absent).
     pub path: PathBuf,
-    /// `postgres://user@host:port/db`: one database shared by every instance (§12).
+    /// `postgres://user@host:port/db`: one database shared by every instance.
     pub url: Option<String>,
     /// Records older than this are purged; 0 keeps everything.
     pub retention_days: u32,

@@ -260,7 +260,7 @@ pub fn document() -> Value {
             "version": "1.4",
             "description": format!(
                 "The Business Connector 1.4 API to Cisco CUCM Extension Mobility, with \
-                 getuserdevices, forced logins and JSON (SPEC §11). Every call takes GET or \
+                 getuserdevices, forced logins and JSON. Every call takes GET or \
                  POST; the message is XML (form field `xml`, query string, or raw body with \
                  Content-Type text/xml or application/xml) or a JSON object (Content-Type \
                  application/json); path segments take the place of the same-named fields. \

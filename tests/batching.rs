@@ -1,4 +1,4 @@
-//! Batched queries (SPEC §11): queries of different devices waiting for the same
+//! Batched queries: queries of different devices waiting for the same
 //! cluster leave together in one deviceUserQuery; a cluster that does not answer a
 //! batch properly is asked one device at a time and remembered as not batching.
 

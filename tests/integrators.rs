@@ -1,4 +1,4 @@
-//! SPEC §11, for integrators: getuserdevices (one cluster, and merged across several),
+//! For integrators: getuserdevices (one cluster, and merged across several),
 //! forced logins (also racing a query on the same phone), JSON in and out.
 
 mod common;

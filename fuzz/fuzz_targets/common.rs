@@ -1,5 +1,5 @@
 //! Oracles shared by the northbound targets. Beyond "does not panic", every answer the
-//! gateway would render for the input is checked against SPEC.md §1: responses are
+//! gateway would render for the input is checked against the contract: responses are
 //! well-formed XML 1.0 and carry the code the failure maps to; a request that
 //! validates holds only values the spec allows.
 #![allow(dead_code)] // each target uses a part
@@ -82,7 +82,7 @@ pub fn check_failure(call: Call, fields: &Fields, error: RequestError) {
     check_document(&doc.render(), expected);
 }
 
-/// SPEC.md §1: "Responses ... are well-formed", and the code is readable.
+/// The contract: answers are well-formed XML, and the code is readable.
 pub fn check_document(doc: &str, code: u32) {
     if !*ALLOW_ILLEGAL_XML_CHARS {
         if let Some(bad) = doc.chars().find(|&c| !is_xml_char(c)) {

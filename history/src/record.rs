@@ -169,7 +169,7 @@ impl fmt::Display for Source {
 }
 
 /// One API request as the history keeps it. Field names are the API's (`user` is the
-/// user ID, `client` the client's address, `app` the appID), plus `instance` (§12).
+/// user ID, `client` the client's address, `app` the appID), plus `instance`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub time: UtcMillis,

@@ -2,7 +2,7 @@
 //!
 //! Field names and order are the contract's: `time`, `operation`, `cluster`, `device`,
 //! `user`, `code`, `text`, `duration_ms`, `source`, `node`, `client`, `app`, plus
-//! `instance` (§12). An absent optional field is JSON `null` and an empty CSV cell.
+//! `instance`. An absent optional field is JSON `null` and an empty CSV cell.
 //!
 //! **CSV formula injection.** A spreadsheet opening the CSV would evaluate a cell that
 //! starts with `=`, `+`, `-` or `@` (or a tab or carriage return, which some spreadsheets

@@ -107,7 +107,7 @@ async fn literal_url_encoded_request_of_section_1_1() -> anyhow::Result<()> {
 async fn literal_documents_of_section_2() -> anyhow::Result<()> {
     let sim = doc_sim(MultipleLogin::NotAllowed);
     let addr = sim.addr();
-    // §2.2 Login, verbatim.
+    // Cisco's example (EM API guide 2.2) Login, verbatim.
     let login = r#"<request>
   <appInfo>
     <appID>appid</appID>
@@ -128,7 +128,7 @@ async fn literal_documents_of_section_2() -> anyhow::Result<()> {
         Some("john")
     );
 
-    // §2.5 deviceUserQuery, verbatim.
+    // Cisco's example (EM API guide 2.5) deviceUserQuery, verbatim.
     let device_query = r#"<query>
   <appInfo><appID>appid</appID><appCertificate>apppasswd</appCertificate></appInfo>
   <deviceUserQuery>
@@ -145,7 +145,7 @@ async fn literal_documents_of_section_2() -> anyhow::Result<()> {
         reply.body
     );
 
-    // §2.6 userDevicesQuery, verbatim.
+    // Cisco's example (EM API guide 2.6) userDevicesQuery, verbatim.
     let user_query = r#"<query>
   <appInfo><appID>appid</appID><appCertificate>apppasswd</appCertificate></appInfo>
   <userDevicesQuery>
@@ -161,7 +161,7 @@ async fn literal_documents_of_section_2() -> anyhow::Result<()> {
         reply.body
     );
 
-    // §2.3 Logout, verbatim.
+    // Cisco's example (EM API guide 2.3) Logout, verbatim.
     let logout = r#"<request>
   <appInfo><appID>appid</appID><appCertificate>apppasswd</appCertificate></appInfo>
   <logout>
@@ -171,7 +171,7 @@ async fn literal_documents_of_section_2() -> anyhow::Result<()> {
     assert_eq!(em(addr, logout).await?.body, SUCCESS);
     assert_eq!(sim.logged_in_user("SEP003094C25B15"), None);
 
-    // §2.2 indefinite variant (real client form).
+    // Cisco's example (EM API guide 2.2) indefinite variant (real client form).
     let indefinite = r#"<request>
   <appInfo><appID>appid</appID><appCertificate>apppasswd</appCertificate></appInfo>
   <login>
@@ -184,7 +184,7 @@ async fn literal_documents_of_section_2() -> anyhow::Result<()> {
 </request>"#;
     assert_eq!(em(addr, indefinite).await?.body, SUCCESS);
 
-    // §2.4 LogoutAll, verbatim.
+    // Cisco's example (EM API guide 2.4) LogoutAll, verbatim.
     let logout_all = r#"<request>
   <appInfo><appID>appid</appID><appCertificate>apppasswd</appCertificate></appInfo>
   <logoutAll></logoutAll>
@@ -192,7 +192,7 @@ async fn literal_documents_of_section_2() -> anyhow::Result<()> {
     assert_eq!(em(addr, logout_all).await?.body, SUCCESS);
     assert_eq!(sim.logged_in_user("SEP003094C25B15"), None);
 
-    // §2.7 userDeviceProfileQuery, verbatim (with john, then em@cisco.com).
+    // Cisco's example (EM API guide 2.7) userDeviceProfileQuery, verbatim (with john, then em@cisco.com).
     let profile_query = r#"<query>
   <appInfo><appID>appid</appID><appCertificate>apppasswd</appCertificate></appInfo>
   <userDeviceProfileQuery>

@@ -1,4 +1,4 @@
-//! JSON in and out (SPEC §11): a request with `Content-Type: application/json`
+//! JSON in and out: a request with `Content-Type: application/json`
 //! carries the fields of the XML message as one object; a request with
 //! `Accept: application/json`, or with a JSON body, is answered with the same
 //! `<result>` as one JSON object (same codes, same HTTP statuses).

@@ -14,7 +14,7 @@ pub enum Call {
     Login,
     Logout,
     GetLoggedInUser,
-    /// Where a user is logged in (beyond 1.4: SPEC §11).
+    /// Where a user is logged in (beyond 1.4).
     GetUserDevices,
 }
 
