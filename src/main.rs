@@ -99,14 +99,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let bound = listener.local_addr()?;
-    // Before the "serving" line: from then on a SIGHUP must not stop the gateway.
+    // Before the "serving" line: from then on a SIGHUP must not stop the gateway, and
+    // SIGTERM/SIGINT must drain it.
     #[cfg(unix)]
     survive_hangup();
+    let shutdown = shutdown_signal();
     tracing::info!(listen = %bound, clusters = config.clusters.len(), "business-connector {} serving", env!("CARGO_PKG_VERSION"));
     if demo_sim.is_some() {
         tracing::info!("{}", demo::curl_examples(&bound.to_string()));
     }
-    server::run(listener, config, shutdown_signal()).await?;
+    server::run(listener, config, shutdown).await?;
     drop(demo_sim);
     tracing::info!("stopped");
     Ok(())
@@ -158,7 +160,7 @@ fn survive_hangup() {
             actix_web::rt::spawn(async move {
                 while hangup.recv().await.is_some() {
                     tracing::info!(
-                        "SIGHUP: nothing to reload yet; the configuration is read at start only"
+                        "SIGHUP: TLS certificates are re-read when [tls] is set; the rest of the configuration is read at start only"
                     );
                 }
             });
@@ -167,26 +169,36 @@ fn survive_hangup() {
     }
 }
 
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// SIGTERM or SIGINT. The handlers are registered when this is called (not when the
+/// future is first polled), so a signal that arrives right after the "serving" line
+/// still starts the drain instead of ending the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT will stop the gateway");
-                let _ = interrupt.await;
-                return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            match (interrupt, terminate) {
+                (Ok(mut interrupt), Ok(mut terminate)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
+                }
+                (Ok(mut only), Err(error)) | (Err(error), Ok(mut only)) => {
+                    tracing::error!(%error, "cannot listen for one of SIGINT/SIGTERM");
+                    only.recv().await;
+                }
+                (Err(error), Err(_)) => {
+                    tracing::error!(%error, "cannot listen for SIGINT or SIGTERM; stop the gateway with SIGKILL");
+                    std::future::pending::<()>().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
