@@ -44,7 +44,6 @@ fi
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   echo "installing postgresql…" >&2
   export DEBIAN_FRONTEND=noninteractive
-  export DEBIAN_FRONTEND=noninteractive
   apt-get install -y postgresql >&2 || { apt-get update >&2 && apt-get install -y postgresql >&2; }
 fi
 BIN=$(pg_bin_dir)
