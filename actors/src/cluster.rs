@@ -9,7 +9,8 @@
 //! Because those futures interleave, per-device order comes from the scheduler's
 //! device queues, never from the mailbox.
 //!
-//! [`ClusterHandle`] (in `handle.rs`) is what the HTTP layer holds.
+//! [`ClusterHandle`] (in `handle.rs`) is what the HTTP layer holds; batched queries are
+//! wired in `cluster_batch.rs`.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -22,8 +23,8 @@ use tokio::sync::oneshot;
 use crate::cache::LoggedInCache;
 use crate::config::ClusterConfig;
 use crate::device_queue::PendingOp;
-use crate::em::rules::{self, BatchAnswer, CacheEffect, Exchange, Interpretation, Verdict};
-use crate::em::{dispatch, CallError, EmAppClient, EmClient, EmClientError, EmRequest};
+use crate::em::rules::{self, CacheEffect, Exchange, Interpretation, Verdict};
+use crate::em::{dispatch, EmAppClient, EmClient, EmClientError};
 use crate::handle::cached_answer;
 pub use crate::handle::{ClusterHandle, Submit, Ticket};
 use crate::metrics::{ClusterMetrics, Metrics};
@@ -34,6 +35,10 @@ use crate::scheduler::{CallEnd, Completion, Offer, Scheduler, Shed, Started, Ste
 /// burst, and then `send` makes callers wait rather than grow memory.
 const MAILBOX_CAPACITY: usize = 4096;
 const CACHE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Batched queries: the same actor, wired in its own file.
+#[path = "cluster_batch.rs"]
+mod batch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -228,20 +233,8 @@ impl ClusterActor {
             took,
             budget,
         } = call;
-        // A timer's granularity: a failure this close to the budget is its timeout.
-        const TIMER_SLACK: Duration = Duration::from_millis(5);
-        let (answered, busy, unavailable) = match &exchange {
-            Exchange::Em(result) => (
-                result.is_ok(),
-                rules::is_busy(result),
-                matches!(result, Err(CallError::Unavailable(_))),
-            ),
-            Exchange::EmApp(result) => (
-                result.is_ok(),
-                false,
-                matches!(result, Err(CallError::Unavailable(_))),
-            ),
-        };
+        let end = rules::call_end(&exchange, took, budget);
+        let busy = matches!(end, CallEnd::Answered { busy: true, .. });
         // A busy answer is the scheduler's to retry; anything else is judged now.
         let mut verdict = (!busy).then(|| rules::judge(&operation, stage, exchange.clone()));
         if let Some(Verdict::Displacing(user)) =
@@ -258,13 +251,6 @@ impl ClusterActor {
             self.pump(ctx);
             return;
         }
-        let end = if answered {
-            CallEnd::Answered { took, busy }
-        } else if unavailable && took + TIMER_SLACK >= budget {
-            CallEnd::TimedOut
-        } else {
-            CallEnd::NoAnswer
-        };
         let jitter = rand::rng().random_range(0.0..1.0);
         match self
             .scheduler
@@ -304,120 +290,6 @@ struct EndedCall {
 }
 
 impl ClusterActor {
-    /// Several devices' queries as one `deviceUserQuery` (one slot, one token). The
-    /// call is bounded by the earliest member's deadline, so no caller waits past its
-    /// own.
-    fn call_batch(&mut self, members: Vec<Started>, ctx: &mut Context<Self>) {
-        for waited in members.iter().filter_map(|m| m.waited) {
-            self.metrics.queue_wait.observe(waited.as_secs_f64());
-        }
-        self.metrics.batched_queries.inc_by(members.len() as u64);
-        let Some(first) = members.first() else {
-            return;
-        };
-        let credentials = first.credentials.clone();
-        let deadline = members
-            .iter()
-            .map(|m| m.deadline)
-            .min()
-            .unwrap_or(first.deadline);
-        let devices: Vec<DeviceName> = members.into_iter().map(|m| m.device).collect();
-        let em = self.em.clone();
-        let call_started = Instant::now();
-        let call = async move {
-            let result = em
-                .call(
-                    EmRequest::DeviceUserQuery { devices: &devices },
-                    &credentials,
-                    deadline,
-                )
-                .await;
-            (devices, result)
-        };
-        ctx.spawn(
-            call.into_actor(self)
-                .map(move |(devices, result), actor, ctx| {
-                    actor.finish_batch(devices, result, call_started.elapsed(), ctx);
-                }),
-        );
-    }
-
-    fn finish_batch(
-        &mut self,
-        devices: Vec<DeviceName>,
-        result: Result<crate::em::Answered, crate::em::CallError>,
-        took: Duration,
-        ctx: &mut Context<Self>,
-    ) {
-        let busy = rules::is_busy(&result);
-        let end = if result.is_ok() {
-            CallEnd::Answered { took, busy }
-        } else {
-            CallEnd::NoAnswer
-        };
-        self.scheduler.batch_ended(end, Instant::now());
-        if busy {
-            // Each member backs off (and may batch again when it retries); one that
-            // has no time left gets CUCM's answer.
-            for device in devices {
-                let meaning = rules::interpret(
-                    &Operation::Query {
-                        device: device.clone(),
-                    },
-                    result.clone(),
-                );
-                self.member_done(device, true, meaning, ctx);
-            }
-        } else {
-            match rules::split_batch(&devices, result) {
-                BatchAnswer::PerDevice(meanings) => {
-                    for (device, meaning) in devices.into_iter().zip(meanings) {
-                        self.member_done(device, false, meaning, ctx);
-                    }
-                }
-                BatchAnswer::NotBatching(why) => {
-                    if self.scheduler.disable_batching() {
-                        self.metrics.batching_disabled.set(1);
-                        tracing::warn!(
-                            cluster = %self.code,
-                            answered = why,
-                            "CUCM did not answer a batched deviceUserQuery properly: asking one device at a time from now on"
-                        );
-                    }
-                    for device in devices.iter().rev() {
-                        self.scheduler.retry_alone(device);
-                    }
-                }
-            }
-        }
-        self.pump(ctx);
-    }
-
-    fn member_done(
-        &mut self,
-        device: DeviceName,
-        busy: bool,
-        meaning: Interpretation,
-        ctx: &mut Context<Self>,
-    ) {
-        let jitter = rand::rng().random_range(0.0..1.0);
-        match self
-            .scheduler
-            .finish_member(&device, busy, Instant::now(), jitter)
-        {
-            Completion::RetryAfter(back_off) => {
-                self.metrics.busy_retries.inc();
-                ctx.run_later(back_off, move |actor, ctx| {
-                    actor.scheduler.retry_due(&device);
-                    actor.pump(ctx);
-                });
-            }
-            Completion::Done(op) => self.conclude(&device, op, meaning),
-            Completion::StillBusy(op) => self.still_busy(&device, op),
-            Completion::Unknown => {}
-        }
-    }
-
     /// An operation is over: the cache learns, every waiter gets the answer.
     fn conclude(&mut self, device: &DeviceName, op: PendingOp, meaning: Interpretation) {
         if meaning.credentials_accepted {

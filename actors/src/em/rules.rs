@@ -4,11 +4,13 @@
 //! clock or a socket.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::client::{Answered, CallError};
 use super::codec::{DeviceState, EmResponse, UserState};
 use super::emapp::PageAnswer;
 use crate::operation::{DeviceName, OpError, Operation, Outcome, UserId};
+use crate::scheduler::CallEnd;
 
 /// CUCM's EM service codes the gateway acts on.
 pub mod code {
@@ -552,6 +554,33 @@ fn user_state(state: UserState) -> (Result<Outcome, OpError>, CacheEffect, bool)
         UserState::Failure { code, text } => {
             (Err(failure(code, text)), CacheEffect::Unchanged, false)
         }
+    }
+}
+
+/// How a call ended, for the scheduler: answered (busy or not), timed out (the client
+/// used its whole budget: CUCM may still be working, so its slot stays taken), or no
+/// answer for another reason.
+pub fn call_end(exchange: &Exchange, took: Duration, budget: Duration) -> CallEnd {
+    // A timer's granularity: a failure this close to the budget is its timeout.
+    const TIMER_SLACK: Duration = Duration::from_millis(5);
+    let (answered, busy, unavailable) = match exchange {
+        Exchange::Em(result) => (
+            result.is_ok(),
+            is_busy(result),
+            matches!(result, Err(CallError::Unavailable(_))),
+        ),
+        Exchange::EmApp(result) => (
+            result.is_ok(),
+            false,
+            matches!(result, Err(CallError::Unavailable(_))),
+        ),
+    };
+    if answered {
+        CallEnd::Answered { took, busy }
+    } else if unavailable && took + TIMER_SLACK >= budget {
+        CallEnd::TimedOut
+    } else {
+        CallEnd::NoAnswer
     }
 }
 
@@ -1298,6 +1327,34 @@ mod tests {
         assert!(meanings
             .iter()
             .all(|m| matches!(m.result, Err(OpError::Unavailable { .. }))));
+    }
+
+    #[test]
+    fn a_failure_that_used_the_whole_budget_is_a_timeout() {
+        let budget = Duration::from_secs(2);
+        let down = || Exchange::Em(Err(CallError::Unavailable("x".into())));
+        assert_eq!(call_end(&down(), budget, budget), CallEnd::TimedOut);
+        assert_eq!(
+            call_end(&down(), Duration::from_millis(30), budget),
+            CallEnd::NoAnswer
+        );
+        let garbage = Exchange::Em(Err(CallError::InvalidResponse("x".into())));
+        assert_eq!(call_end(&garbage, budget, budget), CallEnd::NoAnswer);
+        let busy = Exchange::Em(failed(Some(26), ""));
+        assert_eq!(
+            call_end(&busy, Duration::from_millis(7), budget),
+            CallEnd::Answered {
+                took: Duration::from_millis(7),
+                busy: true
+            }
+        );
+        assert_eq!(
+            call_end(&page(None), Duration::from_millis(7), budget),
+            CallEnd::Answered {
+                took: Duration::from_millis(7),
+                busy: false
+            }
+        );
     }
 
     #[test]

@@ -1,0 +1,131 @@
+//! The cluster actor's batched queries: several devices' `deviceUserQuery`s under one
+//! slot and one rate token, each member answered on its own (the rules split the
+//! answer), and the fallback to single queries for a cluster that does not batch.
+//! A child module of `cluster`, so it wires the same actor without widening its fields.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use rand::Rng;
+
+use super::ClusterActor;
+use crate::em::rules::{self, BatchAnswer, Interpretation};
+use crate::em::{Answered, CallError, EmRequest};
+use crate::operation::{DeviceName, Operation};
+use crate::scheduler::{CallEnd, Completion, Started};
+
+impl ClusterActor {
+    /// Several devices' queries as one `deviceUserQuery` (one slot, one token). The
+    /// call is bounded by the earliest member's deadline, so no caller waits past its
+    /// own.
+    pub(super) fn call_batch(&mut self, members: Vec<Started>, ctx: &mut Context<Self>) {
+        for waited in members.iter().filter_map(|m| m.waited) {
+            self.metrics.queue_wait.observe(waited.as_secs_f64());
+        }
+        self.metrics.batched_queries.inc_by(members.len() as u64);
+        let Some(first) = members.first() else {
+            return;
+        };
+        let credentials = first.credentials.clone();
+        let deadline = members
+            .iter()
+            .map(|m| m.deadline)
+            .min()
+            .unwrap_or(first.deadline);
+        let devices: Vec<DeviceName> = members.into_iter().map(|m| m.device).collect();
+        let em = self.em.clone();
+        let call_started = Instant::now();
+        let call = async move {
+            let result = em
+                .call(
+                    EmRequest::DeviceUserQuery { devices: &devices },
+                    &credentials,
+                    deadline,
+                )
+                .await;
+            (devices, result)
+        };
+        ctx.spawn(
+            call.into_actor(self)
+                .map(move |(devices, result), actor, ctx| {
+                    actor.finish_batch(devices, result, call_started.elapsed(), ctx);
+                }),
+        );
+    }
+
+    fn finish_batch(
+        &mut self,
+        devices: Vec<DeviceName>,
+        result: Result<Answered, CallError>,
+        took: Duration,
+        ctx: &mut Context<Self>,
+    ) {
+        let busy = rules::is_busy(&result);
+        let end = if result.is_ok() {
+            CallEnd::Answered { took, busy }
+        } else {
+            CallEnd::NoAnswer
+        };
+        self.scheduler.batch_ended(end, Instant::now());
+        if busy {
+            // Each member backs off (and may batch again when it retries); one that
+            // has no time left gets CUCM's answer.
+            for device in devices {
+                let meaning = rules::interpret(
+                    &Operation::Query {
+                        device: device.clone(),
+                    },
+                    result.clone(),
+                );
+                self.member_done(device, true, meaning, ctx);
+            }
+        } else {
+            match rules::split_batch(&devices, result) {
+                BatchAnswer::PerDevice(meanings) => {
+                    for (device, meaning) in devices.into_iter().zip(meanings) {
+                        self.member_done(device, false, meaning, ctx);
+                    }
+                }
+                BatchAnswer::NotBatching(why) => {
+                    if self.scheduler.disable_batching() {
+                        self.metrics.batching_disabled.set(1);
+                        tracing::warn!(
+                            cluster = %self.code,
+                            answered = why,
+                            "CUCM did not answer a batched deviceUserQuery properly: asking one device at a time from now on"
+                        );
+                    }
+                    for device in devices.iter().rev() {
+                        self.scheduler.retry_alone(device);
+                    }
+                }
+            }
+        }
+        self.pump(ctx);
+    }
+
+    fn member_done(
+        &mut self,
+        device: DeviceName,
+        busy: bool,
+        meaning: Interpretation,
+        ctx: &mut Context<Self>,
+    ) {
+        let jitter = rand::rng().random_range(0.0..1.0);
+        match self
+            .scheduler
+            .finish_member(&device, busy, Instant::now(), jitter)
+        {
+            Completion::RetryAfter(back_off) => {
+                self.metrics.busy_retries.inc();
+                ctx.run_later(back_off, move |actor, ctx| {
+                    actor.scheduler.retry_due(&device);
+                    actor.pump(ctx);
+                });
+            }
+            Completion::Done(op) => self.conclude(&device, op, meaning),
+            Completion::StillBusy(op) => self.still_busy(&device, op),
+            Completion::Unknown => {}
+        }
+    }
+}
