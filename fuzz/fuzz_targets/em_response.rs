@@ -2,7 +2,7 @@
 //! (UTF-8, lossily). Checks what the cluster actor relies on.
 #![no_main]
 
-use actors::em::codec::{decode, DeviceState, EmResponse};
+use actors::em::codec::{decode, DeviceState, EmResponse, UserState, MAX_DEVICES_PER_USER};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -24,6 +24,20 @@ fuzz_target!(|data: &[u8]| {
                     }
                     DeviceState::Failure { text, .. } => check_text(&text),
                     DeviceState::Nobody | DeviceState::DoesNotExist => {}
+                }
+            }
+        }
+        EmResponse::UserDevices(users) => {
+            for user in users {
+                match user.state {
+                    UserState::Devices(devices) => {
+                        assert!(devices.len() <= MAX_DEVICES_PER_USER, "device list not bounded");
+                        for device in devices {
+                            assert_eq!(device, device.to_ascii_uppercase());
+                        }
+                    }
+                    UserState::Failure { text, .. } => check_text(&text),
+                    UserState::Nowhere | UserState::DoesNotExist => {}
                 }
             }
         }
