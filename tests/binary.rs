@@ -252,7 +252,9 @@ async fn json_logs_carry_one_line_per_request_and_no_credential() {
     .expect(200, 0);
     running.terminate();
     running.child.wait().expect("exits");
-    let lines: Vec<String> = running.lines.try_iter().collect();
+    // The child has exited: the reader thread ends at its end of output, so every line
+    // is here (try_iter could miss lines the thread had not forwarded yet).
+    let lines: Vec<String> = running.lines.iter().collect();
     assert!(
         lines.iter().all(|l| !l.contains("bcsecret")),
         "the appCertificate reached a log line"
@@ -454,7 +456,7 @@ async fn sigterm_drains_then_stops() {
         "no connections accepted after the stop"
     );
     assert_eq!(sim.stats().calls_login, 1);
-    let lines: Vec<String> = running.lines.try_iter().collect();
+    let lines: Vec<String> = running.lines.iter().collect();
     assert!(
         lines.iter().any(|l| l.contains("draining")),
         "the drain is logged: {lines:#?}"
