@@ -307,6 +307,10 @@ deadline_ms = 30000
 drain_ms = {DRAIN_MS}
 shutdown_grace_ms = 5000
 
+[history]
+path = "{os.path.join(self.workdir, f"history-gw{index + 1}.sqlite")}"
+instance = "gw{index + 1}"
+
 [[cluster]]
 code = "{CLUSTER}"
 nodes = ["{self.sim_url}"]

@@ -87,6 +87,9 @@ impl Drop for Running {
 
 /// A config file for one cluster over `node`, with `extra` top-level keys (no drain
 /// unless `extra` sets `drain_ms`: no balancer watches these gateways).
+/// The binary's tests record no history: the default file would land in the source tree.
+const NO_HISTORY: &str = "[history]\nenabled = false\n";
+
 fn config_file(name: &str, node: &str, extra: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("bc-{name}-{}.toml", std::process::id()));
     let drain = if extra.contains("drain_ms") {
@@ -95,7 +98,7 @@ fn config_file(name: &str, node: &str, extra: &str) -> std::path::PathBuf {
         "drain_ms = 0\n"
     };
     let text = format!(
-        "listen = \"127.0.0.1:0\"\nworkers = 1\n{drain}{extra}\n[[cluster]]\ncode = \"EU\"\nnodes = [\"{node}\"]\n"
+        "listen = \"127.0.0.1:0\"\nworkers = 1\n{drain}{extra}\n{NO_HISTORY}[[cluster]]\ncode = \"EU\"\nnodes = [\"{node}\"]\n"
     );
     std::fs::write(&path, text).expect("temp config written");
     path
@@ -287,7 +290,7 @@ async fn a_pin_reaches_no_log_line_at_trace_level_and_no_metric() {
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:0\"\nworkers = 1\n[[cluster]]\ncode = \"HOME\"\nnodes = [\"{}\"]\n\
+            "listen = \"127.0.0.1:0\"\nworkers = 1\n{NO_HISTORY}[[cluster]]\ncode = \"HOME\"\nnodes = [\"{}\"]\n\
              [[cluster]]\ncode = \"PHONES\"\nnodes = [\"{}\"]\n",
             home.url(),
             phones.url()
