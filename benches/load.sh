@@ -13,7 +13,8 @@
 #            logouts back, and 100,000 getloggedinuser over 1,000 devices.
 #   memory   gateway RSS with 100,000 devices cached and 10,000 client connections.
 #   history  cache-hit peak throughput with the request history off vs on (SQLite),
-#            interleaved, RUNS runs each.
+#            interleaved, RUNS runs each; the writer thread's CPU per record; then
+#            open-loop latency at HISTORY_RATE req/s (default 5000), off vs on.
 #
 # Knobs (environment): RUNS=3 DURATION=10 (s per peak/fixed-rate run) WARMUP=2
 # CONNS=32 FIXED_RATE (req/s; default half the lower pass-through peak)
@@ -483,6 +484,11 @@ stage_memory() {
 # warm cache, one with [history] enabled = false, one writing to SQLite; every answer is
 # a cache hit, so the only difference is building and queueing one record per request
 # (and the writer thread, which shares the gateway's CPU).
+# utime + stime, in clock ticks, of a /proc/.../stat file (fields 14 and 15; the command
+# name in field 2 has no spaces here).
+ticks() { awk '{print $14 + $15}' "$1"; }
+history_written() { curl -fsS "http://127.0.0.1:$1/metrics" | awk '$1 == "bc_history_written_total" {print $2}'; }
+
 stage_history() {
     log "== history: cache-hit throughput, history off vs on"
     local p_sim=$((PORT_BASE + 30)) p_off=$((PORT_BASE + 31)) p_on=$((PORT_BASE + 32))
@@ -510,15 +516,39 @@ stage_history() {
             die "$scenario: errors or unexpected answers in the warm-up: $(cat "$OUT/sanity-$scenario.json")"
     done
     other_work "before history peak"
+    # CPU of the history-on gateway and of its writer thread over the peak runs (clock
+    # ticks), and what it wrote meanwhile: the writer's CPU per record, and its share.
+    local writer_task cpu_before writer_before written_before
+    writer_task=$(grep -lx history-writer /proc/"$on_pid"/task/*/comm | head -n1 | xargs dirname)
+    [ -n "$writer_task" ] || die "no history-writer thread in the history-on gateway"
+    cpu_before=$(ticks /proc/"$on_pid"/stat)
+    writer_before=$(ticks "$writer_task/stat")
+    written_before=$(history_written "$p_on")
     for run in $(seq 1 "$RUNS"); do
         for scenario in history-off history-on; do
             log "history peak run $run/$RUNS: $scenario"
             wrk_peak "$scenario" "${port[$scenario]}" northbound "$run"
         done
     done
+    # Let the writer finish what the last run queued before reading its CPU.
+    local idle
+    for idle in $(seq 1 50); do
+        [ "$(history_written "$p_on")" = "$(sleep 0.6; history_written "$p_on")" ] && break
+    done
+    local cpu_ticks writer_ticks written_peak
+    cpu_ticks=$(($(ticks /proc/"$on_pid"/stat) - cpu_before))
+    writer_ticks=$(($(ticks "$writer_task/stat") - writer_before))
+    written_peak=$(($(history_written "$p_on") - written_before))
     other_work "after history peak"
+    local rate=${HISTORY_RATE:-5000}
+    for run in $(seq 1 "$RUNS"); do
+        for scenario in history-off history-on; do
+            log "history fixed-rate run $run/$RUNS: $scenario at $rate req/s"
+            load_fixed "$scenario" "${port[$scenario]}" northbound "$rate" "$run"
+        done
+    done
     local written dropped
-    written=$(curl -fsS "http://127.0.0.1:$p_on/metrics" | awk '$1 == "bc_history_written_total" {print $2}')
+    written=$(history_written "$p_on")
     dropped=$(curl -fsS "http://127.0.0.1:$p_on/metrics" | awk '$1 == "bc_history_dropped_total" {print $2}')
     for pid in "$off_pid" "$on_pid" "$sim_pid"; do stop "$pid"; done
     {
@@ -532,6 +562,20 @@ stage_history() {
                 "$(jq -rs --arg s "$scenario" '[.[] | select(.scenario == $s) | .rps | floor] | join(" / ")' "$OUT/peak.jsonl")"
         done
         echo "  on/off: $(jq -n "$(median "$OUT/peak.jsonl" history-on rps) / $(median "$OUT/peak.jsonl" history-off rps) * 1000 | round / 1000")   (goal >= 0.95)"
+        local tick_us=$((1000000 / $(getconf CLK_TCK)))
+        echo "  history-on over the peak runs: $written_peak records written; the writer thread used" \
+            "$((writer_ticks * 100 / (cpu_ticks > 0 ? cpu_ticks : 1)))% of the gateway's CPU," \
+            "$(jq -n "$writer_ticks * $tick_us / ($written_peak + 0.001) * 100 | round / 100") µs per record"
+        echo "HISTORY: open-loop latency at $rate req/s (bc-load, ${DURATION}s, median of $RUNS, interleaved)"
+        printf '  %-12s %10s %9s %9s %9s %8s\n' scenario achieved p50_ms p99_ms p999_ms errors
+        for scenario in history-off history-on; do
+            printf '  %-12s %10.0f %9.3f %9.3f %9.3f %8s\n' "$scenario" \
+                "$(median "$OUT/fixed.jsonl" "$scenario" achieved_rate)" \
+                "$(jq -n "$(median "$OUT/fixed.jsonl" "$scenario" p50_us) / 1000")" \
+                "$(jq -n "$(median "$OUT/fixed.jsonl" "$scenario" p99_us) / 1000")" \
+                "$(jq -n "$(median "$OUT/fixed.jsonl" "$scenario" p999_us) / 1000")" \
+                "$(jq -s --arg s "$scenario" '[.[] | select(.scenario == $s) | .errors + .unexpected] | add' "$OUT/fixed.jsonl")"
+        done
         echo "  history-on records written: ${written:-?}, dropped: ${dropped:-?}"
     } | tee "$OUT/history-tables.txt" >/dev/null
 }

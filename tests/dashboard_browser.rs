@@ -143,6 +143,12 @@ async fn the_dashboard_renders_the_cluster_and_a_fresh_login_in_chromium() {
         "the cluster panel shows EU: {html}"
     );
     assert!(html.contains("0 / 5"), "in flight against the cap: {html}");
+    // Answers by code per minute: the current minute's column holds the two answers
+    // (login and query, code 0) the test made.
+    assert!(
+        html.contains(">now</th>") && html.contains("<td class=\"minute\">2</td>"),
+        "answers per minute: {html}"
+    );
     assert!(html.contains(&dev), "the login's device is listed: {html}");
     assert!(html.contains("user7"), "the login's user is listed: {html}");
     assert!(html.contains("1006"), "refusals are listed: {html}");

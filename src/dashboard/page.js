@@ -37,6 +37,49 @@ function pct(ratio) {
   return ratio === null || ratio === undefined ? "–" : (ratio * 100).toFixed(0) + " %";
 }
 
+// The span the sampler's window covers: five minutes, or less on a young gateway.
+function windowLabel(seconds) {
+  return seconds < 60 ? seconds + " s" : Math.round(seconds / 60) + " min";
+}
+
+// Rows: codes; columns: the minutes of the window (oldest first), then the window's
+// total with a bar. A minute's column header says when it ended; its title how long it
+// covered (the oldest minute of a young gateway is shorter).
+function answersTable(total, perMinute, windowSeconds) {
+  const table = el("table", null, "answers");
+  const head = el("tr");
+  head.append(el("th", "code"));
+  for (const minute of perMinute) {
+    const ago = Math.round(minute.ended_seconds_ago / 60);
+    const th = el("th", ago === 0 ? "now" : "−" + ago + "′", "minute");
+    th.title = minute.seconds + " s ending " + (ago === 0 ? "now" : ago + " min ago");
+    head.append(th);
+  }
+  head.append(el("th", windowLabel(windowSeconds)));
+  table.append(head);
+  const codes = Object.keys(total).sort((a, b) => Number(a) - Number(b));
+  const most = Math.max(1, ...codes.map((c) => total[c]));
+  for (const code of codes) {
+    const row = el("tr", null, code === "0" ? "ok" : "fail");
+    row.append(el("td", code, "code"));
+    for (const minute of perMinute) {
+      row.append(el("td", minute.answers[code] || "·", "minute"));
+    }
+    const countCell = el("td", total[code]);
+    const bar = el("span", null, "bar");
+    bar.style.width = (total[code] / most) * 6 + "em";
+    countCell.append(bar);
+    row.append(countCell);
+    table.append(row);
+  }
+  if (codes.length === 0) {
+    const row = el("tr");
+    row.append(el("td", "no requests", "muted"));
+    table.append(row);
+  }
+  return table;
+}
+
 function renderClusters(status) {
   document.getElementById("instance").textContent =
     "instance " + status.instance + " · history " + status.history;
@@ -69,27 +112,8 @@ function renderClusters(status) {
     fact("cache hit ratio", pct(cluster.cache_hit_ratio));
     fact("cached devices", cluster.cache_entries || 0);
     card.append(facts);
-    const minutes = Math.max(1, Math.round(status.window_seconds / 60));
-    card.append(el("div", "answers by code, last " + minutes + " min", "muted"));
-    const answers = el("table", null, "answers");
-    const codes = Object.keys(cluster.answers).sort((a, b) => Number(a) - Number(b));
-    const most = Math.max(1, ...codes.map((c) => cluster.answers[c]));
-    for (const code of codes) {
-      const row = el("tr", null, code === "0" ? "ok" : "fail");
-      const count = cluster.answers[code];
-      const countCell = el("td", count);
-      const bar = el("span", null, "bar");
-      bar.style.width = (count / most) * 8 + "em";
-      countCell.append(bar);
-      row.append(el("td", code, "code"), countCell);
-      answers.append(row);
-    }
-    if (codes.length === 0) {
-      const row = el("tr");
-      row.append(el("td", "no requests", "muted"));
-      answers.append(row);
-    }
-    card.append(answers);
+    card.append(el("div", "answers by code per minute (oldest left)", "muted"));
+    card.append(answersTable(cluster.answers, cluster.answers_per_minute || [], status.window_seconds));
     return card;
   });
   const unrouted = Object.keys(status.unrouted || {});
@@ -97,7 +121,7 @@ function renderClusters(status) {
     // Refused before a cluster was chosen (no credentials, unknown cluster code, …).
     const card = el("div", null, "cluster");
     card.append(el("h3", "no cluster"), el("div", "refused before routing, last " +
-      Math.max(1, Math.round(status.window_seconds / 60)) + " min", "muted"));
+      windowLabel(status.window_seconds), "muted"));
     const answers = el("table", null, "answers");
     for (const code of unrouted.sort((a, b) => Number(a) - Number(b))) {
       const row = el("tr", null, "fail");

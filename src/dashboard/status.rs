@@ -5,13 +5,19 @@
 //! in time: a sampler takes a snapshot of the counters every `SAMPLE_EVERY` and keeps
 //! `WINDOW` of them; calls/s compares now with the newest snapshot at least `RATE_SPAN`
 //! old, answers by code and the cache hit ratio compare now with the oldest one (the last
-//! five minutes, or since start when younger).
+//! five minutes, or since start when younger). `answers_per_minute` splits the window
+//! into minutes, oldest first: each entry compares the snapshots at its two ends (the
+//! newest taken at or before each end; the newest entry ends now), so the minutes tile
+//! the window without counting a request twice. `seconds` is the span actually covered
+//! (short for the oldest minute of a young gateway).
 //!
 //! ```json
 //! {"time":"…Z","instance":"gw1","history":"sqlite","window_seconds":300.0,
 //!  "clusters":[{"code":"EU","nodes":[{"node":"cucm-eu-1:8443","up":true}],
 //!               "in_flight":2,"max_concurrent":5,"queue_depth":0,"cache_entries":812,
-//!               "calls_per_second":3.2,"cache_hit_ratio":0.93,"answers":{"0":512,"1004":3}}],
+//!               "calls_per_second":3.2,"cache_hit_ratio":0.93,"answers":{"0":512,"1004":3},
+//!               "answers_per_minute":[{"ended_seconds_ago":60,"seconds":60,"answers":{"0":300}},
+//!                                     {"ended_seconds_ago":0,"seconds":60,"answers":{"0":212,"1004":3}}]}],
 //!  "unrouted":{"1006":1}}
 //! ```
 //! `calls_per_second` and `cache_hit_ratio` are `null` until there is something to divide.
@@ -28,6 +34,8 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 pub const WINDOW: Duration = Duration::from_secs(300);
 /// The span calls/s is averaged over (short, so the number moves with the load).
 const RATE_SPAN: Duration = Duration::from_secs(10);
+/// One entry of `answers_per_minute`; the window holds `WINDOW / MINUTE` of them.
+const MINUTE: Duration = Duration::from_secs(60);
 
 /// One series of the text exposition.
 #[derive(Debug, Clone, PartialEq)]
@@ -199,6 +207,8 @@ impl Sampler {
             None => (&empty, Duration::ZERO),
         };
 
+        let minutes = minute_spans(&samples, now, &current);
+
         // Clusters are the ones with a concurrency cap: every configured cluster sets it
         // at start, whether or not it has seen traffic.
         let mut clusters: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
@@ -253,6 +263,19 @@ impl Sampler {
                 "answers".into(),
                 json!(difference(&now_totals.answers, &before.answers)),
             );
+            let per_minute: Vec<Value> = minutes
+                .iter()
+                .map(|span| {
+                    let end = span.end.clusters.get(*code).unwrap_or(&zero);
+                    let start = span.start.clusters.get(*code).unwrap_or(&zero);
+                    json!({
+                        "ended_seconds_ago": span.ended_ago.as_secs(),
+                        "seconds": span.covered.as_secs(),
+                        "answers": difference(&end.answers, &start.answers),
+                    })
+                })
+                .collect();
+            cluster.insert("answers_per_minute".into(), json!(per_minute));
         }
         json!({
             "time": history::UtcMillis::now().to_rfc3339(),
@@ -263,6 +286,61 @@ impl Sampler {
             "unrouted": difference(&current.unrouted, &window_base.unrouted),
         })
     }
+}
+
+/// One minute of `answers_per_minute`: the snapshots at its two ends.
+struct MinuteSpan<'a> {
+    ended_ago: Duration,
+    covered: Duration,
+    start: &'a Totals,
+    end: &'a Totals,
+}
+
+/// The window's minutes, oldest first, as pairs of snapshots. A minute's end is the
+/// newest snapshot taken at or before it (the newest minute ends with `current`); its
+/// start is the same for the minute before, so no request falls in two minutes. The
+/// oldest minute may be partial (a young gateway); minutes with no snapshot before them
+/// are left out.
+fn minute_spans<'a>(
+    samples: &'a VecDeque<(Instant, Totals)>,
+    now: Instant,
+    current: &'a Totals,
+) -> Vec<MinuteSpan<'a>> {
+    let at_or_before = |moment: Instant| samples.iter().rev().find(|(taken, _)| *taken <= moment);
+    let count = (WINDOW.as_secs() / MINUTE.as_secs()).max(1);
+    let mut spans = Vec::new();
+    for index in 0..count {
+        let ended_ago = MINUTE * u32::try_from(index).unwrap_or(u32::MAX);
+        let Some(end_moment) = now.checked_sub(ended_ago) else {
+            break;
+        };
+        let (end_taken, end) = if index == 0 {
+            (now, current)
+        } else {
+            match at_or_before(end_moment) {
+                Some((taken, totals)) => (*taken, totals),
+                None => break,
+            }
+        };
+        let start = end_moment
+            .checked_sub(MINUTE)
+            .and_then(at_or_before)
+            .or_else(|| samples.front());
+        let Some((start_taken, start)) = start else {
+            break;
+        };
+        if *start_taken >= end_taken {
+            break;
+        }
+        spans.push(MinuteSpan {
+            ended_ago,
+            covered: end_taken.saturating_duration_since(*start_taken),
+            start,
+            end,
+        });
+    }
+    spans.reverse();
+    spans
 }
 
 /// Per code, how many more now than before (codes with none left out).
@@ -351,6 +429,49 @@ mod tests {
         assert!(status["clusters"][0]["calls_per_second"].is_null());
         assert_eq!(status["clusters"][0]["cache_hit_ratio"], 0.5);
         assert_eq!(status["unrouted"], json!({"1006": 1}));
+    }
+
+    #[test]
+    fn answers_per_minute_tile_the_window_oldest_first() {
+        let sampler = Sampler::default();
+        let start = Instant::now();
+        let with_ok = |count: u32| {
+            BEFORE.replace(
+                "code=\"0\",operation=\"login\"} 50",
+                &format!("code=\"0\",operation=\"login\"}} {count}"),
+            )
+        };
+        // 50 at start, 60 a minute later, 65 two minutes later; 66 now (2.5 min).
+        sampler.sample_at(start, &with_ok(50));
+        sampler.sample_at(start + Duration::from_secs(60), &with_ok(60));
+        sampler.sample_at(start + Duration::from_secs(120), &with_ok(65));
+        let status = sampler.status_at(start + Duration::from_secs(150), &with_ok(66), "gw", "off");
+        let minutes = &status["clusters"][0]["answers_per_minute"];
+        // Now-60 s..now: from the snapshot at 60 s (the newest at or before 90 s) to now.
+        // Before that: 0 s..60 s. Nothing older: the gateway is 2.5 minutes old.
+        assert_eq!(
+            minutes,
+            &json!([
+                {"ended_seconds_ago": 60, "seconds": 60, "answers": {"0": 10}},
+                {"ended_seconds_ago": 0, "seconds": 90, "answers": {"0": 6}},
+            ])
+        );
+        // Together they are the window's total.
+        assert_eq!(status["clusters"][0]["answers"], json!({"0": 16}));
+    }
+
+    #[test]
+    fn a_young_gateway_has_one_partial_minute() {
+        let sampler = Sampler::default();
+        let start = Instant::now();
+        sampler.sample_at(start, BEFORE);
+        let status = sampler.status_at(start + Duration::from_secs(20), BEFORE, "gw", "off");
+        assert_eq!(
+            status["clusters"][0]["answers_per_minute"],
+            json!([{"ended_seconds_ago": 0, "seconds": 20, "answers": {}}])
+        );
+        let empty = Sampler::default().status(BEFORE, "gw", "off");
+        assert_eq!(empty["clusters"][0]["answers_per_minute"], json!([]));
     }
 
     #[test]
