@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use history::{parse_filter, to_csv, to_json, Format, History, HistoryConfig, HistoryMetrics};
+use history::{
+    parse_filter, to_csv, to_json, Format, History, HistoryConfig, HistoryMetrics, WriterPriority,
+};
 use prometheus::Registry;
 use serde::Deserialize;
 
@@ -48,11 +50,32 @@ pub struct HistorySettings {
     pub queue_capacity: usize,
     /// This instance's name in every record; default the host name, else "gateway".
     pub instance: Option<String>,
+    /// The writer thread's CPU priority: `idle` (requests first; a saturated machine
+    /// drops records) or `normal` (a fair share; requests slow down instead).
+    pub writer_priority: WriterPrioritySetting,
     /// Test seam: a history the caller opened (so a test can pause its writer), used
     /// instead of opening one from the settings above. Never set from a config file.
     #[doc(hidden)]
     #[serde(skip)]
     pub opened: Option<OpenedHistory>,
+}
+
+/// `writer_priority` as written in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriterPrioritySetting {
+    #[default]
+    Idle,
+    Normal,
+}
+
+impl From<WriterPrioritySetting> for WriterPriority {
+    fn from(setting: WriterPrioritySetting) -> Self {
+        match setting {
+            WriterPrioritySetting::Idle => WriterPriority::Idle,
+            WriterPrioritySetting::Normal => WriterPriority::Normal,
+        }
+    }
 }
 
 /// A history opened outside the gateway; equal only to itself.
@@ -77,6 +100,7 @@ impl Default for HistorySettings {
             retention_days: defaults.retention_days,
             queue_capacity: defaults.queue_capacity,
             instance: None,
+            writer_priority: WriterPrioritySetting::default(),
             opened: None,
         }
     }
@@ -95,6 +119,7 @@ impl fmt::Debug for HistorySettings {
             .field("retention_days", &self.retention_days)
             .field("queue_capacity", &self.queue_capacity)
             .field("instance", &self.instance)
+            .field("writer_priority", &self.writer_priority)
             .field("opened", &self.opened.is_some())
             .finish()
     }
@@ -158,6 +183,7 @@ impl HistorySettings {
             retention_days: self.retention_days,
             queue_capacity: self.queue_capacity,
             instance: self.instance.clone().unwrap_or_else(default_instance_name),
+            writer_priority: self.writer_priority.into(),
         }
     }
 }
@@ -197,6 +223,7 @@ pub fn open(
         path = %config.path.display(),
         instance = %config.instance,
         retention_days = config.retention_days,
+        writer_priority = %config.writer_priority,
         "history recording"
     );
     Ok(Some(Arc::new(history)))
@@ -314,5 +341,28 @@ mod tests {
             assert_eq!(settings.validate().map_err(|(k, _)| k), Err(key));
         }
         assert!(HistorySettings::default().validate().is_ok());
+    }
+
+    #[test]
+    fn writer_priority_is_idle_unless_set_to_normal() {
+        let parse = |text: &str| crate::config::Config::parse(text).map(|c| c.history);
+        let cluster = "[[cluster]]\ncode = \"EU\"\nnodes = [\"http://cucm:8080/x\"]\n";
+        let default = parse(&format!("[history]\npath = \"h.sqlite\"\n{cluster}")).expect("parses");
+        assert_eq!(
+            default.history_config().writer_priority,
+            WriterPriority::Idle
+        );
+        let normal = parse(&format!(
+            "[history]\nwriter_priority = \"normal\"\n{cluster}"
+        ))
+        .expect("parses");
+        assert_eq!(
+            normal.history_config().writer_priority,
+            WriterPriority::Normal
+        );
+        let error = parse(&format!("[history]\nwriter_priority = \"high\"\n{cluster}"))
+            .expect_err("an unknown priority is refused")
+            .to_string();
+        assert!(error.contains("writer_priority"), "{error}");
     }
 }

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::priority::WriterPriority;
+
 /// The default file, relative to the gateway's working directory.
 pub const DEFAULT_PATH: &str = "business-connector-history.sqlite";
 pub const DEFAULT_RETENTION_DAYS: u32 = 90;
@@ -27,6 +29,8 @@ pub struct HistoryConfig {
     pub queue_capacity: usize,
     /// This gateway instance's name, stored in every record it writes.
     pub instance: String,
+    /// The writer thread's CPU priority (default `Idle`: requests first).
+    pub writer_priority: WriterPriority,
 }
 
 impl Default for HistoryConfig {
@@ -37,6 +41,7 @@ impl Default for HistoryConfig {
             retention_days: DEFAULT_RETENTION_DAYS,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             instance: DEFAULT_INSTANCE.to_string(),
+            writer_priority: WriterPriority::default(),
         }
     }
 }
@@ -49,6 +54,7 @@ impl fmt::Debug for HistoryConfig {
             .field("retention_days", &self.retention_days)
             .field("queue_capacity", &self.queue_capacity)
             .field("instance", &self.instance)
+            .field("writer_priority", &self.writer_priority)
             .finish()
     }
 }

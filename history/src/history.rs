@@ -20,6 +20,7 @@ use prometheus::{IntCounter, Registry};
 use crate::config::HistoryConfig;
 use crate::filter::Filter;
 use crate::postgres::PostgresStore;
+use crate::priority::{self, WriterPriority};
 use crate::record::{truncate_at_char_boundary, Record, UtcMillis, MAX_FIELD_BYTES};
 use crate::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -197,6 +198,7 @@ impl History {
             queued: queued.clone(),
             batch: Vec::new(),
             write_interval,
+            priority: config.writer_priority,
             metrics: metrics.clone(),
             retention_days: config.retention_days,
             failure_warning: RateLimitedWarning::new(WARNING_INTERVAL),
@@ -361,6 +363,7 @@ struct Writer {
     batch: Vec<Record>,
     /// `WRITE_INTERVAL`, or longer in tests.
     write_interval: Duration,
+    priority: WriterPriority,
     metrics: HistoryMetrics,
     retention_days: u32,
     failure_warning: RateLimitedWarning,
@@ -368,6 +371,13 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
+        if let Err(error) = priority::apply_to_current_thread(self.priority) {
+            tracing::warn!(
+                %error,
+                priority = %self.priority,
+                "history writer keeps the normal CPU priority"
+            );
+        }
         let mut next_write = Instant::now() + self.write_interval;
         let mut next_purge = (self.retention_days > 0).then(Instant::now);
         loop {
@@ -399,6 +409,11 @@ impl Writer {
                     let _ = resume.recv();
                 }
                 Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                    if self.priority == WriterPriority::Idle {
+                        if let Err(error) = priority::restore_normal_on_current_thread() {
+                            tracing::debug!(%error, "the final history flush runs at idle priority");
+                        }
+                    }
                     self.write_queued();
                     return;
                 }
