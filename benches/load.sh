@@ -13,8 +13,9 @@
 #            logouts back, and 100,000 getloggedinuser over 1,000 devices.
 #   memory   gateway RSS with 100,000 devices cached and 10,000 client connections.
 #   history  cache-hit peak throughput with the request history off vs on (SQLite),
-#            interleaved, RUNS runs each; the writer thread's CPU per record; then
-#            open-loop latency at HISTORY_RATE req/s (default 5000), off vs on.
+#            with the writer at idle priority (the default) and at normal priority,
+#            interleaved, RUNS runs each, with records written/dropped and the writer's
+#            CPU per record; then open-loop latency at HISTORY_RATE req/s (default 5000).
 #
 # Knobs (environment): RUNS=3 DURATION=10 (s per peak/fixed-rate run) WARMUP=2
 # CONNS=32 FIXED_RATE (req/s; default half the lower pass-through peak)
@@ -487,28 +488,31 @@ stage_memory() {
 # utime + stime, in clock ticks, of a /proc/.../stat file (fields 14 and 15; the command
 # name in field 2 has no spaces here).
 ticks() { awk '{print $14 + $15}' "$1"; }
-history_written() { curl -fsS "http://127.0.0.1:$1/metrics" | awk '$1 == "bc_history_written_total" {print $2}'; }
+# history_counter PORT written|dropped: bc_history_<which>_total of the gateway on PORT.
+history_counter() { curl -fsS "http://127.0.0.1:$1/metrics" | awk -v name="bc_history_$2_total" '$1 == name {print $2}'; }
 
 stage_history() {
-    log "== history: cache-hit throughput, history off vs on"
-    local p_sim=$((PORT_BASE + 30)) p_off=$((PORT_BASE + 31)) p_on=$((PORT_BASE + 32))
+    log "== history: cache-hit throughput, history off vs on (idle writer) vs on (normal writer)"
+    local p_sim=$((PORT_BASE + 30))
     local cluster=('max_concurrent = 100' 'max_requests_per_second = 0' 'cache_ttl_ms = 3600000' 'queue_limit = 100000')
+    local scenarios=(history-off history-idle history-normal)
+    declare -A port=([history-off]=$((PORT_BASE + 31)) [history-idle]=$((PORT_BASE + 32)) [history-normal]=$((PORT_BASE + 33)))
+    declare -A settings=([history-off]='enabled = false'
+        [history-idle]="path = \"$OUT/history-idle.sqlite\""
+        [history-normal]="path = \"$OUT/history-normal.sqlite\"
+writer_priority = \"normal\"")
     write_wrk_script
     start_sim sim-history "$p_sim" --devices "$DEVICES" --users "$DEVICES"
     LAT_SIM_STATS=$SIM_STATS
     local sim_pid=$SIM_PID
     wait_port "$p_sim"
-    gateway_config "$OUT/gateway-history-off.toml" "$p_off" "$p_sim" 'workers = 1' \
-        '[history]' 'enabled = false' -- "${cluster[@]}"
-    gateway_config "$OUT/gateway-history-on.toml" "$p_on" "$p_sim" 'workers = 1' \
-        '[history]' "path = \"$OUT/history.sqlite\"" -- "${cluster[@]}"
-    start_gateway history-off "$OUT/gateway-history-off.toml" "$p_off"
-    local off_pid=$GW_PID
-    start_gateway history-on "$OUT/gateway-history-on.toml" "$p_on"
-    local on_pid=$GW_PID
     local scenario run
-    declare -A port=([history-off]=$p_off [history-on]=$p_on)
-    for scenario in history-off history-on; do
+    declare -A pid
+    for scenario in "${scenarios[@]}"; do
+        gateway_config "$OUT/gateway-$scenario.toml" "${port[$scenario]}" "$p_sim" 'workers = 1' \
+            '[history]' "${settings[$scenario]}" -- "${cluster[@]}"
+        start_gateway "$scenario" "$OUT/gateway-$scenario.toml" "${port[$scenario]}"
+        pid[$scenario]=$GW_PID
         taskset -c "$GEN_CPU" "$BIN/bc-load" --url "http://127.0.0.1:${port[$scenario]}" \
             --mode northbound --rate 2000 --duration 2 --warmup 0.5 \
             --connections "$CONNS" --devices "$DEVICES" >"$OUT/sanity-$scenario.json"
@@ -516,67 +520,93 @@ stage_history() {
             die "$scenario: errors or unexpected answers in the warm-up: $(cat "$OUT/sanity-$scenario.json")"
     done
     other_work "before history peak"
-    # CPU of the history-on gateway and of its writer thread over the peak runs (clock
-    # ticks), and what it wrote meanwhile: the writer's CPU per record, and its share.
-    local writer_task cpu_before writer_before written_before
-    writer_task=$(grep -lx history-writer /proc/"$on_pid"/task/*/comm | head -n1 | xargs dirname)
-    [ -n "$writer_task" ] || die "no history-writer thread in the history-on gateway"
-    cpu_before=$(ticks /proc/"$on_pid"/stat)
-    writer_before=$(ticks "$writer_task/stat")
-    written_before=$(history_written "$p_on")
+    # Per recording gateway: its CPU and its writer thread's (clock ticks), and its
+    # history counters, before and after the peak runs.
+    declare -A writer_task cpu_before writer_before written_before dropped_before
+    for scenario in history-idle history-normal; do
+        writer_task[$scenario]=$(grep -lx history-writer /proc/"${pid[$scenario]}"/task/*/comm | head -n1 | xargs dirname)
+        [ -n "${writer_task[$scenario]}" ] || die "no history-writer thread in $scenario"
+        cpu_before[$scenario]=$(ticks /proc/"${pid[$scenario]}"/stat)
+        writer_before[$scenario]=$(ticks "${writer_task[$scenario]}/stat")
+        written_before[$scenario]=$(history_counter "${port[$scenario]}" written)
+        dropped_before[$scenario]=$(history_counter "${port[$scenario]}" dropped)
+    done
     for run in $(seq 1 "$RUNS"); do
-        for scenario in history-off history-on; do
+        for scenario in "${scenarios[@]}"; do
             log "history peak run $run/$RUNS: $scenario"
             wrk_peak "$scenario" "${port[$scenario]}" northbound "$run"
         done
     done
-    # Let the writer finish what the last run queued before reading its CPU.
+    # Let the writers finish what the last runs queued before reading their CPU.
     local idle
-    for idle in $(seq 1 50); do
-        [ "$(history_written "$p_on")" = "$(sleep 0.6; history_written "$p_on")" ] && break
+    for scenario in history-idle history-normal; do
+        for idle in $(seq 1 50); do
+            [ "$(history_counter "${port[$scenario]}" written)" = "$(sleep 0.6; history_counter "${port[$scenario]}" written)" ] && break
+        done
     done
-    local cpu_ticks writer_ticks written_peak
-    cpu_ticks=$(($(ticks /proc/"$on_pid"/stat) - cpu_before))
-    writer_ticks=$(($(ticks "$writer_task/stat") - writer_before))
-    written_peak=$(($(history_written "$p_on") - written_before))
+    declare -A cpu_ticks writer_ticks written_peak dropped_peak
+    for scenario in history-idle history-normal; do
+        cpu_ticks[$scenario]=$(($(ticks /proc/"${pid[$scenario]}"/stat) - ${cpu_before[$scenario]}))
+        writer_ticks[$scenario]=$(($(ticks "${writer_task[$scenario]}/stat") - ${writer_before[$scenario]}))
+        written_peak[$scenario]=$(($(history_counter "${port[$scenario]}" written) - ${written_before[$scenario]}))
+        dropped_peak[$scenario]=$(($(history_counter "${port[$scenario]}" dropped) - ${dropped_before[$scenario]}))
+    done
     other_work "after history peak"
     local rate=${HISTORY_RATE:-5000}
+    for scenario in history-idle history-normal; do
+        written_before[$scenario]=$(history_counter "${port[$scenario]}" written)
+        dropped_before[$scenario]=$(history_counter "${port[$scenario]}" dropped)
+    done
     for run in $(seq 1 "$RUNS"); do
-        for scenario in history-off history-on; do
+        for scenario in "${scenarios[@]}"; do
             log "history fixed-rate run $run/$RUNS: $scenario at $rate req/s"
             load_fixed "$scenario" "${port[$scenario]}" northbound "$rate" "$run"
         done
     done
-    local written dropped
-    written=$(history_written "$p_on")
-    dropped=$(curl -fsS "http://127.0.0.1:$p_on/metrics" | awk '$1 == "bc_history_dropped_total" {print $2}')
-    for pid in "$off_pid" "$on_pid" "$sim_pid"; do stop "$pid"; done
+    for scenario in history-idle history-normal; do
+        for idle in $(seq 1 50); do
+            [ "$(history_counter "${port[$scenario]}" written)" = "$(sleep 0.6; history_counter "${port[$scenario]}" written)" ] && break
+        done
+    done
+    declare -A written_fixed dropped_fixed
+    for scenario in history-idle history-normal; do
+        written_fixed[$scenario]=$(($(history_counter "${port[$scenario]}" written) - ${written_before[$scenario]}))
+        dropped_fixed[$scenario]=$(($(history_counter "${port[$scenario]}" dropped) - ${dropped_before[$scenario]}))
+    done
+    for scenario in "${scenarios[@]}"; do stop "${pid[$scenario]}"; done
+    stop "$sim_pid"
+    local tick_us=$((1000000 / $(getconf CLK_TCK)))
     {
         echo "HISTORY: cache-hit peak (wrk -t1 -c$CONNS -d${DURATION}s, median of $RUNS, interleaved)"
-        printf '  %-12s %10s %9s %9s   %s\n' scenario req/s p50_ms p99_ms "per run req/s"
-        for scenario in history-off history-on; do
-            printf '  %-12s %10.0f %9.3f %9.3f   %s\n' "$scenario" \
+        printf '  %-15s %8s %6s %8s %8s %10s %10s %7s %8s   %s\n' scenario req/s vs_off p50_ms p99_ms written dropped writer "µs/rec" "per run req/s"
+        for scenario in "${scenarios[@]}"; do
+            local written=- dropped=- share=- per_record=-
+            if [ "$scenario" != history-off ]; then
+                written=${written_peak[$scenario]}
+                dropped=${dropped_peak[$scenario]}
+                share="$((writer_ticks[$scenario] * 100 / (cpu_ticks[$scenario] > 0 ? cpu_ticks[$scenario] : 1)))%"
+                per_record=$(jq -n "${writer_ticks[$scenario]} * $tick_us / ($written + 0.001) * 100 | round / 100")
+            fi
+            printf '  %-15s %8.0f %6.3f %8.3f %8.3f %10s %10s %7s %8s   %s\n' "$scenario" \
                 "$(median "$OUT/peak.jsonl" "$scenario" rps)" \
+                "$(jq -n "$(median "$OUT/peak.jsonl" "$scenario" rps) / $(median "$OUT/peak.jsonl" history-off rps)")" \
                 "$(jq -n "$(median "$OUT/peak.jsonl" "$scenario" p50_us) / 1000")" \
                 "$(jq -n "$(median "$OUT/peak.jsonl" "$scenario" p99_us) / 1000")" \
+                "$written" "$dropped" "$share" "$per_record" \
                 "$(jq -rs --arg s "$scenario" '[.[] | select(.scenario == $s) | .rps | floor] | join(" / ")' "$OUT/peak.jsonl")"
         done
-        echo "  on/off: $(jq -n "$(median "$OUT/peak.jsonl" history-on rps) / $(median "$OUT/peak.jsonl" history-off rps) * 1000 | round / 1000")   (goal >= 0.95)"
-        local tick_us=$((1000000 / $(getconf CLK_TCK)))
-        echo "  history-on over the peak runs: $written_peak records written; the writer thread used" \
-            "$((writer_ticks * 100 / (cpu_ticks > 0 ? cpu_ticks : 1)))% of the gateway's CPU," \
-            "$(jq -n "$writer_ticks * $tick_us / ($written_peak + 0.001) * 100 | round / 100") µs per record"
+        echo "  (written/dropped: records over the peak runs; writer: the writer thread's share of its gateway's CPU, and its CPU per record written)"
         echo "HISTORY: open-loop latency at $rate req/s (bc-load, ${DURATION}s, median of $RUNS, interleaved)"
-        printf '  %-12s %10s %9s %9s %9s %8s\n' scenario achieved p50_ms p99_ms p999_ms errors
-        for scenario in history-off history-on; do
-            printf '  %-12s %10.0f %9.3f %9.3f %9.3f %8s\n' "$scenario" \
+        printf '  %-15s %9s %8s %8s %8s %7s %10s %10s\n' scenario achieved p50_ms p99_ms p999_ms errors written dropped
+        for scenario in "${scenarios[@]}"; do
+            printf '  %-15s %9.0f %8.3f %8.3f %8.3f %7s %10s %10s\n' "$scenario" \
                 "$(median "$OUT/fixed.jsonl" "$scenario" achieved_rate)" \
                 "$(jq -n "$(median "$OUT/fixed.jsonl" "$scenario" p50_us) / 1000")" \
                 "$(jq -n "$(median "$OUT/fixed.jsonl" "$scenario" p99_us) / 1000")" \
                 "$(jq -n "$(median "$OUT/fixed.jsonl" "$scenario" p999_us) / 1000")" \
-                "$(jq -s --arg s "$scenario" '[.[] | select(.scenario == $s) | .errors + .unexpected] | add' "$OUT/fixed.jsonl")"
+                "$(jq -s --arg s "$scenario" '[.[] | select(.scenario == $s) | .errors + .unexpected] | add' "$OUT/fixed.jsonl")" \
+                "${written_fixed[$scenario]:--}" "${dropped_fixed[$scenario]:--}"
         done
-        echo "  history-on records written: ${written:-?}, dropped: ${dropped:-?}"
     } | tee "$OUT/history-tables.txt" >/dev/null
 }
 
