@@ -422,10 +422,13 @@ impl Writer {
         }
     }
 
-    /// Write everything on the record queue now, in transactions of at most
-    /// `BATCH_MAX_RECORDS`.
+    /// Write what is on the record queue now, in transactions of at most
+    /// `BATCH_MAX_RECORDS`. Only what was queued on entry (and what arrives meanwhile, up
+    /// to the last transaction): a flood faster than the database must not keep the
+    /// writer from its control messages (a flush or shutdown waiting) for ever.
     fn write_queued(&mut self) {
         let mut batch = std::mem::take(&mut self.batch);
+        let mut budget = self.queued.load(Ordering::Relaxed).max(1);
         loop {
             while batch.len() < BATCH_MAX_RECORDS {
                 match self.records.try_recv() {
@@ -435,8 +438,9 @@ impl Writer {
             }
             self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
             let full = batch.len() >= BATCH_MAX_RECORDS;
+            budget = budget.saturating_sub(batch.len());
             self.write(&mut batch);
-            if !full {
+            if !full || budget == 0 {
                 break;
             }
         }
