@@ -490,6 +490,14 @@ stage_memory() {
 ticks() { awk '{print $14 + $15}' "$1"; }
 # history_counter PORT written|dropped: bc_history_<which>_total of the gateway on PORT.
 history_counter() { curl -fsS "http://127.0.0.1:$1/metrics" | awk -v name="bc_history_$2_total" '$1 == name {print $2}'; }
+# history_settled PORT: wait (at most ~30 s) until the gateway's writer has written what
+# was queued: its written count stands still across one write interval (500 ms).
+history_settled() {
+    local try
+    for try in $(seq 1 50); do
+        [ "$(history_counter "$1" written)" = "$(sleep 0.6; history_counter "$1" written)" ] && return
+    done
+}
 
 stage_history() {
     log "== history: cache-hit throughput, history off vs on (idle writer) vs on (normal writer)"
@@ -538,12 +546,7 @@ writer_priority = \"normal\"")
         done
     done
     # Let the writers finish what the last runs queued before reading their CPU.
-    local idle
-    for scenario in history-idle history-normal; do
-        for idle in $(seq 1 50); do
-            [ "$(history_counter "${port[$scenario]}" written)" = "$(sleep 0.6; history_counter "${port[$scenario]}" written)" ] && break
-        done
-    done
+    for scenario in history-idle history-normal; do history_settled "${port[$scenario]}"; done
     declare -A cpu_ticks writer_ticks written_peak dropped_peak
     for scenario in history-idle history-normal; do
         cpu_ticks[$scenario]=$(($(ticks /proc/"${pid[$scenario]}"/stat) - ${cpu_before[$scenario]}))
@@ -563,11 +566,7 @@ writer_priority = \"normal\"")
             load_fixed "$scenario" "${port[$scenario]}" northbound "$rate" "$run"
         done
     done
-    for scenario in history-idle history-normal; do
-        for idle in $(seq 1 50); do
-            [ "$(history_counter "${port[$scenario]}" written)" = "$(sleep 0.6; history_counter "${port[$scenario]}" written)" ] && break
-        done
-    done
+    for scenario in history-idle history-normal; do history_settled "${port[$scenario]}"; done
     declare -A written_fixed dropped_fixed
     for scenario in history-idle history-normal; do
         written_fixed[$scenario]=$(($(history_counter "${port[$scenario]}" written) - ${written_before[$scenario]}))
