@@ -52,30 +52,12 @@ pub struct HistorySettings {
     pub instance: Option<String>,
     /// The writer thread's CPU priority: `idle` (requests first; a saturated machine
     /// drops records) or `normal` (a fair share; requests slow down instead).
-    pub writer_priority: WriterPrioritySetting,
+    pub writer_priority: WriterPriority,
     /// Test seam: a history the caller opened (so a test can pause its writer), used
     /// instead of opening one from the settings above. Never set from a config file.
     #[doc(hidden)]
     #[serde(skip)]
     pub opened: Option<OpenedHistory>,
-}
-
-/// `writer_priority` as written in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WriterPrioritySetting {
-    #[default]
-    Idle,
-    Normal,
-}
-
-impl From<WriterPrioritySetting> for WriterPriority {
-    fn from(setting: WriterPrioritySetting) -> Self {
-        match setting {
-            WriterPrioritySetting::Idle => WriterPriority::Idle,
-            WriterPrioritySetting::Normal => WriterPriority::Normal,
-        }
-    }
 }
 
 /// A history opened outside the gateway; equal only to itself.
@@ -100,7 +82,7 @@ impl Default for HistorySettings {
             retention_days: defaults.retention_days,
             queue_capacity: defaults.queue_capacity,
             instance: None,
-            writer_priority: WriterPrioritySetting::default(),
+            writer_priority: WriterPriority::default(),
             opened: None,
         }
     }
@@ -183,7 +165,7 @@ impl HistorySettings {
             retention_days: self.retention_days,
             queue_capacity: self.queue_capacity,
             instance: self.instance.clone().unwrap_or_else(default_instance_name),
-            writer_priority: self.writer_priority.into(),
+            writer_priority: self.writer_priority,
         }
     }
 }
