@@ -23,7 +23,8 @@ use tokio::sync::oneshot;
 use crate::cache::LoggedInCache;
 use crate::config::ClusterConfig;
 use crate::device_queue::PendingOp;
-use crate::em::rules::{self, CacheEffect, Exchange, Interpretation, Verdict};
+use crate::em::rules::{self, CacheEffect, Exchange, Interpretation};
+use crate::em::steps::{self, Stage, Verdict};
 use crate::em::{dispatch, EmAppClient, EmClient, EmClientError};
 use crate::handle::cached_answer;
 pub use crate::handle::{ClusterHandle, Submit, Ticket};
@@ -205,7 +206,7 @@ impl ClusterActor {
             .min(deadline.saturating_duration_since(call_started));
         let call = async move {
             let exchange =
-                dispatch::exchange(&em, &emapp, &operation, stage, &credentials, deadline).await;
+                dispatch::exchange(&em, &emapp, &operation, &stage, &credentials, deadline).await;
             (operation, stage, exchange)
         };
         ctx.spawn(
@@ -233,23 +234,18 @@ impl ClusterActor {
             took,
             budget,
         } = call;
-        let end = rules::call_end(&exchange, took, budget);
+        let end = dispatch::call_end(&exchange, took, budget);
         let busy = matches!(end, CallEnd::Answered { busy: true, .. });
         // A busy answer is the scheduler's to retry; anything else is judged now.
-        let mut verdict = (!busy).then(|| rules::judge(&operation, stage, exchange.clone()));
-        if let Some(Verdict::Displacing(user)) =
-            verdict.take_if(|v| matches!(v, Verdict::Displacing(_)))
-        {
-            if let Some(op) = self.scheduler.running_mut(&device) {
-                rules::displace(&mut op.operation, user);
+        let verdict = (!busy).then(|| steps::judge(&operation, &stage, exchange.clone()));
+        if let Some(Verdict::Next(next)) = &verdict {
+            if self
+                .scheduler
+                .advance(&device, next.clone(), took, Instant::now())
+            {
+                self.pump(ctx);
+                return;
             }
-            verdict = Some(Verdict::NextStage);
-        }
-        if verdict == Some(Verdict::NextStage)
-            && self.scheduler.advance(&device, took, Instant::now())
-        {
-            self.pump(ctx);
-            return;
         }
         let jitter = rand::rng().random_range(0.0..1.0);
         match self
@@ -267,7 +263,7 @@ impl ClusterActor {
                 let meaning = match verdict {
                     Some(Verdict::Done(meaning)) => meaning,
                     // Busy with no time left to retry: CUCM's answer stands.
-                    _ => rules::judge_last(&op.operation, stage, exchange),
+                    _ => steps::judge_last(&op.operation, &stage, exchange),
                 };
                 self.conclude(&device, op, meaning);
             }
@@ -282,7 +278,7 @@ impl ClusterActor {
 struct EndedCall {
     device: DeviceName,
     operation: Operation,
-    stage: usize,
+    stage: Stage,
     exchange: Exchange,
     took: Duration,
     /// How long the EM client could take: a failure that took this long timed out.

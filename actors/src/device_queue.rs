@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use crate::em::steps::Stage;
 use crate::operation::{Credentials, Operation, Reply};
 
 /// One operation and everyone waiting for its answer.
@@ -28,9 +29,9 @@ pub struct PendingOp {
     pub waiters: Vec<oneshot::Sender<Reply>>,
     /// CUCM busy answers so far (for back-off).
     pub busy_answers: u32,
-    /// Which of the operation's CUCM calls is next (0 = the first; a PIN login makes
-    /// three, one after the other, all in the device's turn).
-    pub stage: usize,
+    /// Which of the operation's CUCM calls is next (a PIN login makes three, one after
+    /// the other, all in the device's turn).
+    pub stage: Stage,
     /// One flag per waiter, set once the operation went to CUCM: a caller whose own
     /// wait ends at its deadline then knows whether to say 1003 (sent) or 1004 (not).
     pub sent: Vec<Arc<AtomicBool>>,
@@ -44,13 +45,13 @@ impl PendingOp {
         waiter: oneshot::Sender<Reply>,
     ) -> Self {
         Self {
+            stage: Stage::first(&operation),
             operation,
             credentials,
             deadline,
             accepted_at: Instant::now(),
             waiters: vec![waiter],
             busy_answers: 0,
-            stage: 0,
             sent: vec![Arc::new(AtomicBool::new(false))],
         }
     }

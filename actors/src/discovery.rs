@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
-use crate::em::rules::code;
+use crate::em::code;
 use crate::operation::{DeviceName, OpError, Outcome, Reply};
 
 /// Memory bound: more devices than this are not remembered (they are asked again).

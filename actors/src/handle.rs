@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::cache::LoggedInCache;
 use crate::cluster::ClusterActor;
-use crate::em::rules::{code, cucm_message};
+use crate::em::code::{self, cucm_message};
 use crate::em::EmClient;
 use crate::metrics::ClusterMetrics;
 use crate::operation::{Credentials, OpError, Operation, Reply};

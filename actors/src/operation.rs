@@ -222,11 +222,9 @@ pub enum Operation {
     },
     /// A login that, when another user is on the phone (CUCM's 18), logs that user out
     /// and the requested one in: four calls at most, all in the device's turn.
-    /// `displaced` is filled in between stages with whoever was logged out.
     ForceLogin {
         device: DeviceName,
         user: UserId,
-        displaced: Option<UserId>,
     },
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::{ClusterActor, ClusterError, ClusterHandle};
 use crate::config::ClusterConfig;
 use crate::discovery::{conclude, Conclusion, DeviceDirectory};
-use crate::em::rules::code;
+use crate::em::code;
 use crate::metrics::Metrics;
 use crate::operation::{Credentials, DeviceName, OpError, Operation, Reply, UserId};
 use crate::whereabouts;

@@ -18,6 +18,7 @@ use governor::clock::{Clock, DefaultClock};
 
 use crate::backoff::{jittered, ExpBackoff};
 use crate::device_queue::{DeviceQueue, PendingOp, Pushed, Turn};
+use crate::em::steps::Stage;
 use crate::operation::{Credentials, DeviceName, OpError, Operation};
 use crate::shaper::{Held, Rate, Shaper};
 
@@ -79,8 +80,8 @@ pub struct Started {
     pub operation: Operation,
     pub credentials: Credentials,
     pub deadline: Instant,
-    /// Which of the operation's calls this is (0 = its first).
-    pub stage: usize,
+    /// Which of the operation's calls this is.
+    pub stage: Stage,
     /// How long it waited in the gateway; `None` for a retry or a later stage.
     pub waited: Option<Duration>,
 }
@@ -392,7 +393,7 @@ impl<C: Clock + Clone> Scheduler<C> {
             operation: op.operation.clone(),
             credentials: op.credentials.clone(),
             deadline: op.deadline,
-            stage: op.stage,
+            stage: op.stage.clone(),
             waited: first_time.then(|| op.accepted_at.elapsed()),
         };
         if first_time {
@@ -461,10 +462,16 @@ impl<C: Clock + Clone> Scheduler<C> {
         }
     }
 
-    /// A started call was answered and its operation has another stage: the device
+    /// A started call was answered and its operation goes on at `next`: the device
     /// keeps its turn and goes to the front of the line for its next call (it takes a
     /// slot and a token like any other). Returns false when nothing was running.
-    pub fn advance(&mut self, device: &DeviceName, took: Duration, now: Instant) -> bool {
+    pub fn advance(
+        &mut self,
+        device: &DeviceName,
+        next: Stage,
+        took: Duration,
+        now: Instant,
+    ) -> bool {
         self.call_ended(CallEnd::Answered { took, busy: false }, now);
         let Some(queue) = self.devices.get_mut(device) else {
             return false;
@@ -472,7 +479,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         let Some(op) = queue.current_mut() else {
             return false;
         };
-        op.stage += 1;
+        op.stage = next;
         op.busy_answers = 0;
         queue.line_up();
         self.ready.push_front(device.clone());
@@ -511,12 +518,6 @@ impl<C: Clock + Clone> Scheduler<C> {
         queue.line_up();
         self.ready.push_front(device.clone());
         true
-    }
-
-    /// The operation running on a device (an actor records between stages what a later
-    /// stage needs, e.g. whom a forced login logs out).
-    pub fn running_mut(&mut self, device: &DeviceName) -> Option<&mut PendingOp> {
-        self.devices.get_mut(device)?.current_mut()
     }
 
     /// A busy back-off is over: the device retries before anyone who came later.
@@ -558,6 +559,7 @@ fn batchable(operation: &Operation) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::em::steps::ForcedStage;
     use crate::operation::{Reply, UserId};
     use governor::clock::FakeRelativeClock;
     use std::num::NonZeroU32;
@@ -578,6 +580,16 @@ mod tests {
     fn login(n: u32, deadline: Instant) -> PendingOp {
         pending(
             Operation::Login {
+                device: device(n),
+                user: UserId::parse("alice").unwrap(),
+            },
+            deadline,
+        )
+    }
+
+    fn forced_login(n: u32, deadline: Instant) -> PendingOp {
+        pending(
+            Operation::ForceLogin {
                 device: device(n),
                 user: UserId::parse("alice").unwrap(),
             },
@@ -788,28 +800,37 @@ mod tests {
     fn a_later_stage_keeps_the_devices_turn_and_goes_first() {
         let (mut s, _) = scheduler(1, None, 100);
         let now = Instant::now();
-        s.offer(login(1, now + LONG), now);
+        s.offer(forced_login(1, now + LONG), now);
         s.offer(login(2, now + LONG), now);
         s.offer(login(1, now + LONG), now);
         let first = started(s.next_step(now));
-        assert_eq!((first.device.clone(), first.stage), (device(1), 0));
-        assert!(s.advance(&device(1), Duration::from_millis(10), now));
+        let who_is_on = Stage::Forced(ForcedStage::WhoIsOn);
+        assert_eq!(
+            (first.device.clone(), first.stage),
+            (device(1), Stage::Forced(ForcedStage::Login))
+        );
+        assert!(s.advance(
+            &device(1),
+            who_is_on.clone(),
+            Duration::from_millis(10),
+            now
+        ));
         let second = started(s.next_step(now));
         assert_eq!(
             second.device,
             device(1),
             "the next stage goes before device 2"
         );
-        assert_eq!(second.stage, 1);
+        assert_eq!(second.stage, who_is_on);
         assert!(second.waited.is_none());
         assert!(matches!(s.next_step(now), Step::Blocked), "one slot: held");
         assert!(matches!(
             s.complete(&device(1), answered(), now, 0.5),
-            Completion::Done(op) if op.stage == 1
+            Completion::Done(op) if op.stage == who_is_on
         ));
         // Device 1's next operation waits behind device 2.
         assert_eq!(started(s.next_step(now)).device, device(2));
-        assert!(!s.advance(&device(9), Duration::ZERO, now));
+        assert!(!s.advance(&device(9), Stage::Single, Duration::ZERO, now));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! - else a cluster that refused the question (bad credentials, say): its answer;
 //! - else (every cluster said 23): user not found.
 
-use crate::em::rules::code;
+use crate::em::code;
 use crate::operation::{OpError, Outcome, Reply};
 
 /// Each cluster's code and answer, in cluster order.

@@ -223,11 +223,7 @@ pub fn validate(call: Call, fields: &Fields) -> Result<ValidRequest, RequestErro
                     user,
                     pin: Pin::parse(pin)?,
                 },
-                (None, true) => Operation::ForceLogin {
-                    device,
-                    user,
-                    displaced: None,
-                },
+                (None, true) => Operation::ForceLogin { device, user },
                 (None, false) => Operation::Login { device, user },
             }
         }

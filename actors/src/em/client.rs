@@ -16,8 +16,8 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 use reqwest::StatusCode;
 use std::sync::{Mutex, MutexGuard};
 
+use super::code;
 use super::codec::{decode, EmRequest, EmResponse};
-use super::rules::code;
 use crate::backoff::ExpBackoff;
 use crate::metrics::Metrics;
 use crate::operation::Credentials;

@@ -1,62 +1,15 @@
-//! What a CUCM answer means: (operation, EM answer or call error) → (result for the
-//! caller, what the cache learns). Every rule about CUCM's codes lives here, as named
-//! constants, so the actor only carries results around and a rule is tested without a
-//! clock or a socket.
+//! What one CUCM answer means: (operation, EM answer or call error) → (result for the
+//! caller, what the cache learns). The actor only carries results around, and a rule
+//! is tested without a clock or a socket. How an operation of several calls goes from
+//! one to the next is [`super::steps`]'; the codes and their texts are [`super::code`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::client::{Answered, CallError};
+use super::code::{self, cucm_message};
 use super::codec::{DeviceState, EmResponse, UserState};
 use super::emapp::PageAnswer;
 use crate::operation::{DeviceName, OpError, Operation, Outcome, UserId};
-use crate::scheduler::CallEnd;
-
-/// CUCM's EM service codes the gateway acts on.
-pub mod code {
-    /// Code 0 in a `<failure>` is no code at all: CUCM's own "Unknown Error".
-    pub const UNKNOWN: u32 = 0;
-    pub const INVALID_APP_USER: u32 = 3;
-    pub const DEVICE_DOES_NOT_EXIST: u32 = 11;
-    pub const ANOTHER_USER_LOGGED_IN: u32 = 18;
-    pub const NO_USER_LOGGED_IN: u32 = 19;
-    pub const USER_NOT_FOUND: u32 = 23;
-    /// "Maximum Concurrent Requests" reached: retry later.
-    pub const BUSY: u32 = 26;
-    /// The codes an EM application page gives for a PIN that was not accepted: EMCC
-    /// authentication error (the home cluster refused it), "please try to login again",
-    /// and the local PIN check's refusal.
-    pub const PIN_REJECTED: [u32; 3] = [2, 201, 204];
-}
-
-/// The CUCM call an operation makes at a stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Plan {
-    EmLogin,
-    EmLogout,
-    EmQuery,
-    /// The EM application's login with the PIN.
-    EmAppLogin,
-    EmUserDevicesQuery,
-}
-
-/// A login with a PIN makes three calls, all in the device's turn: who is on the
-/// phone (with the caller's credentials, which EMApp does not check), the EMApp
-/// login, and who is on the phone now.
-pub fn plan(operation: &Operation, stage: usize) -> Plan {
-    match (operation, stage) {
-        (Operation::Login { .. }, _) => Plan::EmLogin,
-        (Operation::Logout { .. }, _) => Plan::EmLogout,
-        (Operation::Query { .. }, _) => Plan::EmQuery,
-        (Operation::PinLogin { .. }, 1) => Plan::EmAppLogin,
-        (Operation::PinLogin { .. }, _) => Plan::EmQuery,
-        (Operation::UserDevicesQuery { .. }, _) => Plan::EmUserDevicesQuery,
-        // A forced login: try, and on 18 see who is there, log them out, log in.
-        (Operation::ForceLogin { .. }, 1) => Plan::EmQuery,
-        (Operation::ForceLogin { .. }, 2) => Plan::EmLogout,
-        (Operation::ForceLogin { .. }, _) => Plan::EmLogin,
-    }
-}
 
 /// What one call brought back.
 #[derive(Debug, Clone)]
@@ -65,217 +18,12 @@ pub enum Exchange {
     EmApp(Result<PageAnswer, CallError>),
 }
 
-/// After a call: the operation is over, or its next stage must run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Done(Interpretation),
-    NextStage,
-    /// The next stage, and this user is the one a forced login logs out (the actor
-    /// records it with [`displace`] so the answer can name them).
-    Displacing(UserId),
-}
-
-/// Records in a forced login who it logs out.
-pub fn displace(operation: &mut Operation, user: UserId) {
-    if let Operation::ForceLogin { displaced, .. } = operation {
-        *displaced = Some(user);
-    }
-}
-
-/// A forced login, stage by stage: 0 the plain login; on 18, 1 who is on the phone;
-/// 2 that user's logout (19, nobody any more, is as good); 3 the login again.
-fn judge_forced(
-    device: &DeviceName,
-    user: &UserId,
-    displaced: &Option<UserId>,
-    stage: usize,
-    exchange: Exchange,
-) -> Verdict {
-    let Exchange::Em(result) = exchange else {
-        return Verdict::Done(wrong_exchange());
-    };
-    let as_login = Operation::Login {
-        device: device.clone(),
-        user: user.clone(),
-    };
-    match stage {
-        0 => {
-            let tried = interpret(&as_login, result);
-            match &tried.result {
-                Err(OpError::Cucm { code, .. }) if *code == code::ANOTHER_USER_LOGGED_IN => {
-                    Verdict::NextStage
-                }
-                _ => Verdict::Done(tried),
-            }
-        }
-        1 => {
-            let seen = interpret(
-                &Operation::Query {
-                    device: device.clone(),
-                },
-                result,
-            );
-            match &seen.result {
-                Ok(Outcome::CurrentUser(Some(current))) if same_user(current, user) => {
-                    Verdict::Done(Interpretation {
-                        result: Ok(Outcome::LoggedIn),
-                        ..seen
-                    })
-                }
-                Ok(Outcome::CurrentUser(Some(other))) => Verdict::Displacing(other.clone()),
-                // Gone meanwhile: the logout will answer 19, which is as good.
-                Ok(Outcome::CurrentUser(None)) => Verdict::NextStage,
-                _ => Verdict::Done(seen),
-            }
-        }
-        2 => {
-            let logout = interpret(
-                &Operation::Logout {
-                    device: device.clone(),
-                },
-                result,
-            );
-            match &logout.result {
-                Ok(_) => Verdict::NextStage,
-                Err(OpError::Cucm { code, .. }) if *code == code::NO_USER_LOGGED_IN => {
-                    Verdict::NextStage
-                }
-                _ => Verdict::Done(logout),
-            }
-        }
-        _ => {
-            let login = interpret(&as_login, result);
-            match (&login.result, displaced) {
-                (Ok(Outcome::LoggedIn), Some(previous)) => Verdict::Done(Interpretation {
-                    result: Ok(Outcome::LoggedInReplacing(previous.clone())),
-                    ..login
-                }),
-                _ => Verdict::Done(login),
-            }
-        }
-    }
-}
-
-/// The meaning of a call made at `stage` of `operation`.
-pub fn judge(operation: &Operation, stage: usize, exchange: Exchange) -> Verdict {
-    match judge_stage(operation, stage, exchange) {
-        Verdict::Done(mut meaning) => {
-            if operation.mutates() && outcome_unknown(&meaning.result) {
-                meaning.cache = CacheEffect::Forget;
-            }
-            Verdict::Done(meaning)
-        }
-        next => next,
-    }
-}
-
-fn judge_stage(operation: &Operation, stage: usize, exchange: Exchange) -> Verdict {
-    let (device, user) = match operation {
-        Operation::PinLogin { device, user, .. } => (device, user),
-        Operation::ForceLogin {
-            device,
-            user,
-            displaced,
-        } => return judge_forced(device, user, displaced, stage, exchange),
-        _ => {
-            return Verdict::Done(match exchange {
-                Exchange::Em(result) => interpret(operation, result),
-                Exchange::EmApp(_) => wrong_exchange(),
-            })
-        }
-    };
-    let as_query = Operation::Query {
-        device: device.clone(),
-    };
-    match (stage, exchange) {
-        (0, Exchange::Em(result)) => {
-            let seen = interpret(&as_query, result);
-            match &seen.result {
-                // Nobody on the phone: on to the EM application.
-                Ok(Outcome::CurrentUser(None)) => Verdict::NextStage,
-                Ok(Outcome::CurrentUser(Some(current))) if same_user(current, user) => {
-                    Verdict::Done(Interpretation {
-                        result: Ok(Outcome::LoggedIn),
-                        ..seen
-                    })
-                }
-                Ok(_) => Verdict::Done(Interpretation {
-                    result: Err(OpError::Cucm {
-                        code: code::ANOTHER_USER_LOGGED_IN,
-                        text: cucm_message(code::ANOTHER_USER_LOGGED_IN).into(),
-                    }),
-                    ..seen
-                }),
-                Err(_) => Verdict::Done(seen),
-            }
-        }
-        (1, Exchange::EmApp(Ok(PageAnswer { code: None, .. }))) => Verdict::NextStage,
-        (
-            1,
-            Exchange::EmApp(Ok(PageAnswer {
-                code: Some(failed),
-                node,
-            })),
-        ) => {
-            let error = if code::PIN_REJECTED.contains(&failed) {
-                OpError::PinRejected
-            } else {
-                OpError::Cucm {
-                    code: failed,
-                    text: emapp_message(failed).into(),
-                }
-            };
-            Verdict::Done(Interpretation {
-                result: Err(error),
-                node: Some(node),
-                cache: CacheEffect::Unchanged,
-                credentials_accepted: false,
-            })
-        }
-        (1, Exchange::EmApp(Err(error))) => Verdict::Done(interpret(&as_query, Err(error))),
-        (2, Exchange::Em(result)) => {
-            let seen = interpret(&as_query, result);
-            match &seen.result {
-                Ok(Outcome::CurrentUser(Some(current))) if same_user(current, user) => {
-                    Verdict::Done(Interpretation {
-                        result: Ok(Outcome::LoggedIn),
-                        ..seen
-                    })
-                }
-                Ok(_) => Verdict::Done(Interpretation {
-                    result: Err(OpError::InvalidResponse {
-                        detail: "the EM application reported no error, but the user is not \
-                                 logged in on the device"
-                            .into(),
-                    }),
-                    ..seen
-                }),
-                Err(_) => Verdict::Done(seen),
-            }
-        }
-        _ => Verdict::Done(wrong_exchange()),
-    }
-}
-
-/// The meaning of a call after which the operation must end (CUCM stayed busy and the
-/// deadline leaves no room for a retry): a stage that would go on ends as a failure.
-pub fn judge_last(operation: &Operation, stage: usize, exchange: Exchange) -> Interpretation {
-    match judge(operation, stage, exchange) {
-        Verdict::Done(meaning) => meaning,
-        Verdict::NextStage | Verdict::Displacing(_) => {
-            Interpretation::refused(OpError::Unavailable {
-                reason: "no time left for the next step".into(),
-            })
-        }
-    }
-}
-
 /// CUCM compares user IDs without regard to case.
-fn same_user(a: &UserId, b: &UserId) -> bool {
+pub(crate) fn same_user(a: &UserId, b: &UserId) -> bool {
     a.as_str().to_lowercase() == b.as_str().to_lowercase()
 }
 
-fn wrong_exchange() -> Interpretation {
+pub(crate) fn wrong_exchange() -> Interpretation {
     Interpretation::refused(OpError::InvalidResponse {
         detail: "an answer of the wrong kind for this step".into(),
     })
@@ -305,7 +53,7 @@ pub struct Interpretation {
 }
 
 impl Interpretation {
-    fn refused(error: OpError) -> Self {
+    pub(crate) fn refused(error: OpError) -> Self {
         Self {
             result: Err(error),
             node: None,
@@ -325,7 +73,7 @@ pub fn interpret(operation: &Operation, result: Result<Answered, CallError>) -> 
 }
 
 /// A failure after which a login or logout may have taken effect or not.
-fn outcome_unknown(result: &Result<Outcome, OpError>) -> bool {
+pub(crate) fn outcome_unknown(result: &Result<Outcome, OpError>) -> bool {
     matches!(
         result,
         Err(OpError::Unavailable { .. }
@@ -557,33 +305,6 @@ fn user_state(state: UserState) -> (Result<Outcome, OpError>, CacheEffect, bool)
     }
 }
 
-/// How a call ended, for the scheduler: answered (busy or not), timed out (the client
-/// used its whole budget: CUCM may still be working, so its slot stays taken), or no
-/// answer for another reason.
-pub fn call_end(exchange: &Exchange, took: Duration, budget: Duration) -> CallEnd {
-    // A timer's granularity: a failure this close to the budget is its timeout.
-    const TIMER_SLACK: Duration = Duration::from_millis(5);
-    let (answered, busy, unavailable) = match exchange {
-        Exchange::Em(result) => (
-            result.is_ok(),
-            is_busy(result),
-            matches!(result, Err(CallError::Unavailable(_))),
-        ),
-        Exchange::EmApp(result) => (
-            result.is_ok(),
-            false,
-            matches!(result, Err(CallError::Unavailable(_))),
-        ),
-    };
-    if answered {
-        CallEnd::Answered { took, busy }
-    } else if unavailable && took + TIMER_SLACK >= budget {
-        CallEnd::TimedOut
-    } else {
-        CallEnd::NoAnswer
-    }
-}
-
 /// Whether CUCM answered "busy" (a retry later may succeed).
 pub fn is_busy(result: &Result<Answered, CallError>) -> bool {
     matches!(
@@ -620,58 +341,6 @@ fn response_kind(response: &EmResponse) -> &'static str {
         EmResponse::Failure { .. } => "failure",
         EmResponse::DeviceUsers(_) => "deviceUserResults",
         EmResponse::UserDevices(_) => "userDevicesResults",
-    }
-}
-
-/// CUCM's message for an EM service code, for answers that carry a code without
-/// text. The texts are those of Cisco's EM API developer guide.
-pub fn cucm_message(code: u32) -> &'static str {
-    match code {
-        1 => "Error on Parsing",
-        2 => "Cannot authorize App user",
-        3 => "Invalid App User",
-        4 => "Policy Validation error",
-        5 => "Device logon disabled",
-        6 => "Database Error",
-        7 => "Logout Request Error",
-        8 => "Query type undetermined",
-        9 => "Dir. User Info Error",
-        10 => "User lacks app proxy rights",
-        11 => "Device does not exist",
-        12 => "Dev. Profile not found",
-        18 => "Another user logged in",
-        19 => "No user logged in",
-        20 => "Hoteling flag error",
-        21 => "Hoteling Status error",
-        22 => "Device logon disabled",
-        23 => "User not found",
-        25 => "User logged in elsewhere",
-        26 => "Busy, please try again",
-        27 => "Change Password",
-        28 => "Untrusted IP Error",
-        29 => "RIS down-contact admin",
-        30 => "Proxy not allowed",
-        31..=47 => "Extension Mobility Cross Cluster error",
-        _ => "CUCM error",
-    }
-}
-
-/// The EM application's message for a code shown on the phone (its own 201-216, or
-/// an EM service code it passes on).
-pub fn emapp_message(code: u32) -> &'static str {
-    match code {
-        201 => "EM application: please try to login again (EMCC not activated, or wrong PIN)",
-        202 => "EM application: blank user ID or PIN",
-        204 => "EM application: the PIN was rejected",
-        207 => "EM application: device name missing",
-        208 => "EM application: the cluster could not reach the user's home cluster",
-        211 => "EM application: PSTN access not activated for EMCC",
-        212 => "EM application: invalid cluster ID",
-        213 => "EM application: the device does not support EMCC",
-        215 => "EM application: invalid login type",
-        216 => "EM application: the DN has multiple users",
-        203 | 205 | 206 | 209 | 210 | 214 => "EM application error",
-        other => cucm_message(other),
     }
 }
 
@@ -977,96 +646,6 @@ mod tests {
         ));
     }
 
-    fn pin_login() -> Operation {
-        Operation::PinLogin {
-            device: device(),
-            user: user("alice"),
-            pin: crate::operation::Pin::parse("1234").unwrap(),
-        }
-    }
-
-    fn page(code: Option<u32>) -> Exchange {
-        Exchange::EmApp(Ok(PageAnswer {
-            code,
-            node: Arc::from("cucm-1:8443"),
-        }))
-    }
-
-    fn done(verdict: Verdict) -> Interpretation {
-        match verdict {
-            Verdict::Done(meaning) => meaning,
-            other => panic!("expected the operation to be over, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_pin_login_runs_three_stages() {
-        let op = pin_login();
-        assert_eq!(
-            [plan(&op, 0), plan(&op, 1), plan(&op, 2)],
-            [Plan::EmQuery, Plan::EmAppLogin, Plan::EmQuery]
-        );
-        let nobody = Exchange::Em(one_device("SEP1", DeviceState::Nobody));
-        assert_eq!(judge(&op, 0, nobody), Verdict::NextStage);
-        assert_eq!(judge(&op, 1, page(None)), Verdict::NextStage);
-        let confirmed = done(judge(
-            &op,
-            2,
-            Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("Alice".into()))),
-        ));
-        assert_eq!(confirmed.result, Ok(Outcome::LoggedIn));
-        assert_eq!(confirmed.cache, CacheEffect::Set(Some(user("Alice"))));
-        assert!(confirmed.credentials_accepted);
-    }
-
-    /// One row per rule of the first and last stage, and per EMApp code.
-    #[test]
-    fn every_pin_login_rule() {
-        let op = pin_login();
-        let rows: Vec<(&str, usize, Exchange, Result<Outcome, OpError>)> = vec![
-            ("already on: nothing else sent", 0, Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("alice".into()))), Ok(Outcome::LoggedIn)),
-            ("another user: 18, no EMApp", 0, Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("bob".into()))), cucm(18, "Another user logged in")),
-            ("bad app user: 3, no EMApp", 0, Exchange::Em(failed(Some(3), "Invalid App User")), cucm(3, "Invalid App User")),
-            ("no device: 11, no EMApp", 0, Exchange::Em(one_device("SEP1", DeviceState::DoesNotExist)), cucm(11, "Device does not exist")),
-            ("visitor PIN refused at home", 1, page(Some(2)), Err(OpError::PinRejected)),
-            ("try again", 1, page(Some(201)), Err(OpError::PinRejected)),
-            ("local PIN refused", 1, page(Some(204)), Err(OpError::PinRejected)),
-            ("unknown everywhere passes", 1, page(Some(23)), cucm(23, "User not found")),
-            ("home unreachable passes", 1, page(Some(208)), cucm(208, "EM application: the cluster could not reach the user's home cluster")),
-            ("EMApp unreachable", 1, Exchange::EmApp(Err(CallError::Unavailable("refused".into()))), Err(OpError::Unavailable { reason: "refused".into() })),
-            ("not logged in after all", 2, Exchange::Em(one_device("SEP1", DeviceState::Nobody)), Err(OpError::InvalidResponse { detail: "the EM application reported no error, but the user is not logged in on the device".into() })),
-            ("someone else after all", 2, Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("bob".into()))), Err(OpError::InvalidResponse { detail: "the EM application reported no error, but the user is not logged in on the device".into() })),
-            ("wrong kind", 1, Exchange::Em(answered(EmResponse::Success)), Err(OpError::InvalidResponse { detail: "an answer of the wrong kind for this step".into() })),
-        ];
-        for (name, stage, exchange, expected) in rows {
-            assert_eq!(done(judge(&op, stage, exchange)).result, expected, "{name}");
-        }
-    }
-
-    #[test]
-    fn a_pin_login_that_may_have_happened_forgets_the_device() {
-        let op = pin_login();
-        let lost = Exchange::EmApp(Err(CallError::Unavailable("timed out".into())));
-        assert_eq!(done(judge(&op, 1, lost)).cache, CacheEffect::Forget);
-        assert_eq!(
-            done(judge(&op, 1, page(Some(204)))).cache,
-            CacheEffect::Unchanged
-        );
-        assert!(refuses_credentials(&cucm(3, "Invalid App User")));
-        assert!(!refuses_credentials(&cucm(18, "x")));
-    }
-
-    #[test]
-    fn plain_operations_are_judged_by_the_em_rules() {
-        let meaning = done(judge(
-            &login(),
-            0,
-            Exchange::Em(answered(EmResponse::Success)),
-        ));
-        assert_eq!(meaning.result, Ok(Outcome::LoggedIn));
-        assert_eq!(plan(&logout(), 0), Plan::EmLogout);
-    }
-
     fn user_query() -> Operation {
         Operation::user_devices(user("em@cisco.com"))
     }
@@ -1144,132 +723,8 @@ mod tests {
             assert_eq!(meaning.result, expected, "{name}");
             assert_eq!(meaning.cache, CacheEffect::Unchanged, "{name}");
         }
-        assert_eq!(plan(&user_query(), 0), Plan::EmUserDevicesQuery);
         assert_eq!(user_query().device().as_str(), "@em@cisco.com");
         assert!(!user_query().mutates());
-    }
-
-    fn forced() -> Operation {
-        Operation::ForceLogin {
-            device: device(),
-            user: user("alice"),
-            displaced: None,
-        }
-    }
-
-    #[test]
-    fn a_forced_login_logs_the_other_user_out_first() {
-        let mut op = forced();
-        let plans: Vec<Plan> = (0..4).map(|stage| plan(&op, stage)).collect();
-        assert_eq!(
-            plans,
-            [Plan::EmLogin, Plan::EmQuery, Plan::EmLogout, Plan::EmLogin]
-        );
-        // Free phone: one call, like a plain login.
-        let meaning = done(judge(&op, 0, Exchange::Em(answered(EmResponse::Success))));
-        assert_eq!(meaning.result, Ok(Outcome::LoggedIn));
-        assert_eq!(meaning.cache, CacheEffect::Set(Some(user("alice"))));
-        // 18: see who, log them out, log in; the answer names them.
-        assert_eq!(
-            judge(
-                &op,
-                0,
-                Exchange::Em(failed(Some(18), "Another user logged in"))
-            ),
-            Verdict::NextStage
-        );
-        let bob = Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("bob".into())));
-        let Verdict::Displacing(who) = judge(&op, 1, bob) else {
-            panic!("expected bob to be displaced");
-        };
-        assert_eq!(who, user("bob"));
-        displace(&mut op, who);
-        assert_eq!(
-            judge(&op, 2, Exchange::Em(answered(EmResponse::Success))),
-            Verdict::NextStage
-        );
-        let meaning = done(judge(&op, 3, Exchange::Em(answered(EmResponse::Success))));
-        assert_eq!(meaning.result, Ok(Outcome::LoggedInReplacing(user("bob"))));
-        assert_eq!(meaning.cache, CacheEffect::Set(Some(user("alice"))));
-    }
-
-    #[test]
-    fn every_forced_login_rule() {
-        let op = forced();
-        /// `None`: the operation goes on to its next stage.
-        type ForcedRow = (
-            &'static str,
-            usize,
-            Exchange,
-            Option<Result<Outcome, OpError>>,
-        );
-        let rows: Vec<ForcedRow> = vec![
-            (
-                "other failure ends it",
-                0,
-                Exchange::Em(failed(Some(23), "")),
-                Some(cucm(23, "User not found")),
-            ),
-            (
-                "already the user",
-                1,
-                Exchange::Em(one_device("SEP1", DeviceState::LoggedIn("ALICE".into()))),
-                Some(Ok(Outcome::LoggedIn)),
-            ),
-            (
-                "gone meanwhile: go on",
-                1,
-                Exchange::Em(one_device("SEP1", DeviceState::Nobody)),
-                None,
-            ),
-            (
-                "query fails",
-                1,
-                Exchange::Em(failed(Some(3), "x")),
-                Some(cucm(3, "x")),
-            ),
-            (
-                "logout 19 is fine",
-                2,
-                Exchange::Em(failed(Some(19), "")),
-                None,
-            ),
-            (
-                "logout fails",
-                2,
-                Exchange::Em(failed(Some(6), "db")),
-                Some(cucm(6, "db")),
-            ),
-            (
-                "login again 18",
-                3,
-                Exchange::Em(failed(Some(18), "again")),
-                Some(cucm(18, "again")),
-            ),
-            (
-                "no displaced user: plain success",
-                3,
-                Exchange::Em(answered(EmResponse::Success)),
-                Some(Ok(Outcome::LoggedIn)),
-            ),
-            (
-                "EMApp never",
-                0,
-                page(None),
-                Some(Err(OpError::InvalidResponse {
-                    detail: "an answer of the wrong kind for this step".into(),
-                })),
-            ),
-        ];
-        for (name, stage, exchange, expected) in rows {
-            match (judge(&op, stage, exchange), expected) {
-                (Verdict::Done(meaning), Some(expected)) => {
-                    assert_eq!(meaning.result, expected, "{name}")
-                }
-                (Verdict::NextStage, None) => {}
-                (other, expected) => panic!("{name}: {other:?} vs {expected:?}"),
-            }
-        }
     }
 
     #[test]
@@ -1330,45 +785,10 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_that_used_the_whole_budget_is_a_timeout() {
-        let budget = Duration::from_secs(2);
-        let down = || Exchange::Em(Err(CallError::Unavailable("x".into())));
-        assert_eq!(call_end(&down(), budget, budget), CallEnd::TimedOut);
-        assert_eq!(
-            call_end(&down(), Duration::from_millis(30), budget),
-            CallEnd::NoAnswer
-        );
-        let garbage = Exchange::Em(Err(CallError::InvalidResponse("x".into())));
-        assert_eq!(call_end(&garbage, budget, budget), CallEnd::NoAnswer);
-        let busy = Exchange::Em(failed(Some(26), ""));
-        assert_eq!(
-            call_end(&busy, Duration::from_millis(7), budget),
-            CallEnd::Answered {
-                took: Duration::from_millis(7),
-                busy: true
-            }
-        );
-        assert_eq!(
-            call_end(&page(None), Duration::from_millis(7), budget),
-            CallEnd::Answered {
-                took: Duration::from_millis(7),
-                busy: false
-            }
-        );
-    }
-
-    #[test]
     fn only_code_26_is_busy() {
         assert!(is_busy(&failed(Some(code::BUSY), "")));
         assert!(!is_busy(&failed(Some(25), "")));
         assert!(!is_busy(&answered(EmResponse::Success)));
         assert!(!is_busy(&Err(CallError::Unavailable("x".into()))));
-    }
-
-    #[test]
-    fn every_documented_code_has_its_message() {
-        assert_eq!(cucm_message(code::BUSY), "Busy, please try again");
-        assert_eq!(cucm_message(40), "Extension Mobility Cross Cluster error");
-        assert_eq!(cucm_message(999), "CUCM error");
     }
 }
