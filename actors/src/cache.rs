@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use prometheus::IntGauge;
 
-use crate::operation::{DeviceName, UserId};
+use crate::operation::{Credentials, DeviceName, Operation, Reply, UserId};
 
 /// More distinct application users than this in one TTL is not a real deployment;
 /// the set is pruned to its fresh entries when it grows past it.
@@ -86,6 +86,15 @@ impl LoggedInCache {
         (entry.expires > now).then(|| entry.user.clone())
     }
 
+    /// A device query answered from a fresh entry these credentials may see.
+    pub fn cached_answer(&self, operation: &Operation, credentials: &Credentials) -> Option<Reply> {
+        let Operation::Query { device } = operation else {
+            return None;
+        };
+        let user = self.get(device, credentials.fingerprint())?;
+        Some(Reply::cached(user))
+    }
+
     /// Records who is logged in on a device (`None`: nobody), as CUCM just said.
     pub fn set(&self, device: &DeviceName, user: Option<UserId>) {
         if !self.enabled() {
@@ -121,6 +130,14 @@ impl LoggedInCache {
             *count = count.saturating_sub(1);
             *count == 0
         });
+    }
+
+    /// An operation is over, or was given up after it was queued: when it was a
+    /// login or logout, its device's hold ends.
+    pub fn release_after(&self, operation: &Operation) {
+        if operation.mutates() {
+            self.release(operation.device());
+        }
     }
 
     /// CUCM refused these credentials just now (code 3).
@@ -213,6 +230,35 @@ mod tests {
         assert_eq!(cache.get(&device("sep1"), 7), Some(Some(user("alice"))));
         assert_eq!(cache.get(&device("SEP1"), 8), None);
         assert_eq!(cache.get(&device("SEP2"), 7), None);
+    }
+
+    #[test]
+    fn only_a_device_query_is_answered_and_a_change_releases_its_hold() {
+        let cache = cache(10_000);
+        let credentials = Credentials::new("app", "pw");
+        cache.mark_verified(credentials.fingerprint());
+        cache.set(&device("SEP1"), Some(user("alice")));
+        let query = Operation::Query {
+            device: device("SEP1"),
+        };
+        let reply = cache.cached_answer(&query, &credentials).unwrap();
+        assert_eq!(
+            (reply.result, reply.from_cache),
+            (Ok(crate::Outcome::CurrentUser(Some(user("alice")))), true)
+        );
+        let logout = Operation::Logout {
+            device: device("SEP1"),
+        };
+        assert!(cache.cached_answer(&logout, &credentials).is_none());
+        cache.hold(&device("SEP1"));
+        assert!(cache.cached_answer(&query, &credentials).is_none(), "held");
+        cache.release_after(&query);
+        assert!(
+            cache.cached_answer(&query, &credentials).is_none(),
+            "a query holds nothing"
+        );
+        cache.release_after(&logout);
+        assert!(cache.cached_answer(&query, &credentials).is_some());
     }
 
     #[test]

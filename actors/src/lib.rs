@@ -14,7 +14,6 @@ pub mod config;
 pub mod device_queue;
 pub mod discovery;
 pub mod em;
-pub mod handle;
 pub mod metrics;
 pub mod operation;
 pub mod router;

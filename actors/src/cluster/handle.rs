@@ -10,7 +10,6 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use crate::cache::LoggedInCache;
-use crate::cluster::ClusterActor;
 use crate::em::code::{self, cucm_message};
 use crate::em::EmClient;
 use crate::metrics::ClusterMetrics;
@@ -38,7 +37,8 @@ impl Message for Submit {
 #[derive(Clone)]
 pub struct ClusterHandle {
     pub code: Arc<str>,
-    pub(crate) addr: Addr<ClusterActor>,
+    /// The cluster actor's mailbox (bounded: `send` waits when it is full).
+    pub(crate) actor: Recipient<Submit>,
     pub(crate) cache: Arc<LoggedInCache>,
     pub(crate) em: Arc<EmClient>,
     pub(crate) metrics: ClusterMetrics,
@@ -71,7 +71,8 @@ impl ClusterHandle {
         }
         // Fast path: a fresh hit needs no actor hop. The actor holds a device's entry
         // when a change for it is queued, so this never jumps a change.
-        if let Some(reply) = cached_answer(&self.cache, &self.metrics, &operation, &credentials) {
+        if let Some(reply) = self.cache.cached_answer(&operation, &credentials) {
+            self.metrics.cache_hits.inc();
             return reply;
         }
         let submit = Submit {
@@ -85,7 +86,7 @@ impl ClusterHandle {
         // was still waiting in the gateway (1004).
         let sent = std::sync::Mutex::new(None::<Arc<AtomicBool>>);
         let answer = async {
-            let ticket = self.addr.send(submit).await.ok()?;
+            let ticket = self.actor.send(submit).await.ok()?;
             if let Ok(mut slot) = sent.lock() {
                 *slot = Some(ticket.sent.clone());
             }
@@ -120,19 +121,4 @@ impl ClusterHandle {
     pub async fn ready(&self) -> bool {
         self.em.any_node_reachable().await
     }
-}
-
-/// A query answered from a fresh cache entry these credentials may see (counted).
-pub(crate) fn cached_answer(
-    cache: &LoggedInCache,
-    metrics: &ClusterMetrics,
-    operation: &Operation,
-    credentials: &Credentials,
-) -> Option<Reply> {
-    let Operation::Query { device } = operation else {
-        return None;
-    };
-    let user = cache.get(device, credentials.fingerprint())?;
-    metrics.cache_hits.inc();
-    Some(Reply::cached(user))
 }

@@ -12,7 +12,7 @@ use super::ClusterActor;
 use crate::em::rules::{self, BatchAnswer, Interpretation};
 use crate::em::{Answered, CallError, EmRequest};
 use crate::operation::{DeviceName, Operation};
-use crate::scheduler::{CallEnd, Completion, Started};
+use crate::scheduler::{CallEnd, Started};
 
 impl ClusterActor {
     /// Several devices' queries as one `deviceUserQuery` (one slot, one token). The
@@ -112,20 +112,9 @@ impl ClusterActor {
         ctx: &mut Context<Self>,
     ) {
         let jitter = rand::rng().random_range(0.0..1.0);
-        match self
+        let completion = self
             .scheduler
-            .finish_member(&device, busy, Instant::now(), jitter)
-        {
-            Completion::RetryAfter(back_off) => {
-                self.metrics.busy_retries.inc();
-                ctx.run_later(back_off, move |actor, ctx| {
-                    actor.scheduler.retry_due(&device);
-                    actor.pump(ctx);
-                });
-            }
-            Completion::Done(op) => self.conclude(&device, op, meaning),
-            Completion::StillBusy(op) => self.still_busy(&device, op),
-            Completion::Unknown => {}
-        }
+            .finish_member(&device, busy, Instant::now(), jitter);
+        self.settle(device, completion, meaning, ctx);
     }
 }

@@ -9,8 +9,8 @@
 //! Because those futures interleave, per-device order comes from the scheduler's
 //! device queues, never from the mailbox.
 //!
-//! [`ClusterHandle`] (in `handle.rs`) is what the HTTP layer holds; batched queries are
-//! wired in `cluster_batch.rs`.
+//! [`ClusterHandle`] (`handle.rs`) is what the HTTP layer holds; it knows the actor only
+//! as the recipient of [`Submit`]. Batched queries are wired in `batch.rs`.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -26,11 +26,10 @@ use crate::device_queue::PendingOp;
 use crate::em::rules::{self, CacheEffect, Exchange, Interpretation};
 use crate::em::steps::{self, Stage, Verdict};
 use crate::em::{dispatch, EmAppClient, EmClient, EmClientError};
-use crate::handle::cached_answer;
-pub use crate::handle::{ClusterHandle, Submit, Ticket};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::operation::{DeviceName, OpError, Operation, Reply};
 use crate::scheduler::{CallEnd, Completion, Offer, Scheduler, Shed, Started, Step};
+pub use handle::{ClusterHandle, Submit, Ticket};
 
 /// Mailbox bound: `Submit` handling is quick, so this only fills under a pathological
 /// burst, and then `send` makes callers wait rather than grow memory.
@@ -38,8 +37,8 @@ const MAILBOX_CAPACITY: usize = 4096;
 const CACHE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Batched queries: the same actor, wired in its own file.
-#[path = "cluster_batch.rs"]
 mod batch;
+mod handle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -97,7 +96,7 @@ impl ClusterActor {
         let addr = actor.start();
         Ok(ClusterHandle {
             code,
-            addr,
+            actor: addr.recipient(),
             cache,
             em,
             metrics: cluster_metrics,
@@ -116,9 +115,10 @@ impl ClusterActor {
             // Nothing pending on the device: a fresh cache entry is the current truth.
             let settled = !self.scheduler.has_pending(&device);
             if let Some(reply) = settled
-                .then(|| cached_answer(&self.cache, &self.metrics, &operation, &credentials))
+                .then(|| self.cache.cached_answer(&operation, &credentials))
                 .flatten()
             {
+                self.metrics.cache_hits.inc();
                 let _ = tx.send(reply);
                 return Ticket {
                     reply: answer,
@@ -161,9 +161,7 @@ impl ClusterActor {
                 Step::Batch(members) => self.call_batch(members, ctx),
                 Step::Expired(op, error) => {
                     self.metrics.shed_deadline.inc();
-                    if op.operation.mutates() {
-                        self.cache.release(op.operation.device());
-                    }
+                    self.cache.release_after(&op.operation);
                     answer_all(op.waiters, Reply::failed(error));
                 }
                 Step::Wait(wait) => {
@@ -247,11 +245,29 @@ impl ClusterActor {
                 return;
             }
         }
+        let meaning = match verdict {
+            Some(Verdict::Done(meaning)) => meaning,
+            // Busy, and should no time be left to retry: CUCM's answer stands.
+            _ => steps::judge_last(&operation, &stage, exchange),
+        };
         let jitter = rand::rng().random_range(0.0..1.0);
-        match self
+        let completion = self
             .scheduler
-            .complete(&device, end, Instant::now(), jitter)
-        {
+            .complete(&device, end, Instant::now(), jitter);
+        self.settle(device, completion, meaning, ctx);
+        self.pump(ctx);
+    }
+
+    /// What the scheduler decided about a device whose call ended (alone or in a
+    /// batch): a retry after a back-off, or the answer for its waiters.
+    fn settle(
+        &mut self,
+        device: DeviceName,
+        completion: Completion,
+        meaning: Interpretation,
+        ctx: &mut Context<Self>,
+    ) {
+        match completion {
             Completion::RetryAfter(back_off) => {
                 self.metrics.busy_retries.inc();
                 ctx.run_later(back_off, move |actor, ctx| {
@@ -259,18 +275,10 @@ impl ClusterActor {
                     actor.pump(ctx);
                 });
             }
-            Completion::Done(op) => {
-                let meaning = match verdict {
-                    Some(Verdict::Done(meaning)) => meaning,
-                    // Busy with no time left to retry: CUCM's answer stands.
-                    _ => steps::judge_last(&op.operation, &stage, exchange),
-                };
-                self.conclude(&device, op, meaning);
-            }
-            Completion::StillBusy(op) => self.still_busy(&device, op),
+            Completion::Done(op) => self.conclude(&device, op, meaning),
+            Completion::StillBusy(op) => self.still_busy(op),
             Completion::Unknown => {}
         }
-        self.pump(ctx);
     }
 }
 
@@ -299,9 +307,7 @@ impl ClusterActor {
             CacheEffect::Forget => self.cache.invalidate(device),
             CacheEffect::Unchanged => {}
         }
-        if op.operation.mutates() {
-            self.cache.release(device);
-        }
+        self.cache.release_after(&op.operation);
         let reply = Reply {
             result: meaning.result,
             node: meaning.node,
@@ -311,10 +317,8 @@ impl ClusterActor {
     }
 
     /// CUCM stayed busy and no retry fits before the deadline: 1004, never its 26.
-    fn still_busy(&mut self, device: &DeviceName, op: PendingOp) {
-        if op.operation.mutates() {
-            self.cache.release(device);
-        }
+    fn still_busy(&mut self, op: PendingOp) {
+        self.cache.release_after(&op.operation);
         let error = OpError::Overloaded {
             reason: "CUCM stayed busy until the deadline",
             retry_after: Duration::from_secs(1),
