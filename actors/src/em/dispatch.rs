@@ -68,27 +68,8 @@ pub fn call_end(exchange: &Exchange, took: Duration, budget: Duration) -> CallEn
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::em::{Answered, EmResponse, PageAnswer};
-
-    fn failed(code: Option<u32>, text: &str) -> Result<Answered, CallError> {
-        Ok(Answered {
-            response: EmResponse::Failure {
-                code,
-                text: text.into(),
-            },
-            node: Arc::from("cucm-1:8443"),
-        })
-    }
-
-    fn page(code: Option<u32>) -> Exchange {
-        Exchange::EmApp(Ok(PageAnswer {
-            code,
-            node: Arc::from("cucm-1:8443"),
-        }))
-    }
+    use crate::em::fixtures::{failed, page};
 
     #[test]
     fn a_failure_that_used_the_whole_budget_is_a_timeout() {

@@ -12,6 +12,8 @@ pub mod code;
 pub mod codec;
 pub mod dispatch;
 pub mod emapp;
+#[cfg(test)]
+mod fixtures;
 pub mod rules;
 pub mod steps;
 

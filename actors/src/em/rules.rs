@@ -348,15 +348,7 @@ fn response_kind(response: &EmResponse) -> &'static str {
 mod tests {
     use super::*;
     use crate::em::codec::DeviceUser;
-    use crate::operation::DeviceName;
-
-    fn device() -> DeviceName {
-        DeviceName::parse("SEP1").unwrap()
-    }
-
-    fn user(id: &str) -> UserId {
-        UserId::parse(id).unwrap()
-    }
+    use crate::em::fixtures::{answered, cucm, device, failed, one_device, user};
 
     fn login() -> Operation {
         Operation::Login {
@@ -371,34 +363,6 @@ mod tests {
 
     fn query() -> Operation {
         Operation::Query { device: device() }
-    }
-
-    fn answered(response: EmResponse) -> Result<Answered, CallError> {
-        Ok(Answered {
-            response,
-            node: Arc::from("cucm-1:8443"),
-        })
-    }
-
-    fn failed(code: Option<u32>, text: &str) -> Result<Answered, CallError> {
-        answered(EmResponse::Failure {
-            code,
-            text: text.into(),
-        })
-    }
-
-    fn one_device(name: &str, state: DeviceState) -> Result<Answered, CallError> {
-        answered(EmResponse::DeviceUsers(vec![DeviceUser {
-            device: name.into(),
-            state,
-        }]))
-    }
-
-    fn cucm(code: u32, text: &str) -> Result<Outcome, OpError> {
-        Err(OpError::Cucm {
-            code,
-            text: text.into(),
-        })
     }
 
     type Row = (

@@ -289,48 +289,11 @@ fn judge_forced(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::em::client::{Answered, CallError};
-    use crate::em::codec::{DeviceState, DeviceUser, EmResponse};
+    use crate::em::client::CallError;
+    use crate::em::codec::{DeviceState, EmResponse};
+    use crate::em::fixtures::{answered, cucm, device, failed, one_device, page, user};
     use crate::em::rules::refuses_credentials;
-
-    fn device() -> DeviceName {
-        DeviceName::parse("SEP1").unwrap()
-    }
-
-    fn user(id: &str) -> UserId {
-        UserId::parse(id).unwrap()
-    }
-
-    fn answered(response: EmResponse) -> Result<Answered, CallError> {
-        Ok(Answered {
-            response,
-            node: Arc::from("cucm-1:8443"),
-        })
-    }
-
-    fn failed(code: Option<u32>, text: &str) -> Result<Answered, CallError> {
-        answered(EmResponse::Failure {
-            code,
-            text: text.into(),
-        })
-    }
-
-    fn one_device(name: &str, state: DeviceState) -> Result<Answered, CallError> {
-        answered(EmResponse::DeviceUsers(vec![DeviceUser {
-            device: name.into(),
-            state,
-        }]))
-    }
-
-    fn cucm(code: u32, text: &str) -> Result<Outcome, OpError> {
-        Err(OpError::Cucm {
-            code,
-            text: text.into(),
-        })
-    }
 
     fn pin_login() -> Operation {
         Operation::PinLogin {
@@ -338,13 +301,6 @@ mod tests {
             user: user("alice"),
             pin: crate::operation::Pin::parse("1234").unwrap(),
         }
-    }
-
-    fn page(code: Option<u32>) -> Exchange {
-        Exchange::EmApp(Ok(PageAnswer {
-            code,
-            node: Arc::from("cucm-1:8443"),
-        }))
     }
 
     fn done(verdict: Verdict) -> Interpretation {
