@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use actix_web::body::EitherBody;
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
-use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse};
 use actors::metrics::MetricsError;
 use actors::Metrics;
@@ -29,7 +28,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts};
 use serde::Deserialize;
 
 use crate::northbound::request::Call;
-use crate::northbound::response::{Failure, ResultDoc, CONTENT_TYPE};
+use crate::northbound::response::{xml_response, Failure, ResultDoc};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AccessError {
@@ -334,13 +333,7 @@ impl Access {
             .and_then(Call::from_segment)
             .unwrap_or(Call::Logout);
         let doc = ResultDoc::failure(call, "", None, &failure);
-        let mut response = HttpResponse::build(doc.status);
-        response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE)));
-        if let Some(after) = doc.retry_after {
-            let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            response.insert_header((header::RETRY_AFTER, seconds.max(1).to_string()));
-        }
-        response.body(doc.render())
+        xml_response(doc.status, doc.render(), doc.retry_after)
     }
 }
 

@@ -135,8 +135,8 @@ impl LoggedInCache {
     /// An operation is over, or was given up after it was queued: when it was a
     /// login or logout, its device's hold ends.
     pub fn release_after(&self, operation: &Operation) {
-        if operation.mutates() {
-            self.release(operation.device());
+        if let (true, Some(device)) = (operation.mutates(), operation.device()) {
+            self.release(device);
         }
     }
 

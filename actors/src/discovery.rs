@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 
 use crate::em::code;
+use crate::everywhere::{unanswered, unknown, Unanswered};
 use crate::operation::{DeviceName, OpError, Outcome, Reply};
 
 /// Memory bound: more devices than this are not remembered (they are asked again).
@@ -52,23 +53,17 @@ pub fn conclude(answers: Vec<Reply>) -> Conclusion {
     let mut failed = None;
     let mut refused = None;
     for (index, reply) in answers.into_iter().enumerate() {
-        match &reply.result {
-            Ok(Outcome::CurrentUser(_)) => found.push((index, reply)),
-            Err(OpError::Cucm { code, .. }) if *code == code::DEVICE_DOES_NOT_EXIST => {}
-            Err(
-                error @ (OpError::Unavailable { .. }
-                | OpError::InvalidResponse { .. }
-                | OpError::Overloaded { .. }),
-            ) => {
-                failed.get_or_insert_with(|| error.clone());
+        if matches!(reply.result, Ok(Outcome::CurrentUser(_))) {
+            found.push((index, reply));
+            continue;
+        }
+        match unanswered(reply.result, code::DEVICE_DOES_NOT_EXIST, "a query") {
+            Unanswered::NotHere => {}
+            Unanswered::CouldNot(error) => {
+                failed.get_or_insert(error);
             }
-            Err(error) => {
-                refused.get_or_insert_with(|| error.clone());
-            }
-            Ok(_) => {
-                failed.get_or_insert_with(|| OpError::InvalidResponse {
-                    detail: "a query answered with something else".into(),
-                });
+            Unanswered::Refused(error) => {
+                refused.get_or_insert(error);
             }
         }
     }
@@ -78,12 +73,7 @@ pub fn conclude(answers: Vec<Reply>) -> Conclusion {
             Conclusion::Found { index, reply }
         }
         0 => match (failed, refused) {
-            (Some(error), _) => Conclusion::Failed(match error {
-                OpError::Unavailable { .. } => error,
-                other => OpError::Unavailable {
-                    reason: format!("a cluster could not be asked ({other})"),
-                },
-            }),
+            (Some(error), _) => Conclusion::Failed(unknown(error)),
             (None, Some(error)) => Conclusion::Refused(error),
             (None, None) => Conclusion::Nowhere,
         },

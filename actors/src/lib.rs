@@ -14,6 +14,7 @@ pub mod config;
 pub mod device_queue;
 pub mod discovery;
 pub mod em;
+pub mod everywhere;
 pub mod metrics;
 pub mod operation;
 pub mod router;
@@ -25,5 +26,7 @@ pub mod xml;
 pub use cluster::{ClusterActor, ClusterHandle, Submit};
 pub use config::ClusterConfig;
 pub use metrics::Metrics;
-pub use operation::{Credentials, DeviceName, OpError, Operation, Outcome, Pin, Reply, UserId};
-pub use router::{Located, Route, RouteError, Router};
+pub use operation::{
+    Credentials, DeviceName, OpError, Operation, Outcome, Pin, QueueKey, Reply, UserId,
+};
+pub use router::{Route, RouteError, Router};

@@ -215,10 +215,9 @@ pub enum Operation {
         device: DeviceName,
     },
     /// Which devices a user is logged in on (`userDevicesQuery`). It concerns no
-    /// device, so it is serialized under its own key (see [`Operation::user_devices`]).
+    /// device, so it is serialized under its user (see [`QueueKey`]).
     UserDevicesQuery {
         user: UserId,
-        key: DeviceName,
     },
     /// A login that, when another user is on the phone (CUCM's 18), logs that user out
     /// and the requested one in: four calls at most, all in the device's turn.
@@ -228,25 +227,42 @@ pub enum Operation {
     },
 }
 
+/// What an operation waits its turn under: one at a time per key, in arrival order.
+/// A device's operations queue under the device; a user query under its user, so
+/// identical user queries meet in one queue and share one CUCM call (it goes through
+/// the same slots and rate as everything else).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum QueueKey {
+    Device(DeviceName),
+    User(UserId),
+}
+
 impl Operation {
-    /// A user query. Its queue key is `@` followed by the user ID: `@` is outside the
-    /// device-name alphabet, so the key never collides with a phone, and identical
-    /// user queries meet in one queue and share one CUCM call. It goes through the
-    /// same slots and rate as everything else.
+    /// A user query.
     pub fn user_devices(user: UserId) -> Self {
-        let key = DeviceName(Arc::from(format!("@{}", user.as_str())));
-        Operation::UserDevicesQuery { user, key }
+        Operation::UserDevicesQuery { user }
     }
 
-    /// The device it concerns; for a user query, its serialization key.
-    pub fn device(&self) -> &DeviceName {
+    /// The device it concerns (a user query concerns none).
+    pub fn device(&self) -> Option<&DeviceName> {
         match self {
             Operation::Login { device, .. }
             | Operation::PinLogin { device, .. }
             | Operation::ForceLogin { device, .. }
             | Operation::Logout { device }
-            | Operation::Query { device } => device,
-            Operation::UserDevicesQuery { key, .. } => key,
+            | Operation::Query { device } => Some(device),
+            Operation::UserDevicesQuery { .. } => None,
+        }
+    }
+
+    pub fn queue_key(&self) -> QueueKey {
+        match self {
+            Operation::Login { device, .. }
+            | Operation::PinLogin { device, .. }
+            | Operation::ForceLogin { device, .. }
+            | Operation::Logout { device }
+            | Operation::Query { device } => QueueKey::Device(device.clone()),
+            Operation::UserDevicesQuery { user } => QueueKey::User(user.clone()),
         }
     }
 

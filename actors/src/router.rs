@@ -14,7 +14,7 @@ use crate::config::ClusterConfig;
 use crate::discovery::{conclude, Conclusion, DeviceDirectory};
 use crate::em::code;
 use crate::metrics::Metrics;
-use crate::operation::{Credentials, DeviceName, OpError, Operation, Reply, UserId};
+use crate::operation::{Credentials, DeviceName, OpError, Operation, QueueKey, Reply, UserId};
 use crate::whereabouts;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,8 +97,45 @@ impl Router {
         }
     }
 
+    /// Runs an operation where `route` says: on the cluster named, or on the one
+    /// discovery finds (a user query without a cluster asks them all). Returns the
+    /// cluster that answered (none when discovery itself answered).
+    pub async fn carry_out(
+        &self,
+        route: Route<'_>,
+        operation: Operation,
+        credentials: Credentials,
+        deadline: Instant,
+    ) -> (Option<Arc<str>>, Reply) {
+        let (cluster, device) = match (route, operation.queue_key()) {
+            (Route::Cluster(cluster), _) => {
+                let reply = cluster.submit(operation, credentials, deadline).await;
+                return (Some(cluster.code.clone()), reply);
+            }
+            (Route::Discover, QueueKey::User(user)) => {
+                let reply = self
+                    .user_devices_everywhere(&user, &credentials, deadline)
+                    .await;
+                return (None, reply);
+            }
+            (Route::Discover, QueueKey::Device(device)) => {
+                match self.locate(&device, &credentials, deadline).await {
+                    Located::Answer(reply) => return (None, reply),
+                    // Discovery just asked this cluster who is on the device.
+                    Located::Cluster(cluster, Some(reply)) if !operation.mutates() => {
+                        return (Some(cluster.code.clone()), reply)
+                    }
+                    Located::Cluster(cluster, _) => (cluster, device),
+                }
+            }
+        };
+        let reply = cluster.submit(operation, credentials, deadline).await;
+        self.learn(&device, cluster, &reply);
+        (Some(cluster.code.clone()), reply)
+    }
+
     /// Finds the device's cluster: remembered, else by asking every cluster at once.
-    pub async fn locate(
+    async fn locate(
         &self,
         device: &DeviceName,
         credentials: &Credentials,
@@ -149,7 +186,7 @@ impl Router {
 
     /// A user query with no cluster to go to: every cluster is asked at once, each
     /// through its own shaping, and the answers merged (`whereabouts::merge`).
-    pub async fn user_devices_everywhere(
+    async fn user_devices_everywhere(
         &self,
         user: &UserId,
         credentials: &Credentials,
@@ -174,7 +211,7 @@ impl Router {
     }
 
     /// A cluster answered for a device found by discovery: an 11 means it moved.
-    pub fn learn(&self, device: &DeviceName, cluster: &ClusterHandle, reply: &Reply) {
+    fn learn(&self, device: &DeviceName, cluster: &ClusterHandle, reply: &Reply) {
         if let Err(OpError::Cucm { code, .. }) = &reply.result {
             if *code == code::DEVICE_DOES_NOT_EXIST {
                 self.directory.forget(device, &cluster.code);

@@ -7,6 +7,8 @@
 //! cluster actor asks it what to do and carries out the answer; nothing here touches a
 //! clock of its own (the caller passes `now`) or a socket, so every rule is unit-tested.
 //!
+//! A "device" here is a [`QueueKey`]: a phone, or the user of a user query.
+//!
 //! Fairness: a device is in the ready line at most once (its own queue keeps the rest),
 //! so a device with a hundred queued operations cannot starve the others. A device
 //! retrying after CUCM said busy goes to the front: it had its turn already.
@@ -19,7 +21,7 @@ use governor::clock::{Clock, DefaultClock};
 use crate::backoff::{jittered, ExpBackoff};
 use crate::device_queue::{DeviceQueue, PendingOp, Pushed, Turn};
 use crate::em::steps::Stage;
-use crate::operation::{Credentials, DeviceName, OpError, Operation};
+use crate::operation::{Credentials, OpError, Operation, QueueKey};
 use crate::shaper::{Held, Rate, Shaper};
 
 /// CUCM said busy: wait this long before the first retry, doubling up to the max.
@@ -76,7 +78,8 @@ pub enum Offer {
 /// An operation that may go to CUCM now: what the EM call needs.
 #[derive(Debug, Clone)]
 pub struct Started {
-    pub device: DeviceName,
+    /// The queue it comes from: its device's, or for a user query its user's.
+    pub key: QueueKey,
     pub operation: Operation,
     pub credentials: Credentials,
     pub deadline: Instant,
@@ -132,9 +135,9 @@ pub enum Completion {
 }
 
 pub struct Scheduler<C: Clock = DefaultClock> {
-    devices: HashMap<DeviceName, DeviceQueue>,
+    devices: HashMap<QueueKey, DeviceQueue>,
     /// Devices whose next operation may start, in the order they got ready.
-    ready: VecDeque<DeviceName>,
+    ready: VecDeque<QueueKey>,
     /// Accepted operations not yet sent to CUCM.
     queued: usize,
     /// How many of them are device queries (they may leave in batches).
@@ -213,14 +216,14 @@ impl<C: Clock + Clone> Scheduler<C> {
 
     /// Whether the device has an operation queued or running (then a cache entry may
     /// be about to change and must not answer for it).
-    pub fn has_pending(&self, device: &DeviceName) -> bool {
+    pub fn has_pending(&self, device: &QueueKey) -> bool {
         self.devices.contains_key(device)
     }
 
     /// Takes an operation in: shares an identical query, queues it, or refuses it when
     /// the queue is full or the wait would outlast its deadline.
     pub fn offer(&mut self, op: PendingOp, now: Instant) -> Offer {
-        let device = op.operation.device().clone();
+        let device = op.operation.queue_key();
         let joins = self
             .devices
             .get(&device)
@@ -373,7 +376,7 @@ impl<C: Clock + Clone> Scheduler<C> {
             .take(room)
             .collect();
         // From the back, so the earlier indexes stay valid.
-        let mut taken: Vec<DeviceName> = chosen
+        let mut taken: Vec<QueueKey> = chosen
             .into_iter()
             .rev()
             .filter_map(|index| self.ready.remove(index))
@@ -386,10 +389,10 @@ impl<C: Clock + Clone> Scheduler<C> {
         }
     }
 
-    fn start_device(&mut self, device: DeviceName) -> Option<Started> {
+    fn start_device(&mut self, device: QueueKey) -> Option<Started> {
         let (op, first_time) = self.devices.get_mut(&device)?.start()?;
         let started = Started {
-            device: device.clone(),
+            key: device.clone(),
             operation: op.operation.clone(),
             credentials: op.credentials.clone(),
             deadline: op.deadline,
@@ -408,7 +411,7 @@ impl<C: Clock + Clone> Scheduler<C> {
     /// A started call ended. `unit` is a random sample in 0..1 for the back-off jitter.
     pub fn complete(
         &mut self,
-        device: &DeviceName,
+        device: &QueueKey,
         end: CallEnd,
         now: Instant,
         unit: f64,
@@ -427,7 +430,7 @@ impl<C: Clock + Clone> Scheduler<C> {
     /// `busy` when CUCM said busy, then it backs off like a single call.
     pub fn finish_member(
         &mut self,
-        device: &DeviceName,
+        device: &QueueKey,
         busy: bool,
         now: Instant,
         unit: f64,
@@ -467,7 +470,7 @@ impl<C: Clock + Clone> Scheduler<C> {
     /// slot and a token like any other). Returns false when nothing was running.
     pub fn advance(
         &mut self,
-        device: &DeviceName,
+        device: &QueueKey,
         next: Stage,
         took: Duration,
         now: Instant,
@@ -508,7 +511,7 @@ impl<C: Clock + Clone> Scheduler<C> {
     /// A batch member goes again on its own, at the front of the line (its cluster
     /// did not answer the batch for it). Call it for the members in reverse order to
     /// keep their order. Returns false when nothing was running.
-    pub fn retry_alone(&mut self, device: &DeviceName) -> bool {
+    pub fn retry_alone(&mut self, device: &QueueKey) -> bool {
         let Some(queue) = self.devices.get_mut(device) else {
             return false;
         };
@@ -521,7 +524,7 @@ impl<C: Clock + Clone> Scheduler<C> {
     }
 
     /// A busy back-off is over: the device retries before anyone who came later.
-    pub fn retry_due(&mut self, device: &DeviceName) {
+    pub fn retry_due(&mut self, device: &QueueKey) {
         if let Some(queue) = self.devices.get_mut(device) {
             if queue.turn() == Turn::BackingOff {
                 queue.line_up();
@@ -531,7 +534,7 @@ impl<C: Clock + Clone> Scheduler<C> {
     }
 
     /// A device's turn is over: it lines up for its next operation or goes idle.
-    fn after_turn(&mut self, device: DeviceName) {
+    fn after_turn(&mut self, device: QueueKey) {
         match self.devices.get(&device).map(DeviceQueue::turn) {
             Some(Turn::Lined) => self.ready.push_back(device),
             Some(Turn::Idle) => {
@@ -560,7 +563,7 @@ fn batchable(operation: &Operation) -> bool {
 mod tests {
     use super::*;
     use crate::em::steps::ForcedStage;
-    use crate::operation::{Reply, UserId};
+    use crate::operation::{DeviceName, Reply, UserId};
     use governor::clock::FakeRelativeClock;
     use std::num::NonZeroU32;
     use tokio::sync::oneshot;
@@ -569,6 +572,10 @@ mod tests {
 
     fn device(n: u32) -> DeviceName {
         DeviceName::parse(&format!("SEP{n}")).unwrap()
+    }
+
+    fn key(n: u32) -> QueueKey {
+        QueueKey::Device(device(n))
     }
 
     fn pending(operation: Operation, deadline: Instant) -> PendingOp {
@@ -637,16 +644,16 @@ mod tests {
             assert!(matches!(s.offer(login(n, now + LONG), now), Offer::Queued));
         }
         assert_eq!(s.queued(), 3);
-        assert_eq!(started(s.next_step(now)).device, device(1));
-        assert_eq!(started(s.next_step(now)).device, device(2));
+        assert_eq!(started(s.next_step(now)).key, key(1));
+        assert_eq!(started(s.next_step(now)).key, key(2));
         assert!(matches!(s.next_step(now), Step::Blocked));
         assert_eq!((s.in_flight(), s.queued()), (2, 1));
         assert!(matches!(
-            s.complete(&device(1), answered(), now, 0.5),
+            s.complete(&key(1), answered(), now, 0.5),
             Completion::Done(_)
         ));
-        assert_eq!(started(s.next_step(now)).device, device(3));
-        assert!(!s.has_pending(&device(1)), "an idle device is forgotten");
+        assert_eq!(started(s.next_step(now)).key, key(3));
+        assert!(!s.has_pending(&key(1)), "an idle device is forgotten");
     }
 
     #[test]
@@ -658,11 +665,11 @@ mod tests {
         }
         s.offer(login(2, now + LONG), now);
         // Device 1's second operation waits for its first; device 2 goes meanwhile.
-        assert_eq!(started(s.next_step(now)).device, device(1));
-        assert_eq!(started(s.next_step(now)).device, device(2));
+        assert_eq!(started(s.next_step(now)).key, key(1));
+        assert_eq!(started(s.next_step(now)).key, key(2));
         assert!(matches!(s.next_step(now), Step::Blocked));
-        s.complete(&device(1), answered(), now, 0.5);
-        assert_eq!(started(s.next_step(now)).device, device(1));
+        s.complete(&key(1), answered(), now, 0.5);
+        assert_eq!(started(s.next_step(now)).key, key(1));
     }
 
     #[test]
@@ -677,7 +684,7 @@ mod tests {
         ));
         let Completion::Done(op) = ({
             started(s.next_step(now));
-            s.complete(&device(1), answered(), now, 0.5)
+            s.complete(&key(1), answered(), now, 0.5)
         }) else {
             panic!("the query should be done");
         };
@@ -712,7 +719,7 @@ mod tests {
         started(s.next_step(now));
         assert!(matches!(s.next_step(now), Step::Wait(w) if w == Duration::from_millis(100)));
         clock.advance(Duration::from_millis(100));
-        assert_eq!(started(s.next_step(now)).device, device(2));
+        assert_eq!(started(s.next_step(now)).key, key(2));
     }
 
     #[test]
@@ -727,20 +734,20 @@ mod tests {
             took: Duration::from_millis(10),
             busy: true,
         };
-        let Completion::RetryAfter(after) = s.complete(&device(1), busy, now, 0.5) else {
+        let Completion::RetryAfter(after) = s.complete(&key(1), busy, now, 0.5) else {
             panic!("busy should back off");
         };
         assert_eq!(after, Duration::from_millis(100));
         // During the back-off the slot is free for others.
-        assert_eq!(started(s.next_step(now)).device, device(2));
+        assert_eq!(started(s.next_step(now)).key, key(2));
         s.offer(login(3, now + LONG), now);
-        s.complete(&device(2), answered(), now, 0.5);
-        s.retry_due(&device(1));
+        s.complete(&key(2), answered(), now, 0.5);
+        s.retry_due(&key(1));
         let retry = started(s.next_step(now));
-        assert_eq!(retry.device, device(1), "the retry goes before device 3");
+        assert_eq!(retry.key, key(1), "the retry goes before device 3");
         assert!(retry.waited.is_none());
         // The second busy answer doubles the back-off.
-        let Completion::RetryAfter(after) = s.complete(&device(1), busy, now, 0.5) else {
+        let Completion::RetryAfter(after) = s.complete(&key(1), busy, now, 0.5) else {
             panic!("busy should back off again");
         };
         assert_eq!(after, Duration::from_millis(200));
@@ -757,15 +764,15 @@ mod tests {
             busy: true,
         };
         // 120 ms left, 10 ms per call, 50 ms to spare: wait at most 60 ms, not 100.
-        let Completion::RetryAfter(after) = s.complete(&device(1), busy, now, 0.5) else {
+        let Completion::RetryAfter(after) = s.complete(&key(1), busy, now, 0.5) else {
             panic!("a retry still fits");
         };
         assert_eq!(after, Duration::from_millis(60));
-        s.retry_due(&device(1));
+        s.retry_due(&key(1));
         started(s.next_step(now));
         let later = now + Duration::from_millis(70);
         assert!(matches!(
-            s.complete(&device(1), busy, later, 0.5),
+            s.complete(&key(1), busy, later, 0.5),
             Completion::StillBusy(_)
         ));
     }
@@ -780,7 +787,7 @@ mod tests {
         s.offer(login(2, now + Duration::from_secs(1)), now);
         s.offer(login(3, now + LONG), now);
         s.complete(
-            &device(1),
+            &key(1),
             CallEnd::Answered {
                 took: Duration::from_secs(2),
                 busy: false,
@@ -792,7 +799,7 @@ mod tests {
             s.next_step(now),
             Step::Expired(_, OpError::Overloaded { .. })
         ));
-        assert_eq!(started(s.next_step(now)).device, device(3));
+        assert_eq!(started(s.next_step(now)).key, key(3));
         assert_eq!(s.queued(), 0);
     }
 
@@ -806,31 +813,22 @@ mod tests {
         let first = started(s.next_step(now));
         let who_is_on = Stage::Forced(ForcedStage::WhoIsOn);
         assert_eq!(
-            (first.device.clone(), first.stage),
-            (device(1), Stage::Forced(ForcedStage::Login))
+            (first.key.clone(), first.stage),
+            (key(1), Stage::Forced(ForcedStage::Login))
         );
-        assert!(s.advance(
-            &device(1),
-            who_is_on.clone(),
-            Duration::from_millis(10),
-            now
-        ));
+        assert!(s.advance(&key(1), who_is_on.clone(), Duration::from_millis(10), now));
         let second = started(s.next_step(now));
-        assert_eq!(
-            second.device,
-            device(1),
-            "the next stage goes before device 2"
-        );
+        assert_eq!(second.key, key(1), "the next stage goes before device 2");
         assert_eq!(second.stage, who_is_on);
         assert!(second.waited.is_none());
         assert!(matches!(s.next_step(now), Step::Blocked), "one slot: held");
         assert!(matches!(
-            s.complete(&device(1), answered(), now, 0.5),
+            s.complete(&key(1), answered(), now, 0.5),
             Completion::Done(op) if op.stage == who_is_on
         ));
         // Device 1's next operation waits behind device 2.
-        assert_eq!(started(s.next_step(now)).device, device(2));
-        assert!(!s.advance(&device(9), Stage::Single, Duration::ZERO, now));
+        assert_eq!(started(s.next_step(now)).key, key(2));
+        assert!(!s.advance(&key(9), Stage::Single, Duration::ZERO, now));
     }
 
     #[test]
@@ -842,7 +840,7 @@ mod tests {
         s.offer(login(2, now + LONG), now);
         started(s.next_step(now));
         assert!(matches!(
-            s.complete(&device(1), CallEnd::TimedOut, now, 0.5),
+            s.complete(&key(1), CallEnd::TimedOut, now, 0.5),
             Completion::Done(_)
         ));
         // CUCM may still be working on device 1's call: device 2 waits for the hold.
@@ -850,17 +848,20 @@ mod tests {
         let later = now + Duration::from_secs(4);
         assert!(matches!(s.next_step(later), Step::Wait(w) if w == Duration::from_secs(1)));
         assert_eq!(
-            started(s.next_step(now + Duration::from_secs(5))).device,
-            device(2)
+            started(s.next_step(now + Duration::from_secs(5))).key,
+            key(2)
         );
         // Other failures free the slot at once.
-        s.complete(&device(2), CallEnd::NoAnswer, now, 0.5);
+        s.complete(&key(2), CallEnd::NoAnswer, now, 0.5);
         assert_eq!(s.in_flight(), 0);
     }
 
     fn batch(step: Step) -> Vec<DeviceName> {
         match step {
-            Step::Batch(members) => members.into_iter().map(|m| m.device).collect(),
+            Step::Batch(members) => members
+                .into_iter()
+                .filter_map(|m| m.operation.device().cloned())
+                .collect(),
             other => panic!("expected a batch, got {other:?}"),
         }
     }
@@ -898,7 +899,7 @@ mod tests {
         s.batch_ended(answered(), now);
         for n in 1..=3 {
             assert!(matches!(
-                s.finish_member(&device(n), false, now, 0.5),
+                s.finish_member(&key(n), false, now, 0.5),
                 Completion::Done(_)
             ));
         }
@@ -908,7 +909,7 @@ mod tests {
         );
         clock.advance(Duration::from_secs(1));
         // The login goes alone; the rest wait for its slot.
-        assert_eq!(started(s.next_step(now)).device, device(6));
+        assert_eq!(started(s.next_step(now)).key, key(6));
     }
 
     #[test]
@@ -923,13 +924,13 @@ mod tests {
         s.offer(login(4, now + LONG), now);
         // Device 1's login waits for its query; device 2 has other credentials.
         assert_eq!(batch(s.next_step(now)), [device(1), device(3)]);
-        assert_eq!(started(s.next_step(now)).device, device(2));
+        assert_eq!(started(s.next_step(now)).key, key(2));
         assert!(matches!(s.next_step(now), Step::Blocked));
         s.batch_ended(answered(), now);
-        s.finish_member(&device(1), false, now, 0.5);
-        s.finish_member(&device(3), false, now, 0.5);
+        s.finish_member(&key(1), false, now, 0.5);
+        s.finish_member(&key(3), false, now, 0.5);
         // Device 4's login came first; device 1's login after it.
-        assert_eq!(started(s.next_step(now)).device, device(4));
+        assert_eq!(started(s.next_step(now)).key, key(4));
     }
 
     #[test]
@@ -944,7 +945,7 @@ mod tests {
         s.offer(query(3, now + LONG), now);
         // CUCM took 2 s: device 2's query can no longer make it.
         s.complete(
-            &device(9),
+            &key(9),
             CallEnd::Answered {
                 took: Duration::from_secs(2),
                 busy: false,
@@ -954,8 +955,8 @@ mod tests {
         );
         assert_eq!(batch(s.next_step(now)), [device(1), device(3)]);
         s.batch_ended(answered(), now);
-        s.finish_member(&device(1), false, now, 0.5);
-        s.finish_member(&device(3), false, now, 0.5);
+        s.finish_member(&key(1), false, now, 0.5);
+        s.finish_member(&key(3), false, now, 0.5);
         assert!(matches!(s.next_step(now), Step::Expired(..)));
         assert_eq!(s.queued(), 0);
     }
@@ -972,16 +973,16 @@ mod tests {
         s.batch_ended(answered(), now);
         assert!(s.disable_batching());
         assert!(!s.disable_batching(), "once");
-        for device in members.iter().rev() {
-            assert!(s.retry_alone(device));
+        for device in members.into_iter().rev() {
+            assert!(s.retry_alone(&QueueKey::Device(device)));
         }
         for n in 1..=3 {
             let alone = started(s.next_step(now));
-            assert_eq!(alone.device, device(n));
+            assert_eq!(alone.key, key(n));
             assert!(alone.waited.is_none(), "a retry, not a new start");
-            s.complete(&device(n), answered(), now, 0.5);
+            s.complete(&key(n), answered(), now, 0.5);
         }
-        assert!(!s.retry_alone(&device(1)), "nothing running");
+        assert!(!s.retry_alone(&key(1)), "nothing running");
     }
 
     #[test]
@@ -1019,8 +1020,8 @@ mod tests {
         let now = Instant::now();
         s.offer(query(1, now + LONG), now);
         s.offer(query(2, now + LONG), now);
-        assert_eq!(started(s.next_step(now)).device, device(1));
-        assert_eq!(started(s.next_step(now)).device, device(2));
+        assert_eq!(started(s.next_step(now)).key, key(1));
+        assert_eq!(started(s.next_step(now)).key, key(2));
     }
 
     #[test]
@@ -1040,12 +1041,12 @@ mod tests {
         );
         for n in 1..=2 {
             assert!(matches!(
-                s.finish_member(&device(n), true, now, 0.5),
+                s.finish_member(&key(n), true, now, 0.5),
                 Completion::RetryAfter(_)
             ));
         }
-        s.retry_due(&device(2));
-        s.retry_due(&device(1));
+        s.retry_due(&key(2));
+        s.retry_due(&key(1));
         assert_eq!(batch(s.next_step(now)), [device(1), device(2)]);
     }
 
@@ -1055,7 +1056,7 @@ mod tests {
         let now = Instant::now();
         s.offer(login(1, now + LONG), now);
         started(s.next_step(now));
-        s.complete(&device(1), CallEnd::NoAnswer, now, 0.5);
+        s.complete(&key(1), CallEnd::NoAnswer, now, 0.5);
         assert_eq!(s.expected_wait(), Duration::ZERO);
     }
 }

@@ -15,6 +15,7 @@
 //! - else (every cluster said 23): user not found.
 
 use crate::em::code;
+use crate::everywhere::{self, Unanswered};
 use crate::operation::{OpError, Outcome, Reply};
 
 /// Each cluster's code and answer, in cluster order.
@@ -27,36 +28,30 @@ pub fn merge(answers: Vec<(String, Reply)>) -> Reply {
     let mut refused = None;
     let mut node = None;
     for (cluster, reply) in answers {
-        match reply.result {
-            Ok(Outcome::UserDevices { devices: here, .. }) => {
-                knows_user = true;
-                if !here.is_empty() {
-                    found = true;
-                    node = node.or(reply.node);
-                }
-                for device in here {
-                    if !devices.contains(&device) {
-                        devices.push(device);
+        let here = match reply.result {
+            Ok(Outcome::UserDevices { devices: here, .. }) => here,
+            other => {
+                match everywhere::unanswered(other, code::USER_NOT_FOUND, "a user query") {
+                    Unanswered::NotHere => {}
+                    Unanswered::CouldNot(error) => {
+                        unanswered.push(cluster);
+                        failed.get_or_insert(error);
+                    }
+                    Unanswered::Refused(error) => {
+                        refused.get_or_insert(error);
                     }
                 }
+                continue;
             }
-            Err(OpError::Cucm { code, .. }) if code == code::USER_NOT_FOUND => {}
-            Err(
-                error @ (OpError::Unavailable { .. }
-                | OpError::InvalidResponse { .. }
-                | OpError::Overloaded { .. }),
-            ) => {
-                unanswered.push(cluster);
-                failed.get_or_insert(error);
-            }
-            Err(error) => {
-                refused.get_or_insert(error);
-            }
-            Ok(_) => {
-                unanswered.push(cluster);
-                failed.get_or_insert(OpError::InvalidResponse {
-                    detail: "a user query answered with something else".into(),
-                });
+        };
+        knows_user = true;
+        if !here.is_empty() {
+            found = true;
+            node = node.or(reply.node);
+        }
+        for device in here {
+            if !devices.contains(&device) {
+                devices.push(device);
             }
         }
     }
@@ -66,12 +61,7 @@ pub fn merge(answers: Vec<(String, Reply)>) -> Reply {
             unanswered,
         })
     } else if let Some(error) = failed {
-        Err(match error {
-            OpError::Unavailable { .. } => error,
-            other => OpError::Unavailable {
-                reason: format!("a cluster could not be asked ({other})"),
-            },
-        })
+        Err(everywhere::unknown(error))
     } else if knows_user {
         Ok(Outcome::UserDevices {
             devices,

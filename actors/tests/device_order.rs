@@ -82,7 +82,7 @@ async fn operations_on_one_device_keep_arrival_order_while_devices_overlap() {
             .collect();
         let planned: Vec<(String, Option<String>)> = plan
             .iter()
-            .filter(|op| op.device() == &device(d))
+            .filter(|op| op.device() == Some(&device(d)))
             .map(|op| match op {
                 Operation::Login { user, .. } => ("Login".to_string(), Some(user.to_string())),
                 _ => ("Logout".to_string(), None),

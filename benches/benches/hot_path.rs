@@ -12,7 +12,7 @@ use actors::cache::LoggedInCache;
 use actors::device_queue::{DeviceQueue, PendingOp};
 use actors::em::codec::{decode, EmRequest};
 use actors::scheduler::{CallEnd, Scheduler};
-use actors::{Credentials, DeviceName, Operation, Outcome, UserId};
+use actors::{Credentials, DeviceName, Operation, Outcome, QueueKey, UserId};
 use business_connector::northbound::request::{apply_path, parse_message, validate, Call};
 use business_connector::northbound::response::ResultDoc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -209,7 +209,8 @@ fn queues(c: &mut Criterion) {
                 now,
             );
             let step = scheduler.next_step(now);
-            let completion = scheduler.complete(&device, CallEnd::NoAnswer, now, 0.5);
+            let key = QueueKey::Device(device);
+            let completion = scheduler.complete(&key, CallEnd::NoAnswer, now, 0.5);
             (step, completion)
         })
     });

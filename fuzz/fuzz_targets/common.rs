@@ -29,14 +29,16 @@ static ALLOW_ILLEGAL_XML_CHARS: LazyLock<bool> =
 pub fn check_validate(call: Call, fields: &Fields) {
     match validate(call, fields) {
         Ok(valid) => {
-            let device = valid.operation.device().as_str();
-            assert!(
-                (1..=50).contains(&device.len())
-                    && device.bytes().all(|b| b.is_ascii_uppercase()
-                        || b.is_ascii_digit()
-                        || matches!(b, b'.' | b'_' | b'-')),
-                "a validated device name breaks the spec: {device:?}"
-            );
+            if let Some(device) = valid.operation.device() {
+                let device = device.as_str();
+                assert!(
+                    (1..=50).contains(&device.len())
+                        && device.bytes().all(|b| b.is_ascii_uppercase()
+                            || b.is_ascii_digit()
+                            || matches!(b, b'.' | b'_' | b'-')),
+                    "a validated device name breaks the spec: {device:?}"
+                );
+            }
             if let Operation::Login { user, .. } = &valid.operation {
                 let user = user.as_str();
                 let chars = user.chars().count();

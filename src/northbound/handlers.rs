@@ -6,16 +6,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::header;
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
-use actors::{ClusterHandle, Located, Metrics, Operation, Outcome, Reply, Route, Router};
+use actors::{ClusterHandle, Metrics, Operation, Outcome, Route, Router};
 use futures_util::StreamExt;
 
 use super::json;
 use super::record::{RequestRecord, Source};
 use super::request::{apply_path, parse_message, validate, Call, Fields, ValidRequest};
-use super::response::{version_document, Failure, ResultDoc, CONTENT_TYPE};
+use super::response::{version_document, xml_response, Failure, ResultDoc};
 
 /// What every handler shares.
 pub struct AppState {
@@ -66,7 +66,7 @@ pub async fn api(
         return xml_response(StatusCode::OK, version_document(), None);
     }
 
-    let message = read_message(&request, payload, state.max_body_bytes).await;
+    let message = read_message(&request, payload, &state).await;
     let mut record = RequestRecord::new(call, started);
     record.client = crate::access::client_of(&request);
     let json_body = json::has_json_body(request.headers());
@@ -88,7 +88,15 @@ pub async fn api(
         Ok((valid, route)) => {
             let deadline = started + state.deadline;
             record.with_pin = matches!(valid.operation, Operation::PinLogin { .. });
-            let (cluster, reply) = carry_out(&state.router, route, valid, deadline).await;
+            let ValidRequest {
+                operation,
+                credentials,
+                ..
+            } = valid;
+            let (cluster, reply) = state
+                .router
+                .carry_out(route, operation, credentials, deadline)
+                .await;
             record.cluster = cluster;
             record.node = reply.node.clone();
             record.source = match (&reply.node, reply.from_cache) {
@@ -161,16 +169,12 @@ fn screen<'a>(
     }
     let valid =
         validate(call, &fields).map_err(|error| Screened::Refused(Failure::Request(error)))?;
-    record.device = Some(valid.operation.device().as_str().to_string());
+    record.device = valid.operation.device().map(|d| d.as_str().to_string());
     record.user = match &valid.operation {
         Operation::Login { user, .. }
         | Operation::PinLogin { user, .. }
-        | Operation::ForceLogin { user, .. } => Some(user.as_str().to_string()),
-        Operation::UserDevicesQuery { user, .. } => {
-            // Its queue key is no device.
-            record.device = None;
-            Some(user.as_str().to_string())
-        }
+        | Operation::ForceLogin { user, .. }
+        | Operation::UserDevicesQuery { user } => Some(user.as_str().to_string()),
         _ => None,
     };
     record.app = Some(valid.credentials.app_id().to_string());
@@ -184,55 +188,14 @@ fn screen<'a>(
     Ok((valid, route))
 }
 
-/// Runs the operation on its cluster: the one named, or the one discovery finds.
-/// Returns the cluster that answered (none when discovery itself answered).
-async fn carry_out(
-    router: &Router,
-    route: Route<'_>,
-    valid: ValidRequest,
-    deadline: Instant,
-) -> (Option<Arc<str>>, Reply) {
-    let ValidRequest {
-        operation,
-        credentials,
-        ..
-    } = valid;
-    let cluster = match route {
-        Route::Cluster(cluster) => {
-            let reply = cluster.submit(operation, credentials, deadline).await;
-            return (Some(cluster.code.clone()), reply);
-        }
-        Route::Discover => {
-            if let Operation::UserDevicesQuery { user, .. } = &operation {
-                let reply = router
-                    .user_devices_everywhere(user, &credentials, deadline)
-                    .await;
-                return (None, reply);
-            }
-            let device = operation.device().clone();
-            match router.locate(&device, &credentials, deadline).await {
-                Located::Answer(reply) => return (None, reply),
-                // Discovery just asked this cluster who is on the device.
-                Located::Cluster(cluster, Some(reply)) if !operation.mutates() => {
-                    return (Some(cluster.code.clone()), reply)
-                }
-                Located::Cluster(cluster, _) => cluster,
-            }
-        }
-    };
-    let device = operation.device().clone();
-    let reply = cluster.submit(operation, credentials, deadline).await;
-    router.learn(&device, cluster, &reply);
-    (Some(cluster.code.clone()), reply)
-}
-
 /// The XML message: form field `xml` (body or query string) or the raw XML body.
 /// `Ok(None)` when there is none (path-only calls).
 async fn read_message(
     request: &HttpRequest,
     mut payload: web::Payload,
-    limit: usize,
+    state: &AppState,
 ) -> Result<Option<String>, Failure> {
+    let limit = state.max_body_bytes;
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -244,12 +207,7 @@ async fn read_message(
     // actix bounds only the head: a client that declares a body and sends it slowly
     // (or never) must not hold the connection. The body shares the request's budget too,
     // so a late body is the client's fault (408 + 1002), never a CUCM one.
-    let budget = request.app_data::<web::Data<AppState>>().map(|state| {
-        (
-            state.client_timeout.min(state.deadline),
-            state.access.clone(),
-        )
-    });
+    let within = state.client_timeout.min(state.deadline);
     let read = async {
         let mut body = web::BytesMut::new();
         while let Some(chunk) = payload.next().await {
@@ -265,17 +223,14 @@ async fn read_message(
         }
         Ok(body)
     };
-    let body = match budget {
-        Some((within, access)) => match tokio::time::timeout(within, read).await {
-            Ok(body) => body?,
-            Err(_) => {
-                access.too_slow.inc();
-                return Err(Failure::TooSlow {
-                    limit_ms: within.as_millis() as u64,
-                });
-            }
-        },
-        None => read.await?,
+    let body = match tokio::time::timeout(within, read).await {
+        Ok(body) => body?,
+        Err(_) => {
+            state.access.too_slow.inc();
+            return Err(Failure::TooSlow {
+                limit_ms: within.as_millis() as u64,
+            });
+        }
     };
     let body = String::from_utf8_lossy(&body);
     let content_type = request
@@ -318,16 +273,6 @@ fn form_field(encoded: &str, name: &str) -> Option<String> {
         .find(|(key, _)| key == name)
         .map(|(_, value)| value.into_owned())
         .filter(|value| !value.trim().is_empty())
-}
-
-fn xml_response(status: StatusCode, body: String, retry_after: Option<Duration>) -> HttpResponse {
-    let mut response = HttpResponse::build(status);
-    response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE)));
-    if let Some(after) = retry_after {
-        let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-        response.insert_header((header::RETRY_AFTER, seconds.max(1).to_string()));
-    }
-    response.body(body)
 }
 
 fn plain(status: StatusCode, body: &'static str) -> HttpResponse {

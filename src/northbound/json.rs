@@ -15,12 +15,9 @@ use actors::xml::shorten;
 use serde_json::{json, Map, Value};
 
 use super::request::{Fields, RequestError};
-use super::response::ResultDoc;
+use super::response::{retry_after_seconds, ResultDoc};
 
 pub const CONTENT_TYPE: &str = "application/json";
-
-/// Echoed values are cut like in the XML answer.
-const MAX_ECHO_CHARS: usize = 64;
 
 /// Whether a `Content-Type` value declares JSON (`application/json`, `…+json`).
 pub fn is_json_type(content_type: &str) -> bool {
@@ -97,16 +94,13 @@ pub fn parse_fields(body: &str) -> Result<Fields, RequestError> {
 /// The JSON form of a `<result>`: the same members as the XML, in the same order.
 pub fn result_value(doc: &ResultDoc) -> Value {
     let mut object = Map::new();
-    if doc.devices.is_none() {
-        object.insert(
-            "deviceName".into(),
-            shorten(&doc.device_name, MAX_ECHO_CHARS).into(),
-        );
+    if let Some(device) = doc.echoed_device() {
+        object.insert("deviceName".into(), device.into());
     }
-    if let Some(user) = &doc.user_id {
-        object.insert("userID".into(), shorten(user, 128).into());
+    if let Some(user) = doc.echoed_user() {
+        object.insert("userID".into(), user.into());
     }
-    if let Some(devices) = &doc.devices {
+    if let Some(devices) = doc.echoed_devices() {
         object.insert("devices".into(), json!(devices));
     }
     object.insert("code".into(), doc.code.into());
@@ -123,8 +117,7 @@ pub fn response(status: StatusCode, value: &Value, retry_after: Option<Duration>
     let mut response = HttpResponse::build(status);
     response.insert_header((header::CONTENT_TYPE, CONTENT_TYPE));
     if let Some(after) = retry_after {
-        let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-        response.insert_header((header::RETRY_AFTER, seconds.max(1).to_string()));
+        response.insert_header((header::RETRY_AFTER, retry_after_seconds(after)));
     }
     response.body(value.to_string())
 }

@@ -119,28 +119,30 @@ impl Fields {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a request is refused before it reaches a cluster. Its text (its `Display`) is
+/// the caller's, written where every answer's text is: `response::classify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestError {
-    #[error("Invalid request: malformed XML ({0})")]
     MalformedXml(String),
-    #[error("Invalid request: malformed JSON ({0})")]
     MalformedJson(String),
-    #[error("Invalid request: a path segment is not valid percent-encoded UTF-8")]
+    /// A path segment is not valid percent-encoded UTF-8.
     MalformedPath,
-    #[error("Device ID empty")]
     DeviceMissing,
-    #[error("Invalid request: userID is missing")]
     UserMissing,
-    #[error("Invalid request: {0}")]
-    InvalidValue(#[from] InvalidValue),
-    #[error("Credentials missing: appID and appCertificate are required")]
+    InvalidValue(InvalidValue),
     CredentialsMissing,
-    #[error("Invalid request: a PIN is only taken by login")]
+    /// A PIN given to a call other than login.
     PinNotAllowed,
-    #[error(
-        "Invalid request: force must be true or false, and is only taken by a login without a PIN"
-    )]
+    /// `force` is not a boolean, or given where a login cannot force.
     InvalidForce,
+}
+
+impl std::error::Error for RequestError {}
+
+impl From<InvalidValue> for RequestError {
+    fn from(value: InvalidValue) -> Self {
+        RequestError::InvalidValue(value)
+    }
 }
 
 /// Reads the XML message. Element names are case sensitive; unknown ones are ignored;
@@ -201,17 +203,29 @@ pub struct ValidRequest {
     pub cluster_code: Option<String>,
 }
 
-/// Checks the fields in the spec's order of faults.
+/// The calls about a device.
+enum DeviceCall {
+    Login,
+    Logout,
+    GetLoggedInUser,
+}
+
+/// Checks the fields in the API's order of faults.
 pub fn validate(call: Call, fields: &Fields) -> Result<ValidRequest, RequestError> {
-    if call.about_user() {
-        return validate_user_call(fields);
-    }
+    let call = match call {
+        Call::GetUserDevices => return validate_user_call(fields),
+        // getversioninfo names no device (the handler answers it before validation).
+        Call::Version => return Err(RequestError::DeviceMissing),
+        Call::Login => DeviceCall::Login,
+        Call::Logout => DeviceCall::Logout,
+        Call::GetLoggedInUser => DeviceCall::GetLoggedInUser,
+    };
     let device = present(&fields.device_name).ok_or(RequestError::DeviceMissing)?;
     let device = DeviceName::parse(device)?;
     let pin = present(&fields.pin);
     let force = parse_force(&fields.force)?;
     let operation = match call {
-        Call::Login => {
+        DeviceCall::Login => {
             let user = present(&fields.user_id).ok_or(RequestError::UserMissing)?;
             let user = UserId::parse(user)?;
             match (pin, force) {
@@ -229,9 +243,8 @@ pub fn validate(call: Call, fields: &Fields) -> Result<ValidRequest, RequestErro
         }
         _ if pin.is_some() => return Err(RequestError::PinNotAllowed),
         _ if force => return Err(RequestError::InvalidForce),
-        Call::Logout => Operation::Logout { device },
-        // Version has no device: never validated; treated as a query defensively.
-        Call::GetLoggedInUser | Call::Version | Call::GetUserDevices => Operation::Query { device },
+        DeviceCall::Logout => Operation::Logout { device },
+        DeviceCall::GetLoggedInUser => Operation::Query { device },
     };
     with_credentials(operation, fields)
 }
@@ -409,7 +422,10 @@ mod tests {
     fn a_valid_login_upper_cases_the_device() {
         let request = validate(Call::Login, &parse_message(FULL).unwrap()).unwrap();
         assert!(matches!(request.operation, Operation::PinLogin { .. }));
-        assert_eq!(request.operation.device().as_str(), "SEP1CE6C79BAF1F");
+        assert_eq!(
+            request.operation.device().unwrap().as_str(),
+            "SEP1CE6C79BAF1F"
+        );
         assert_eq!(request.cluster_code.as_deref(), Some("EU"));
         assert_eq!(request.credentials.app_id(), "app");
     }

@@ -4,8 +4,10 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
-use actors::operation::{InvalidValue, MAX_DEVICE_NAME_LEN, MAX_PIN_DIGITS, MAX_USER_ID_LEN};
+use actix_web::HttpResponse;
+use actors::operation::MAX_USER_ID_LEN;
 use actors::xml::{escape, shorten};
 use actors::{OpError, Outcome, RouteError};
 
@@ -159,28 +161,44 @@ impl ResultDoc {
         }
     }
 
+    /// The `<deviceName>` as echoed (none for getuserdevices), cut like every echo.
+    pub fn echoed_device(&self) -> Option<String> {
+        self.devices
+            .is_none()
+            .then(|| shorten(&self.device_name, MAX_ECHO_CHARS))
+    }
+
+    /// The `<userID>` as echoed, cut to the longest user ID there can be.
+    pub fn echoed_user(&self) -> Option<String> {
+        self.user_id
+            .as_deref()
+            .map(|user| shorten(user, MAX_USER_ID_LEN))
+    }
+
+    /// The `<devices>` of getuserdevices, each cut like every echo.
+    pub fn echoed_devices(&self) -> Option<Vec<String>> {
+        self.devices.as_ref().map(|devices| {
+            devices
+                .iter()
+                .map(|device| shorten(device, MAX_ECHO_CHARS))
+                .collect()
+        })
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(256);
         out.push_str(XML_DECLARATION);
         out.push_str("\n<response>\n<result>\n");
-        if self.devices.is_none() {
-            let _ = writeln!(
-                out,
-                "<deviceName>{}</deviceName>",
-                escape(&shorten(&self.device_name, MAX_ECHO_CHARS))
-            );
+        if let Some(device) = self.echoed_device() {
+            let _ = writeln!(out, "<deviceName>{}</deviceName>", escape(&device));
         }
-        if let Some(user) = &self.user_id {
-            let _ = writeln!(out, "<userID>{}</userID>", escape(&shorten(user, 128)));
+        if let Some(user) = self.echoed_user() {
+            let _ = writeln!(out, "<userID>{}</userID>", escape(&user));
         }
-        if let Some(devices) = &self.devices {
+        if let Some(devices) = self.echoed_devices() {
             out.push_str("<devices>");
             for device in devices {
-                let _ = write!(
-                    out,
-                    "<deviceName>{}</deviceName>",
-                    escape(&shorten(device, MAX_ECHO_CHARS))
-                );
+                let _ = write!(out, "<deviceName>{}</deviceName>", escape(&device));
             }
             out.push_str("</devices>\n");
         }
@@ -191,8 +209,15 @@ impl ResultDoc {
     }
 }
 
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&classify(&Failure::Request(self.clone())).2)
+    }
+}
+
 /// The mapping from every failure to (HTTP status, code, text, Retry-After). The one
-/// place where caller-facing texts are written.
+/// place where caller-facing texts are written; an invalid value's text is the actor
+/// core's (`InvalidValue`), beside the limit it states.
 fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
     use code::*;
     let ok = StatusCode::OK;
@@ -223,15 +248,7 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
             RequestError::InvalidForce => invalid(
                 "force must be true or false, and is only taken by a login without a PIN".into(),
             ),
-            RequestError::InvalidValue(InvalidValue::Pin) => {
-                invalid(format!("PIN must be 1-{MAX_PIN_DIGITS} digits"))
-            }
-            RequestError::InvalidValue(InvalidValue::DeviceName) => invalid(format!(
-                "device name must be 1-{MAX_DEVICE_NAME_LEN} characters of A-Z a-z 0-9 . _ -"
-            )),
-            RequestError::InvalidValue(InvalidValue::UserId) => invalid(format!(
-                "user ID must be 1-{MAX_USER_ID_LEN} characters without control characters"
-            )),
+            RequestError::InvalidValue(value) => invalid(value.to_string()),
         },
         Failure::BodyTooLarge { limit } => (
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -265,18 +282,8 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
         ),
         Failure::Operation(error) => match error {
             OpError::Cucm { code, text } => (ok, *code, text.clone(), None),
-            OpError::CucmUnknown { text } => (
-                ok,
-                CUCM_UNKNOWN_FAILURE,
-                format!("CUCM reported a failure without a usable code: {text}"),
-                None,
-            ),
-            OpError::Unavailable { reason } => (
-                ok,
-                CUCM_UNAVAILABLE,
-                format!("CUCM unavailable: {reason}"),
-                None,
-            ),
+            OpError::CucmUnknown { .. } => (ok, CUCM_UNKNOWN_FAILURE, error.to_string(), None),
+            OpError::Unavailable { .. } => (ok, CUCM_UNAVAILABLE, error.to_string(), None),
             OpError::InvalidResponse { detail } => (
                 ok,
                 INVALID_CUCM_RESPONSE,
@@ -346,6 +353,27 @@ pub fn code_label(code: u32) -> &'static str {
     }
 }
 
+/// `Retry-After` in whole seconds: rounded up, and at least 1 (a client told 0 would
+/// come back at once).
+pub fn retry_after_seconds(after: Duration) -> String {
+    let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    seconds.max(1).to_string()
+}
+
+/// An XML answer, with `Retry-After` when the caller should come back later.
+pub fn xml_response(
+    status: StatusCode,
+    body: String,
+    retry_after: Option<Duration>,
+) -> HttpResponse {
+    let mut response = HttpResponse::build(status);
+    response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE)));
+    if let Some(after) = retry_after {
+        response.insert_header((header::RETRY_AFTER, retry_after_seconds(after)));
+    }
+    response.body(body)
+}
+
 /// The version document (no credentials needed).
 pub fn version_document() -> String {
     format!(
@@ -357,6 +385,51 @@ pub fn version_document() -> String {
 mod tests {
     use super::*;
     use actors::UserId;
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
+        let cases = [
+            (0, "1"),
+            (1, "1"),
+            (999, "1"),
+            (1000, "1"),
+            (1001, "2"),
+            (2500, "3"),
+        ];
+        for (millis, header) in cases {
+            assert_eq!(
+                retry_after_seconds(Duration::from_millis(millis)),
+                header,
+                "{millis} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn xml_and_json_echo_the_same_cut_values() {
+        let long = "x".repeat(300);
+        let doc = ResultDoc::failure(
+            Call::Login,
+            &long,
+            Some(&long),
+            &Failure::Request(RequestError::CredentialsMissing),
+        );
+        let device = doc.echoed_device().unwrap();
+        let user = doc.echoed_user().unwrap();
+        assert_eq!(device.chars().count(), MAX_ECHO_CHARS + 1, "cut, then …");
+        assert_eq!(user.chars().count(), MAX_USER_ID_LEN + 1);
+        assert!(doc
+            .render()
+            .contains(&format!("<deviceName>{device}</deviceName>")));
+        let value = crate::northbound::json::result_value(&doc);
+        assert_eq!(value["deviceName"], device.as_str());
+        assert_eq!(value["userID"], user.as_str());
+        assert_eq!(
+            RequestError::CredentialsMissing.to_string(),
+            doc.text,
+            "a request error's text is the caller's"
+        );
+    }
 
     #[test]
     fn login_success_document_is_exactly_the_vendor_format() {

@@ -11,7 +11,7 @@ use rand::Rng;
 use super::ClusterActor;
 use crate::em::rules::{self, BatchAnswer, Interpretation};
 use crate::em::{Answered, CallError, EmRequest};
-use crate::operation::{DeviceName, Operation};
+use crate::operation::{DeviceName, Operation, QueueKey};
 use crate::scheduler::{CallEnd, Started};
 
 impl ClusterActor {
@@ -32,7 +32,11 @@ impl ClusterActor {
             .map(|m| m.deadline)
             .min()
             .unwrap_or(first.deadline);
-        let devices: Vec<DeviceName> = members.into_iter().map(|m| m.device).collect();
+        // Only device queries ride in a batch.
+        let devices: Vec<DeviceName> = members
+            .iter()
+            .filter_map(|m| m.operation.device().cloned())
+            .collect();
         let em = self.em.clone();
         let call_started = Instant::now();
         let call = async move {
@@ -96,7 +100,8 @@ impl ClusterActor {
                         );
                     }
                     for device in devices.iter().rev() {
-                        self.scheduler.retry_alone(device);
+                        self.scheduler
+                            .retry_alone(&QueueKey::Device(device.clone()));
                     }
                 }
             }
@@ -112,9 +117,10 @@ impl ClusterActor {
         ctx: &mut Context<Self>,
     ) {
         let jitter = rand::rng().random_range(0.0..1.0);
+        let key = QueueKey::Device(device);
         let completion = self
             .scheduler
-            .finish_member(&device, busy, Instant::now(), jitter);
-        self.settle(device, completion, meaning, ctx);
+            .finish_member(&key, busy, Instant::now(), jitter);
+        self.settle(key, completion, meaning, ctx);
     }
 }

@@ -27,7 +27,7 @@ use crate::em::rules::{self, CacheEffect, Exchange, Interpretation};
 use crate::em::steps::{self, Stage, Verdict};
 use crate::em::{dispatch, EmAppClient, EmClient, EmClientError};
 use crate::metrics::{ClusterMetrics, Metrics};
-use crate::operation::{DeviceName, OpError, Operation, Reply};
+use crate::operation::{OpError, Operation, QueueKey, Reply};
 use crate::scheduler::{CallEnd, Completion, Offer, Scheduler, Shed, Started, Step};
 pub use handle::{ClusterHandle, Submit, Ticket};
 
@@ -110,10 +110,10 @@ impl ClusterActor {
             credentials,
             deadline,
         } = msg;
-        let device = operation.device().clone();
+        let key = operation.queue_key();
         if matches!(operation, Operation::Query { .. }) {
             // Nothing pending on the device: a fresh cache entry is the current truth.
-            let settled = !self.scheduler.has_pending(&device);
+            let settled = !self.scheduler.has_pending(&key);
             if let Some(reply) = settled
                 .then(|| self.cache.cached_answer(&operation, &credentials))
                 .flatten()
@@ -127,16 +127,20 @@ impl ClusterActor {
             }
             self.metrics.cache_misses.inc();
         }
-        let mutates = operation.mutates();
+        let changes = operation
+            .mutates()
+            .then(|| operation.device().cloned())
+            .flatten();
         let pending = PendingOp::new(operation, credentials, deadline, tx);
         let sent = pending.sent[0].clone();
         match self.scheduler.offer(pending, Instant::now()) {
             Offer::Joined => self.metrics.cache_coalesced.inc(),
-            Offer::Queued if mutates => {
-                // From now on the cached state of this device is about to change.
-                self.cache.hold(&device);
+            Offer::Queued => {
+                if let Some(device) = changes {
+                    // From now on the cached state of this device is about to change.
+                    self.cache.hold(&device);
+                }
             }
-            Offer::Queued => {}
             Offer::Shed(shed, pending) => {
                 match shed {
                     Shed::QueueFull { .. } => self.metrics.shed_queue_full.inc(),
@@ -190,7 +194,7 @@ impl ClusterActor {
         let em = self.em.clone();
         let emapp = self.emapp.clone();
         let Started {
-            device,
+            key,
             operation,
             credentials,
             deadline,
@@ -211,7 +215,7 @@ impl ClusterActor {
             call.into_actor(self)
                 .map(move |(operation, stage, exchange), actor, ctx| {
                     let call = EndedCall {
-                        device,
+                        key,
                         operation,
                         stage,
                         exchange,
@@ -225,7 +229,7 @@ impl ClusterActor {
 
     fn finish(&mut self, call: EndedCall, ctx: &mut Context<Self>) {
         let EndedCall {
-            device,
+            key,
             operation,
             stage,
             exchange,
@@ -239,7 +243,7 @@ impl ClusterActor {
         if let Some(Verdict::Next(next)) = &verdict {
             if self
                 .scheduler
-                .advance(&device, next.clone(), took, Instant::now())
+                .advance(&key, next.clone(), took, Instant::now())
             {
                 self.pump(ctx);
                 return;
@@ -251,18 +255,16 @@ impl ClusterActor {
             _ => steps::judge_last(&operation, &stage, exchange),
         };
         let jitter = rand::rng().random_range(0.0..1.0);
-        let completion = self
-            .scheduler
-            .complete(&device, end, Instant::now(), jitter);
-        self.settle(device, completion, meaning, ctx);
+        let completion = self.scheduler.complete(&key, end, Instant::now(), jitter);
+        self.settle(key, completion, meaning, ctx);
         self.pump(ctx);
     }
 
-    /// What the scheduler decided about a device whose call ended (alone or in a
+    /// What the scheduler decided about a queue whose call ended (alone or in a
     /// batch): a retry after a back-off, or the answer for its waiters.
     fn settle(
         &mut self,
-        device: DeviceName,
+        key: QueueKey,
         completion: Completion,
         meaning: Interpretation,
         ctx: &mut Context<Self>,
@@ -271,11 +273,11 @@ impl ClusterActor {
             Completion::RetryAfter(back_off) => {
                 self.metrics.busy_retries.inc();
                 ctx.run_later(back_off, move |actor, ctx| {
-                    actor.scheduler.retry_due(&device);
+                    actor.scheduler.retry_due(&key);
                     actor.pump(ctx);
                 });
             }
-            Completion::Done(op) => self.conclude(&device, op, meaning),
+            Completion::Done(op) => self.conclude(op, meaning),
             Completion::StillBusy(op) => self.still_busy(op),
             Completion::Unknown => {}
         }
@@ -284,7 +286,7 @@ impl ClusterActor {
 
 /// A CUCM call that came back, with what the actor needs to carry on.
 struct EndedCall {
-    device: DeviceName,
+    key: QueueKey,
     operation: Operation,
     stage: Stage,
     exchange: Exchange,
@@ -295,17 +297,20 @@ struct EndedCall {
 
 impl ClusterActor {
     /// An operation is over: the cache learns, every waiter gets the answer.
-    fn conclude(&mut self, device: &DeviceName, op: PendingOp, meaning: Interpretation) {
+    fn conclude(&mut self, op: PendingOp, meaning: Interpretation) {
         if meaning.credentials_accepted {
             self.cache.mark_verified(op.credentials.fingerprint());
         }
         if rules::refuses_credentials(&meaning.result) {
             self.cache.mark_rejected(op.credentials.fingerprint());
         }
-        match meaning.cache {
-            CacheEffect::Set(user) => self.cache.set(device, user),
-            CacheEffect::Forget => self.cache.invalidate(device),
-            CacheEffect::Unchanged => {}
+        // A user query's answer teaches the cache (keyed by device) nothing.
+        if let Some(device) = op.operation.device() {
+            match meaning.cache {
+                CacheEffect::Set(user) => self.cache.set(device, user),
+                CacheEffect::Forget => self.cache.invalidate(device),
+                CacheEffect::Unchanged => {}
+            }
         }
         self.cache.release_after(&op.operation);
         let reply = Reply {

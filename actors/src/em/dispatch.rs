@@ -19,22 +19,28 @@ pub async fn exchange(
     credentials: &Credentials,
     deadline: Instant,
 ) -> Exchange {
-    let devices = [operation.device().clone()];
     let request = match (plan(operation, stage), operation) {
         (Plan::EmAppLogin, Operation::PinLogin { device, user, pin }) => {
             return Exchange::EmApp(emapp.login(device, user, pin, deadline).await)
         }
+        (_, Operation::UserDevicesQuery { user }) => EmRequest::UserDevicesQuery { user },
         (
             Plan::EmLogin,
             Operation::Login { device, user } | Operation::ForceLogin { device, user },
         ) => EmRequest::Login { device, user },
-        (Plan::EmUserDevicesQuery, Operation::UserDevicesQuery { user, .. }) => {
-            EmRequest::UserDevicesQuery { user }
-        }
-        (Plan::EmLogout, _) => EmRequest::Logout {
-            device: &devices[0],
+        (
+            plan,
+            Operation::Login { device, .. }
+            | Operation::PinLogin { device, .. }
+            | Operation::ForceLogin { device, .. }
+            | Operation::Logout { device }
+            | Operation::Query { device },
+        ) => match plan {
+            Plan::EmLogout => EmRequest::Logout { device },
+            _ => EmRequest::DeviceUserQuery {
+                devices: std::slice::from_ref(device),
+            },
         },
-        _ => EmRequest::DeviceUserQuery { devices: &devices },
     };
     Exchange::Em(em.call(request, credentials, deadline).await)
 }

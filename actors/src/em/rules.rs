@@ -687,7 +687,11 @@ mod tests {
             assert_eq!(meaning.result, expected, "{name}");
             assert_eq!(meaning.cache, CacheEffect::Unchanged, "{name}");
         }
-        assert_eq!(user_query().device().as_str(), "@em@cisco.com");
+        assert_eq!(user_query().device(), None);
+        assert_eq!(
+            user_query().queue_key(),
+            crate::operation::QueueKey::User(user("em@cisco.com"))
+        );
         assert!(!user_query().mutates());
     }
 
