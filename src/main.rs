@@ -150,8 +150,8 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
 }
 
 /// systemd's `ExecReload` sends SIGHUP, whose default action would end the process
-/// (and as a "clean" signal, without a restart). Until certificates are re-read on
-/// SIGHUP, it is only logged.
+/// (and as a "clean" signal, without a restart). Here it is only logged; with `[tls]`,
+/// `tls::reload_on_sighup` re-reads the certificate and key on the same signal.
 #[cfg(unix)]
 fn survive_hangup() {
     use tokio::signal::unix::{signal, SignalKind};

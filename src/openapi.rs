@@ -49,7 +49,8 @@ rights, 11 device does not exist, 12 device profile not found, 18 another user l
 user logged in, 22 device logon disabled, 23 user not found, 25 user logged in elsewhere, 26 busy \
 (never while the deadline allows a retry), 28 untrusted IP, 31-47 EMCC), and the EM application's \
 201-216 from a PIN login. The gateway's own: 404 deviceName missing; 1001 cluster not found; 1002 \
-invalid request (malformed XML or JSON, missing userID, invalid value, body too large: HTTP 413); \
+invalid request (malformed XML or JSON, missing userID, invalid value; body too large: HTTP 413; \
+body not arrived within client_timeout_ms: HTTP 408); \
 1003 CUCM unavailable; 1004 overloaded (HTTP 503 with Retry-After); 1005 invalid CUCM response; \
 1006 credentials missing; 1007 PIN rejected; 1008 CUCM failure without a usable code; 1009 \
 forbidden (HTTP 403); 1010 too many requests (HTTP 429); 1011 device in several clusters.";
@@ -156,6 +157,7 @@ fn answers(schema: &str) -> Value {
         "403": { "description": "1009 forbidden.", "content": result },
         "404": { "description": "Not an API path (more path segments than the call takes).", "content": plain },
         "405": { "description": "Only GET and POST.", "content": plain },
+        "408": { "description": "1002: the body did not arrive within client_timeout_ms.", "content": result },
         "413": { "description": "1002: the body is larger than max_body_bytes.", "content": result },
         "429": { "description": "1010 too many requests.", "content": result, "headers": retry_after },
         "503": { "description": "1004 overloaded.", "content": result, "headers": retry_after }
@@ -266,7 +268,7 @@ pub fn document() -> Value {
                  application/json); path segments take the place of the same-named fields. \
                  Answers are XML unless the request accepts application/json (before any \
                  XML type) or sent JSON. HTTP status is 200 for every answer with a result \
-                 except 413, 503 (1004), 403 (1009), 429 (1010). {CODES}"
+                 except 408 and 413 (1002), 503 (1004), 403 (1009), 429 (1010). {CODES}"
             )
         },
         "paths": paths,
@@ -306,6 +308,11 @@ mod tests {
             assert!(paths[path]["get"].is_object() && paths[path]["post"].is_object());
         }
         assert!(!paths.contains_key("/api/login/{deviceName}"));
+        // Every HTTP status the API answers with a result is documented.
+        let login = &paths["/api/login"]["post"]["responses"];
+        for status in ["200", "403", "408", "413", "429", "503"] {
+            assert!(login[status].is_object(), "{status}");
+        }
         // Every documented field, every gateway code.
         let text = doc.to_string();
         for needle in [

@@ -251,7 +251,7 @@ async fn gateway_codes_and_their_order() {
         .await
         .expect(200, 1006);
 
-    // Several faults: the first in the spec's order answers.
+    // Several faults: the first in the API's order answers.
     gw.post_form("/api/login", "<request><deviceName>x</request>")
         .await
         .expect(200, 1002); // malformed first

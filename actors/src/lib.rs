@@ -4,7 +4,8 @@
 //! [`ClusterActor`](cluster::ClusterActor) of its cluster. The actor only wires: the
 //! [`scheduler`] decides what goes to CUCM when (per-device order from
 //! [`device_queue`], slots and rate from [`shaper`], load shedding, busy back-off); the
-//! [`em`] client calls CUCM and [`em::rules`] says what an answer means; the [`cache`]
+//! [`em`] client calls CUCM, [`em::rules`] says what an answer means and [`em::steps`]
+//! how an operation of several calls goes on; the [`cache`]
 //! answers repeated queries. Everything observed is counted in [`metrics`].
 
 pub mod backoff;

@@ -1,7 +1,7 @@
 //! Oracles shared by the northbound targets. Beyond "does not panic", every answer the
 //! gateway would render for the input is checked against the contract: responses are
 //! well-formed XML 1.0 and carry the code the failure maps to; a request that
-//! validates holds only values the spec allows.
+//! validates holds only values the API allows.
 #![allow(dead_code)] // each target uses a part
 
 use std::sync::LazyLock;
@@ -36,7 +36,7 @@ pub fn check_validate(call: Call, fields: &Fields) {
                         && device.bytes().all(|b| b.is_ascii_uppercase()
                             || b.is_ascii_digit()
                             || matches!(b, b'.' | b'_' | b'-')),
-                    "a validated device name breaks the spec: {device:?}"
+                    "a validated device name breaks the API's rules: {device:?}"
                 );
             }
             if let Operation::Login { user, .. } = &valid.operation {
@@ -44,7 +44,7 @@ pub fn check_validate(call: Call, fields: &Fields) {
                 let chars = user.chars().count();
                 assert!(
                     (1..=128).contains(&chars) && !user.chars().any(char::is_control),
-                    "a validated user ID breaks the spec: {user:?}"
+                    "a validated user ID breaks the API's rules: {user:?}"
                 );
             }
             assert!(

@@ -137,7 +137,7 @@ enum Screened {
     Refused(Failure),
 }
 
-/// Everything before the cluster, in the spec's order of faults: the body, the XML,
+/// Everything before the cluster, in the API's order of faults: the body, the XML,
 /// the path segments, the values, the credentials, the cluster code. Fills the record
 /// with what the caller sent (refused) or the validated values (accepted).
 fn screen<'a>(
