@@ -20,6 +20,7 @@ use governor::clock::{Clock, DefaultClock};
 
 use crate::backoff::{jittered, ExpBackoff};
 use crate::device_queue::{DeviceQueue, PendingOp, Pushed, Turn};
+use crate::em::dispatch::CallEnd;
 use crate::em::steps::Stage;
 use crate::operation::{Credentials, OpError, Operation, QueueKey};
 use crate::shaper::{Held, Rate, Shaper};
@@ -105,18 +106,6 @@ pub enum Step {
     Wait(Duration),
     /// Nothing may start: nothing is ready, or every slot is taken.
     Blocked,
-}
-
-/// How a CUCM call ended, as far as scheduling cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallEnd {
-    /// CUCM answered after `took` (a busy answer is `busy`).
-    Answered { took: Duration, busy: bool },
-    /// No answer (refused, garbage): teaches nothing about CUCM's speed.
-    NoAnswer,
-    /// The call timed out: CUCM may still be working on it, so its slot stays taken
-    /// for a further call timeout (see [`Scheduler::hold_slots_after_timeout`]).
-    TimedOut,
 }
 
 /// What to do with a finished call's operation.

@@ -1,5 +1,5 @@
 //! The northbound request (the Business Connector 1.4 API): the XML message, path
-//! segments that take the place of its elements, and validation in the order the spec fixes for several
+//! segments that take the place of its elements, and validation in the order the API fixes for several
 //! faults: malformed XML (1002), deviceName missing (404), an invalid value (1002),
 //! credentials missing (1006). The unknown cluster (1001) comes after, at routing.
 

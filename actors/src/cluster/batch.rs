@@ -9,10 +9,11 @@ use actix::prelude::*;
 use rand::Rng;
 
 use super::ClusterActor;
+use crate::em::dispatch::CallEnd;
 use crate::em::rules::{self, BatchAnswer, Interpretation};
 use crate::em::{Answered, CallError, EmRequest};
 use crate::operation::{DeviceName, Operation, QueueKey};
-use crate::scheduler::{CallEnd, Started};
+use crate::scheduler::Started;
 
 impl ClusterActor {
     /// Several devices' queries as one `deviceUserQuery` (one slot, one token). The

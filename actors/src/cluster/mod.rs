@@ -23,12 +23,13 @@ use tokio::sync::oneshot;
 use crate::cache::LoggedInCache;
 use crate::config::ClusterConfig;
 use crate::device_queue::PendingOp;
+use crate::em::dispatch::{self, CallEnd};
 use crate::em::rules::{self, CacheEffect, Exchange, Interpretation};
 use crate::em::steps::{self, Stage, Verdict};
-use crate::em::{dispatch, EmAppClient, EmClient, EmClientError};
+use crate::em::{EmAppClient, EmClient, EmClientError};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::operation::{OpError, Operation, QueueKey, Reply};
-use crate::scheduler::{CallEnd, Completion, Offer, Scheduler, Shed, Started, Step};
+use crate::scheduler::{Completion, Offer, Scheduler, Shed, Started, Step};
 pub use handle::{ClusterHandle, Submit, Ticket};
 
 /// Mailbox bound: `Submit` handling is quick, so this only fills under a pathological

@@ -8,7 +8,18 @@ use super::rules::{is_busy, Exchange};
 use super::steps::{plan, Plan, Stage};
 use super::{CallError, EmAppClient, EmClient, EmRequest};
 use crate::operation::{Credentials, Operation};
-use crate::scheduler::CallEnd;
+
+/// How a CUCM call ended, as far as scheduling cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallEnd {
+    /// CUCM answered after `took` (a busy answer is `busy`).
+    Answered { took: Duration, busy: bool },
+    /// No answer (refused, garbage): teaches nothing about CUCM's speed.
+    NoAnswer,
+    /// The call timed out: CUCM may still be working on it, so its slot stays taken
+    /// for a further call timeout (see `Scheduler::hold_slots_after_timeout`).
+    TimedOut,
+}
 
 /// Makes the call `operation` needs at `stage`, never past `deadline`.
 pub async fn exchange(
