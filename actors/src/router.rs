@@ -19,7 +19,8 @@ use crate::whereabouts;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    #[error("Cluster with code [{0}] not found")]
+    /// The caller's text (the code is echoed, cut: it is the caller's input).
+    #[error("Cluster with code [{}] not found", crate::xml::shorten(.0, 32))]
     UnknownCluster(String),
 }
 

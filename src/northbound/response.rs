@@ -216,8 +216,10 @@ impl std::fmt::Display for RequestError {
 }
 
 /// The mapping from every failure to (HTTP status, code, text, Retry-After). The one
-/// place where caller-facing texts are written; an invalid value's text is the actor
-/// core's (`InvalidValue`), beside the limit it states.
+/// place where the gateway's own caller-facing texts are written. Where the actor core's
+/// error already says it to the caller (an invalid value beside the limit it states, an
+/// unknown cluster, CUCM unavailable or without a usable code) its text is taken, not
+/// copied.
 fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
     use code::*;
     let ok = StatusCode::OK;
@@ -274,12 +276,9 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
             "Too many requests from this client; retry later".into(),
             Some(*retry_after),
         ),
-        Failure::Route(RouteError::UnknownCluster(requested)) => (
-            ok,
-            CLUSTER_NOT_FOUND,
-            format!("Cluster with code [{}] not found", shorten(requested, 32)),
-            None,
-        ),
+        Failure::Route(error @ RouteError::UnknownCluster(_)) => {
+            (ok, CLUSTER_NOT_FOUND, error.to_string(), None)
+        }
         Failure::Operation(error) => match error {
             OpError::Cucm { code, text } => (ok, *code, text.clone(), None),
             OpError::CucmUnknown { .. } => (ok, CUCM_UNKNOWN_FAILURE, error.to_string(), None),
@@ -385,6 +384,17 @@ pub fn version_document() -> String {
 mod tests {
     use super::*;
     use actors::UserId;
+
+    #[test]
+    fn an_unknown_cluster_code_is_echoed_cut() {
+        let failure = Failure::Route(RouteError::UnknownCluster("C".repeat(100)));
+        let doc = ResultDoc::failure(Call::Logout, "SEP1", None, &failure);
+        assert_eq!(doc.code, code::CLUSTER_NOT_FOUND);
+        assert_eq!(
+            doc.text,
+            format!("Cluster with code [{}…] not found", "C".repeat(32))
+        );
+    }
 
     #[test]
     fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
