@@ -15,6 +15,8 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_business-connector");
 pub struct Running {
     pub child: Child,
     pub addr: String,
+    /// What it logged before the "serving" line.
+    pub early_lines: Vec<String>,
     pub lines: mpsc::Receiver<String>,
 }
 
@@ -74,7 +76,8 @@ impl Running {
             std::thread::sleep(Duration::from_millis(10));
         };
         // The child has exited: the reader ends at its end of output.
-        let lines = self.lines.iter().collect();
+        let mut lines = std::mem::take(&mut self.early_lines);
+        lines.extend(self.lines.iter());
         (status, lines)
     }
 }
@@ -120,6 +123,7 @@ impl Starting {
         Running {
             child,
             addr,
+            early_lines: seen,
             lines: std::mem::replace(&mut self.lines, mpsc::channel().1),
         }
     }
