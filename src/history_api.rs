@@ -208,6 +208,8 @@ pub async fn open(
     }
     let metrics = HistoryMetrics::register(registry)?;
     if !settings.enabled {
+        // No database to wait for: the store-down alert stays quiet.
+        metrics.store_up.set(1);
         return Ok(None);
     }
     let config = settings.history_config();

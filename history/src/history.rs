@@ -77,8 +77,9 @@ pub struct HistoryMetrics {
     pub dropped: IntCounter,
     /// `bc_history_written_total`: records committed to the database.
     pub written: IntCounter,
-    /// `bc_history_store_up`: 1 while the writer can reach the database, 0 while it
-    /// reconnects (records wait in the queue meanwhile).
+    /// `bc_history_store_up`: 0 while the writer cannot reach the database (records
+    /// wait in the queue meanwhile, it reconnects), else 1 (the gateway also sets 1 when
+    /// recording is off: there is nothing to wait for).
     pub store_up: IntGauge,
 }
 
@@ -105,7 +106,7 @@ impl HistoryMetrics {
             )?,
             store_up: IntGauge::new(
                 "bc_history_store_up",
-                "1 while the history writer can reach its database, 0 while it reconnects",
+                "0 while the history database is unreachable and records wait for it, else 1",
             )?,
         })
     }
