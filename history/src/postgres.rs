@@ -24,6 +24,19 @@ use crate::store::{
 
 /// Used when the URL does not set `connect_timeout`: nothing waits forever.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Used when the URL does not set `tcp_user_timeout`: data sent to a server that has
+/// vanished without a reset (a network cut) fails the connection after this, instead of
+/// holding the writer for the kernel's ~15 minutes of retransmissions.
+const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCP keepalive on idle connections when the URL does not set it: a cut is found
+/// within idle + interval × retries (about a minute), not two hours.
+const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+const DEFAULT_KEEPALIVES_RETRIES: u32 = 3;
+/// `statement_timeout` when the URL sets no `options`: a statement stuck on a lock is
+/// cancelled (SQLSTATE 57014, retried like an unavailable database) rather than holding
+/// the writer, and with it every record, for ever.
+const DEFAULT_STATEMENT_TIMEOUT_OPTION: &str = "-c statement_timeout=60000";
 
 /// Serializes schema creation when several instances start at once (any constant
 /// unlikely to collide with another application's advisory locks on the same database).
@@ -112,6 +125,18 @@ impl PostgresStore {
         let mut config: Config = url.parse()?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(DEFAULT_TCP_USER_TIMEOUT);
+        }
+        if config.get_keepalives_interval().is_none() && config.get_keepalives_retries().is_none() {
+            config
+                .keepalives_idle(DEFAULT_KEEPALIVES_IDLE)
+                .keepalives_interval(DEFAULT_KEEPALIVES_INTERVAL)
+                .keepalives_retries(DEFAULT_KEEPALIVES_RETRIES);
+        }
+        if config.get_options().is_none() {
+            config.options(DEFAULT_STATEMENT_TIMEOUT_OPTION);
         }
         config.application_name("business-connector-history");
         Ok(Self {

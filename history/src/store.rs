@@ -35,9 +35,10 @@ impl StoreError {
 }
 
 /// No answer from the server at all (connect, I/O, closed connection, timeout), or an
-/// SQLSTATE class that says "not now": 08 connection exception, 53 insufficient
-/// resources, 57P admin/crash shutdown or starting up, 58 system error, 25006 read-only
-/// (a failover to a standby).
+/// SQLSTATE that says "not now": class 08 connection exception, 53 insufficient
+/// resources, 57P admin/crash shutdown or starting up, 57014 cancelled (the
+/// `statement_timeout` the writer sets: stuck on a lock), 58 system error, 25006
+/// read-only (a failover to a standby).
 fn postgres_unavailable(error: &postgres::Error) -> bool {
     if error.is_closed() {
         return true;
@@ -51,6 +52,7 @@ fn postgres_unavailable(error: &postgres::Error) -> bool {
     code.starts_with("08")
         || code.starts_with("53")
         || code.starts_with("57P")
+        || code == "57014"
         || code.starts_with("58")
         || code == "25006"
 }
