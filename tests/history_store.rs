@@ -238,10 +238,14 @@ async fn postgres_cut_under_load_fails_no_request_and_loses_no_record() {
         "{total} answers ({} during the cut), 0 failed, slowest {slowest:?} (before the cut {before_cut:?}), {stored} records stored",
         restored_at - cut_at
     );
-    assert_eq!(
-        u64::try_from(stored).unwrap(),
-        total,
-        "every answered request is recorded once"
+    // At least once: a batch whose commit the cut acknowledgement hid would be written
+    // again (not seen so far; it would show here as more records than answers).
+    let stored = u64::try_from(stored).unwrap();
+    assert!(stored >= total, "{} records lost", total - stored);
+    assert!(
+        stored - total <= 20_000,
+        "more duplicates than one batch: {}",
+        stored - total
     );
 }
 
