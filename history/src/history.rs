@@ -737,6 +737,129 @@ mod tests {
         history.shutdown(Duration::from_secs(5)).expect("shutdown");
     }
 
+    /// A store that is down while `down` is set: connect and writes fail as unavailable.
+    struct FlakyStore {
+        down: Arc<std::sync::atomic::AtomicBool>,
+        rows: Arc<AtomicUsize>,
+    }
+
+    impl Store for FlakyStore {
+        fn connect(&mut self) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("connection refused".into()));
+            }
+            Ok(())
+        }
+        fn write_batch(&mut self, records: &[Record]) -> Result<(), StoreError> {
+            self.connect()?;
+            self.rows.fetch_add(records.len(), Ordering::SeqCst);
+            Ok(())
+        }
+        fn query(&mut self, _filter: &Filter) -> Result<Vec<Record>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn purge_older_than(&mut self, _cutoff: UtcMillis, _max: u32) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+    }
+
+    fn wait_for(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(POLL_STEP);
+        }
+    }
+
+    #[test]
+    fn records_wait_while_the_store_is_down_and_are_written_once_it_is_back() {
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let rows = Arc::new(AtomicUsize::new(0));
+        let store = || FlakyStore {
+            down: down.clone(),
+            rows: rows.clone(),
+        };
+        let config = HistoryConfig {
+            queue_capacity: 1000,
+            retention_days: 0,
+            ..HistoryConfig::default()
+        };
+        let metrics = HistoryMetrics::unregistered().expect("metrics");
+        let history = History::start_with_interval(
+            Box::new(store()),
+            Box::new(store()),
+            &config,
+            metrics.clone(),
+            Duration::from_millis(20),
+        )
+        .expect("history");
+        history.wait_for_first_connect(Duration::from_secs(5));
+        // Down at start: nothing written, nothing dropped, queries refused at once.
+        assert!(!history.store_up());
+        let record = || {
+            Record::new(
+                crate::record::Operation::Login,
+                0,
+                crate::record::Source::Cucm,
+            )
+        };
+        for _ in 0..10 {
+            history.record(record());
+        }
+        history.flush(Duration::from_secs(5)).expect("flush");
+        assert_eq!((metrics.written.get(), metrics.dropped.get()), (0, 0));
+        assert!(matches!(
+            history.query(&Filter::default()),
+            Err(HistoryError::StoreDown)
+        ));
+        // Back: the ten that waited are written.
+        down.store(false, Ordering::SeqCst);
+        wait_for("the waiting records are written", || {
+            metrics.written.get() == 10
+        });
+        assert!(history.store_up());
+        // Down in the middle: the failed batch is kept and written after the outage.
+        down.store(true, Ordering::SeqCst);
+        for _ in 0..5 {
+            history.record(record());
+        }
+        wait_for("the writer notices", || !history.store_up());
+        down.store(false, Ordering::SeqCst);
+        wait_for("the batch that failed is written", || {
+            metrics.written.get() == 15
+        });
+        assert_eq!(metrics.dropped.get(), 0);
+        assert_eq!(rows.load(Ordering::SeqCst), 15);
+        history.shutdown(Duration::from_secs(5)).expect("shutdown");
+    }
+
+    #[test]
+    fn a_store_still_down_at_shutdown_counts_what_waited_as_dropped() {
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let rows = Arc::new(AtomicUsize::new(0));
+        let store = || FlakyStore {
+            down: down.clone(),
+            rows: rows.clone(),
+        };
+        let metrics = HistoryMetrics::unregistered().expect("metrics");
+        let history = History::with_stores(
+            Box::new(store()),
+            Box::new(store()),
+            &HistoryConfig::default(),
+            metrics.clone(),
+        )
+        .expect("history");
+        for _ in 0..3 {
+            history.record(Record::new(
+                crate::record::Operation::Logout,
+                0,
+                crate::record::Source::Cucm,
+            ));
+        }
+        history.shutdown(Duration::from_secs(5)).expect("shutdown");
+        assert_eq!((metrics.written.get(), metrics.dropped.get()), (0, 3));
+    }
+
     #[test]
     fn metrics_register_under_their_names() {
         let registry = Registry::new();

@@ -17,6 +17,10 @@ pub enum StoreError {
     SchemaTooNew { found: i64, supported: i64 },
     #[error("a stored record is unreadable: {0}")]
     Corrupt(#[from] RecordError),
+    /// The database cannot be reached, from a backend that has no error type of its own
+    /// for it (or a test double).
+    #[error("unreachable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {
@@ -27,6 +31,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Postgres(error) => postgres_unavailable(error),
+            StoreError::Unavailable(_) => true,
             StoreError::Sqlite(_) | StoreError::SchemaTooNew { .. } | StoreError::Corrupt(_) => {
                 false
             }
