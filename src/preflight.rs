@@ -2,7 +2,7 @@
 //! itself is already parsed and validated (keys, ranges, dashboard users' hashes); this
 //! reads the files it names the way the start does: the TLS certificate, key (and that
 //! they belong together) and client CA; each cluster's `ca_file`; and that the SQLite
-//! history file can be opened or created. Nothing is bound, nothing is written (the
+//! history file is a history this version can use (read only) or can be created. Nothing is bound, nothing is written (the
 //! history probe creates and removes a file next to the database only when the database
 //! does not exist yet), and a PostgreSQL history is not contacted: at start an
 //! unreachable one does not stop the gateway either.
@@ -57,11 +57,13 @@ fn history_file_usable(path: &Path) -> Result<(), PreflightError> {
         message,
     };
     if path.exists() {
-        return std::fs::OpenOptions::new()
+        std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map(drop)
+            .map_err(|error| failed(error.to_string()))?;
+        return history::sqlite::SqliteStore::check_existing(path)
             .map_err(|error| failed(error.to_string()));
     }
     let directory = match path.parent() {

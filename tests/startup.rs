@@ -90,7 +90,7 @@ fn cases(directory: &Path, busy: &TcpListener) -> Vec<Case> {
             name: "history file not a database",
             config: format!("[history]\npath = \"{dir}/not-a-database.sqlite\"\n"),
             expected: "history.path",
-            found_by_check: false,
+            found_by_check: true,
         },
         Case {
             name: "history URL malformed",

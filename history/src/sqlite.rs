@@ -89,6 +89,21 @@ impl SqliteStore {
         Ok(Self { connection })
     }
 
+    /// Whether an existing file is a history this version can use, without writing to
+    /// it (`--check-config`): an SQLite database whose schema is not newer than ours.
+    pub fn check_existing(path: &Path) -> Result<(), StoreError> {
+        let connection = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        connection.busy_timeout(BUSY_TIMEOUT)?;
+        let found: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        Ok(())
+    }
+
     /// The journal mode in force (`wal` after `open`).
     pub fn journal_mode(&self) -> Result<String, StoreError> {
         Ok(self

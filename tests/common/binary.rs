@@ -48,7 +48,10 @@ impl Running {
                 }
             }
         });
-        Starting { child, lines }
+        Starting {
+            child: Some(child),
+            lines,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -91,7 +94,8 @@ impl Drop for Running {
 
 /// A binary that has not logged its "serving" line yet.
 pub struct Starting {
-    child: Child,
+    /// Taken by `wait_serving`; killed on drop while still here.
+    child: Option<Child>,
     lines: mpsc::Receiver<String>,
 }
 
@@ -100,9 +104,7 @@ impl Starting {
         let mut seen = Vec::new();
         let addr = loop {
             let Ok(line) = self.lines.recv_timeout(Duration::from_secs(30)) else {
-                // Never leave a gateway running behind a failed test.
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+                // Never leave a gateway running behind a failed test (Drop kills it).
                 panic!("no 'serving' line; saw: {seen:#?}");
             };
             // Text format: `listen=ADDR`; JSON format: `"listen":"ADDR"`.
@@ -119,25 +121,23 @@ impl Starting {
             }
             seen.push(line);
         };
-        let child = std::mem::replace(&mut self.child, dummy_child());
+        let child = self.child.take().expect("not yet handed on");
+        let (_, empty) = mpsc::channel();
         Running {
             child,
             addr,
             early_lines: seen,
-            lines: std::mem::replace(&mut self.lines, mpsc::channel().1),
+            lines: std::mem::replace(&mut self.lines, empty),
         }
     }
 }
 
-/// `true` exits at once; it only stands in for a child already handed on.
-fn dummy_child() -> Child {
-    Command::new("true").spawn().expect("true runs")
-}
-
 impl Drop for Starting {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
