@@ -15,6 +15,15 @@ deploy/haproxy.cfg in front, all on free loopback ports. Then checks:
   (c) drain   SIGTERM of one instance under load: zero failed requests, /readyz 503
               at once, the balancer takes the instance out, the instance exits 0.
 
+With BC_TEST_POSTGRES_URL set (CI's PostgreSQL, history/ci-postgres.sh) both instances
+share one PostgreSQL history, as in the README's "Running several", and two more:
+
+  (d) shared  each instance lists the other's records, and every login/logout the
+              drained instance answered while draining is in the history;
+  (e) outage  with BC_PG_STATE_FILE too (the server can be stopped): PostgreSQL stopped
+              for PG_OUTAGE_S and started again under load: zero failed answers, every
+              login/logout answered is recorded, latency before/during/after reported.
+
 Every wait polls a condition with a deadline; every process started here is ended
 (by its own pid) on every exit path. Only the standard library is used.
 """
@@ -50,7 +59,13 @@ CHECK_INTER_MS = 100
 SIM_LATENCY_MS = 20
 WORKERS = 8  # load threads, each owning DEVICES_PER_WORKER devices
 DEVICES_PER_WORKER = 4
-TOTAL_BUDGET_S = 240  # the whole run; every phase also has its own bounds
+TOTAL_BUDGET_S = 300  # the whole run; every phase also has its own bounds
+PG_URL = os.environ.get("BC_TEST_POSTGRES_URL")
+PG_STATE_FILE = os.environ.get("BC_PG_STATE_FILE")
+PG_OUTAGE_S = 5
+OUTAGE_FIRST_DEVICE = 1000
+# Instances of this run, in a database other runs may have written to.
+RUN_ID = f"{os.getpid()}-{int(time.time())}"
 
 STARTED = time.monotonic()
 
@@ -85,6 +100,14 @@ def free_port():
 
 def device(n):
     return f"SEP{n:012X}"
+
+
+def instance_name(index):
+    return f"gw{index + 1}-{RUN_ID}" if PG_URL else f"gw{index + 1}"
+
+
+def utc_rfc3339(wall_time):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall_time)) + f".{int(wall_time * 1000) % 1000:03d}Z"
 
 
 # --- processes ---------------------------------------------------------------------
@@ -255,7 +278,8 @@ class Lab:
         self.generation = [0] * INSTANCES
 
     def start_sim(self):
-        devices = 20 + WORKERS * DEVICES_PER_WORKER * 2  # phases (b) and (c) use 20 on
+        # Phases (b) and (c) use 20 on, (d) 900 and 901, (e) OUTAGE_FIRST_DEVICE on.
+        devices = OUTAGE_FIRST_DEVICE + WORKERS * DEVICES_PER_WORKER
         self.sim = Process(
             "cucm-sim",
             [
@@ -308,8 +332,8 @@ drain_ms = {DRAIN_MS}
 shutdown_grace_ms = 5000
 
 [history]
-path = "{os.path.join(self.workdir, f"history-gw{index + 1}.sqlite")}"
-instance = "gw{index + 1}"
+{self.history_store(index)}
+instance = "{instance_name(index)}"
 
 [[cluster]]
 code = "{CLUSTER}"
@@ -321,6 +345,11 @@ timeout_ms = 10000
 """
             )
         return path
+
+    def history_store(self, index):
+        if PG_URL:
+            return f'url = "{PG_URL}"'
+        return f'path = "{os.path.join(self.workdir, f"history-gw{index + 1}.sqlite")}"'
 
     def start_gateway(self, index, port=None):
         """Port 0 the first time; a restart takes the same port so HAProxy's config holds."""
@@ -671,6 +700,7 @@ def drain_under(lab, results, load):
     wait_until("load reaches both instances", 60, lambda: load.count() >= 200 and served_before() >= 20)
     target.signal(signal.SIGTERM)
     signalled = time.monotonic()
+    lab.drain_signalled_wall = time.time()
     log(f"SIGTERM to {target.name}")
 
     def readyz_503():
@@ -693,6 +723,9 @@ def drain_under(lab, results, load):
     output = target.output()
     drained_lines = output.split("draining", 1)[1] if "draining" in output else ""
     served_draining = len(re.findall(r"\brequest\b.*device=", drained_lines))
+    # (operation, device) of every login/logout it answered while draining: the last
+    # records it wrote, checked in (d) when the history is shared.
+    lab.drained_changes = re.findall(r'\brequest\b.*operation="?(login|logout)"?.*? device="?([0-9A-Z]+)', drained_lines)
     results.check(
         "drain: zero failed requests",
         records and not failures,
@@ -713,6 +746,157 @@ def drain_under(lab, results, load):
         "drain: stopped after the drain, exit 0",
         target.popen.returncode == 0 and exited_after >= DRAIN_MS / 1000,
         f"exit {target.popen.returncode} after {exited_after * 1000:.0f} ms",
+    )
+
+
+def history_entries(lab, index, query):
+    status, body = http_get(lab.gateway_address(index), f"/api/history?{query}", timeout_s=10)
+    if status != 200:
+        raise Failed(f"/api/history?{query} on instance {index + 1}: HTTP {status} {body[:200]}")
+    return json.loads(body)["entries"]
+
+
+def phase_shared_history(lab, results):
+    """(d) One PostgreSQL history: each instance lists the other's records, and the
+    drained instance's last records are there."""
+    if lab.gateways[0] is None or not lab.gateways[0].alive():
+        lab.start_gateway(0, port=lab.ports[0])
+        lab.wait_servers({"gw1": "UP", "gw2": "UP"}, timeout_s=20)
+    # One login straight to each instance, on devices no load uses.
+    marks = {0: device(900), 1: device(901)}
+    for index, dev in marks.items():
+        client = Client(lab.gateway_address(index))
+        status, code, error, _ = client.call("login", dev, "user900" if index == 0 else "user901")
+        client.close()
+        if code != 0:
+            raise Failed(f"login on instance {index + 1}: {status} {code} {error}")
+    def each_sees_the_other():
+        for index, other in ((0, 1), (1, 0)):
+            entries = history_entries(lab, index, f"device={marks[other]}")
+            if not any(e.get("instance") == instance_name(other) for e in entries):
+                return False
+        return True
+    seen = wait_until_or_false(10, each_sees_the_other)
+    results.check(
+        "shared history: each lists the other's",
+        seen,
+        f"gw1 lists {marks[1]} from {instance_name(1)} and gw2 lists {marks[0]} from {instance_name(0)}",
+    )
+    # Requests in flight at the SIGTERM carry their start time: look a little earlier.
+    since = urllib.parse.quote(utc_rfc3339(getattr(lab, "drain_signalled_wall", time.time()) - 5))
+    expected = getattr(lab, "drained_changes", [])
+    missing = []
+    for dev in sorted({dev for _, dev in expected}):
+        entries = history_entries(lab, 1, f"device={dev}&since={since}&limit=1000")
+        for operation in ("login", "logout"):
+            answered = sum(1 for op, d in expected if (op, d) == (operation, dev))
+            stored = sum(
+                1 for e in entries if e.get("operation") == operation and e.get("instance") == instance_name(0)
+            )
+            if stored < answered:
+                missing.append(f"{operation} {dev}: {stored} of {answered}")
+    results.check(
+        "shared history: drained instance's last records",
+        expected and not missing,
+        f"{len(expected)} logins/logouts answered while draining, all in the other instance's /api/history"
+        if expected and not missing
+        else f"{len(expected)} answered while draining; missing {missing[:5]}",
+    )
+
+
+def wait_until_or_false(timeout_s, condition):
+    try:
+        return bool(wait_until("condition", timeout_s, condition, interval_s=0.1))
+    except Failed:
+        return False
+
+
+def store_up(lab, index):
+    for line in lab.metrics(index).splitlines():
+        if line.startswith("bc_history_store_up "):
+            return float(line.rsplit(" ", 1)[1]) == 1.0
+    return False
+
+
+def ci_postgres(command):
+    subprocess.run(
+        ["bash", os.path.join(ROOT, "history", "ci-postgres.sh"), command],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "BC_PG_STATE_FILE": PG_STATE_FILE},
+        timeout=60,
+    )
+
+
+def percentiles(durations):
+    if not durations:
+        return "no requests"
+    ordered = sorted(durations)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+    return f"n={len(ordered)} p50 {pick(0.5):.1f} ms, p99 {pick(0.99):.1f} ms, max {ordered[-1] * 1000:.1f} ms"
+
+
+def phase_postgres_outage(lab, results):
+    """(e) PostgreSQL stopped for PG_OUTAGE_S and started again under load."""
+    lab.sim_reset()
+    load = Load(lab, first_device=OUTAGE_FIRST_DEVICE)
+    phase_started_wall = time.time()
+    load.start()
+    try:
+        wait_until("load before the outage", 60, lambda: load.count() >= 300)
+        ci_postgres("stop-server")
+        stopped = time.monotonic()
+        log(f"PostgreSQL stopped for {PG_OUTAGE_S} s")
+        wait_until("both instances notice", 15, lambda: not store_up(lab, 0) and not store_up(lab, 1), interval_s=0.1)
+        # The outage itself: its length is the scenario, not a synchronization.
+        time.sleep(max(0.0, PG_OUTAGE_S - (time.monotonic() - stopped)))
+        ci_postgres("start-server")
+        started = time.monotonic()
+        log("PostgreSQL started again")
+        wait_until("both instances reconnect", 30, lambda: store_up(lab, 0) and store_up(lab, 1), interval_s=0.05)
+        reconnected = time.monotonic() - started
+        at = load.count()
+        wait_until("300 more requests after the outage", 60, lambda: load.count() >= at + 300)
+    finally:
+        records = load.finish()
+    failures = [r for r in records if r[5] != 0]
+    results.check(
+        "postgres outage: zero failed answers",
+        records and not failures,
+        f"{len(records)} requests, {len(failures)} failed" + (f"; first {failures[0]}" if failures else ""),
+    )
+    before = [r[1] - r[0] for r in records if r[1] < stopped]
+    during = [r[1] - r[0] for r in records if r[0] >= stopped and r[0] < started + reconnected]
+    after = [r[1] - r[0] for r in records if r[0] >= started + reconnected]
+    results.check(
+        "postgres outage: latency",
+        True,
+        f"before {percentiles(before)}; during {percentiles(during)}; after {percentiles(after)}",
+    )
+    answered = {}
+    for r in records:
+        if r[5] == 0 and r[3] in ("login", "logout"):
+            answered[r[2]] = answered.get(r[2], 0) + 1
+    since = urllib.parse.quote(utc_rfc3339(phase_started_wall - 1))
+
+    def stored_by_device():
+        stored = {}
+        for dev in answered:
+            entries = history_entries(lab, 1, f"device={dev}&since={since}&limit=1000")
+            stored[dev] = sum(1 for e in entries if e.get("operation") in ("login", "logout"))
+        return stored
+
+    # The records that waited are written within a write interval of the reconnect.
+    wait_until_or_false(10, lambda: stored_by_device() == answered)
+    stored = stored_by_device()
+    lost = sum(max(0, answered[d] - stored.get(d, 0)) for d in answered)
+    extra = sum(max(0, stored.get(d, 0) - answered[d]) for d in answered)
+    results.check(
+        "postgres outage: zero lost records",
+        lost == 0 and sum(answered.values()) > 0,
+        f"{sum(answered.values())} logins/logouts answered, {sum(stored.values())} recorded, {lost} lost, {extra} extra; "
+        f"outage {PG_OUTAGE_S} s, reconnected {reconnected * 1000:.0f} ms after the restart",
     )
 
 
@@ -737,7 +921,16 @@ def main():
             lab.start_gateway(index)
         lab.start_haproxy()
         lab.wait_servers({"gw1": "UP", "gw2": "UP"})
-        for phase in (phase_order, phase_kill, phase_drain):
+        phases = [phase_order, phase_kill, phase_drain]
+        if PG_URL:
+            phases.append(phase_shared_history)
+            if PG_STATE_FILE:
+                phases.append(phase_postgres_outage)
+            else:
+                log("BC_PG_STATE_FILE is not set: the PostgreSQL outage case is not run")
+        else:
+            log("BC_TEST_POSTGRES_URL is not set: each instance has its own SQLite history")
+        for phase in phases:
             log(f"--- {phase.__doc__.split(chr(10))[0].strip()}")
             try:
                 phase(lab, results)

@@ -4,7 +4,11 @@
 #   eval "$(history/ci-postgres.sh)"          # starts the server, exports the URL
 #   cargo test -p history                     # the suite now also runs on PostgreSQL
 #   history/ci-postgres.sh stop               # stops it and removes its data
+#   history/ci-postgres.sh stop-server        # stops the server, keeps its data (an outage)
+#   history/ci-postgres.sh start-server       # starts it again on the same port
 #
+# BC_PG_STATE_FILE names the state file (DATA_DIR, PORT) shared by these commands, so
+# several servers can run side by side.
 # Installs Debian's `postgresql` when missing (needs root), creates a cluster in a temp
 # directory owned by the `postgres` user (PostgreSQL refuses to run as root), listening
 # on 127.0.0.1 at a free port only, with password (SCRAM) authentication over TCP, and a
@@ -38,6 +42,19 @@ if [ "${1:-start}" = "stop" ]; then
   as_postgres "'$(pg_bin_dir)/pg_ctl' -D '$DATA_DIR' -m fast stop" >&2 || true
   rm -rf "$DATA_DIR" "$STATE_FILE"
   echo "stopped" >&2
+  exit 0
+fi
+
+if [ "${1:-start}" = "stop-server" ] || [ "${1:-start}" = "start-server" ]; then
+  [ -f "$STATE_FILE" ] || { echo "no server recorded in $STATE_FILE" >&2; exit 1; }
+  # shellcheck disable=SC1090
+  . "$STATE_FILE"
+  if [ "$1" = "stop-server" ]; then
+    as_postgres "'$(pg_bin_dir)/pg_ctl' -D '$DATA_DIR' -m fast -w stop" >&2
+  else
+    as_postgres "'$(pg_bin_dir)/pg_ctl' -D '$DATA_DIR' -l '$DATA_DIR/server.log' -w \
+      -o \"-c listen_addresses=127.0.0.1 -p $PORT -k '$DATA_DIR' -c fsync=off\" start" >&2
+  fi
   exit 0
 fi
 

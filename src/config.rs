@@ -128,8 +128,8 @@ impl Config {
 
     /// Parses and validates a whole config document.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse(e.to_string().trim().to_string()))?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(one_line_parse_error(text, &e)))?;
         config.validate().map_err(|(table, key, message)| {
             let line = line_of(text, table, key);
             let key = match table {
@@ -258,6 +258,34 @@ impl Config {
 /// `index`-th `[[cluster]]` table (its header when the key is left out). Read from the
 /// TOML parser's own spans, so quoted keys, dotted keys and inline tables count too.
 /// `None` when the key is absent (a default).
+/// toml's own message spans several lines (a snippet of the file); a start-up error is
+/// one line: "KEY (line L, column C): what is wrong". The key is the text before `=` on
+/// that line; the value is not quoted back (it may be a secret).
+fn one_line_parse_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error
+        .message()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |at| at + 1);
+    let line_text = text[line_start..].lines().next().unwrap_or("");
+    let line = text[..start].matches('\n').count() + 1;
+    let column = text[line_start..start].chars().count() + 1;
+    let key: String = match line_text.split_once('=') {
+        Some((key, _)) => key.trim().chars().take(64).collect(),
+        None => String::new(),
+    };
+    if key.is_empty() {
+        format!("line {line}, column {column}: {message}")
+    } else {
+        format!("{key} (line {line}, column {column}): {message}")
+    }
+}
+
 fn line_of(text: &str, cluster_index: Option<usize>, key: &str) -> Option<usize> {
     use toml::de::{DeTable, DeValue};
     let find = |table: &DeTable<'_>| {

@@ -30,8 +30,16 @@ const MAX_QUEUE_CAPACITY: usize = 1_000_000;
 pub enum HistoryApiError {
     #[error("registering the history metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// Names the key: `history.path` (the file) or `history.url` (the URL is not quoted:
+    /// it may carry a password).
+    #[error("{key}{}: {source}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    Open {
+        key: &'static str,
+        path: Option<PathBuf>,
+        source: history::HistoryError,
+    },
     #[error("opening the history: {0}")]
-    Open(#[from] history::HistoryError),
+    Task(String),
 }
 
 /// `[history]`: where and whether requests are recorded.
@@ -182,8 +190,11 @@ fn default_instance_name() -> String {
 
 /// Registers the history's series in the gateway's registry (always, so the alert on
 /// `bc_history_dropped_total` sees a series even with recording off) and opens the
-/// database when recording is on.
-pub fn open(
+/// database when recording is on: an SQLite file that cannot be opened is an error; a
+/// PostgreSQL server is connected to by the history's writer thread (the `postgres`
+/// client must not run on this async thread), and one that is unreachable only leaves
+/// `bc_history_store_up` at 0 while the gateway serves.
+pub async fn open(
     settings: &HistorySettings,
     registry: &Registry,
 ) -> Result<Option<Arc<History>>, HistoryApiError> {
@@ -192,14 +203,31 @@ pub fn open(
         let metrics = history.metrics();
         registry.register(Box::new(metrics.dropped.clone()))?;
         registry.register(Box::new(metrics.written.clone()))?;
+        registry.register(Box::new(metrics.store_up.clone()))?;
         return Ok(Some(history.clone()));
     }
     let metrics = HistoryMetrics::register(registry)?;
     if !settings.enabled {
+        // No database to wait for: the store-down alert stays quiet.
+        metrics.store_up.set(1);
         return Ok(None);
     }
     let config = settings.history_config();
-    let history = History::open(&config, metrics)?;
+    let (key, path) = match &config.url {
+        Some(_) => ("history.url", None),
+        None => ("history.path", Some(config.path.clone())),
+    };
+    let opening = config.clone();
+    // `open` blocks (a file, or the wait for the writer's first connect).
+    let history = actix_web::rt::task::spawn_blocking(move || History::open(&opening, metrics))
+        .await
+        .map_err(|error| HistoryApiError::Task(error.to_string()))?
+        .map_err(|source| HistoryApiError::Open { key, path, source })?;
+    if !history.store_up() {
+        tracing::warn!(
+            "history database unreachable at start: the gateway serves, records wait in the queue, /api/history answers 503 until it is back"
+        );
+    }
     tracing::info!(
         backend = if config.url.is_some() { "postgres" } else { "sqlite" },
         path = %config.path.display(),
@@ -248,6 +276,12 @@ pub async fn get(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse 
     let format = filter.format;
     let records = match web::block(move || history.query(&filter)).await {
         Ok(Ok(records)) => records,
+        Ok(Err(history::HistoryError::StoreDown)) => {
+            return text(
+                actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+                "the history database is unreachable; records wait until it is back\n".to_string(),
+            );
+        }
         Ok(Err(error)) => {
             tracing::warn!(%error, "history query failed");
             return text(

@@ -8,5 +8,6 @@ pub mod demo;
 pub mod history_api;
 pub mod northbound;
 pub mod openapi;
+pub mod preflight;
 pub mod server;
 pub mod tls;

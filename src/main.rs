@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use business_connector::config::{Config, LogFormat};
-use business_connector::{demo, server};
+use business_connector::{demo, preflight, server};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -75,6 +75,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Some(path) => {
             let mut config = Config::load(path)?;
             if args.check_config {
+                // The files the config names, as the start would read them; no binding.
+                preflight::check(&config)?;
                 println!("config OK: {} cluster(s)", config.clusters.len());
                 return Ok(());
             }
@@ -96,19 +98,22 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     };
     let _log_writer = init_logging(config.log_format);
 
-    let listener =
-        TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
+    // Everything that can fail happens before the "serving" line: binding here, the
+    // files, the history and the clusters in server::start.
+    let listener = TcpListener::bind(config.listen)
+        .with_context(|| format!("listen {}: cannot bind", config.listen))?;
     let bound = listener.local_addr()?;
-    // Before the "serving" line: from then on a SIGHUP must not stop the gateway, and
-    // SIGTERM/SIGINT must drain it.
+    let clusters = config.clusters.len();
+    // From here on a SIGHUP must not stop the gateway, and SIGTERM/SIGINT must drain it.
     #[cfg(unix)]
     survive_hangup();
     let shutdown = shutdown_signal();
-    tracing::info!(listen = %bound, clusters = config.clusters.len(), "business-connector {} serving", env!("CARGO_PKG_VERSION"));
+    let started = server::start(listener, config).await?;
+    tracing::info!(listen = %bound, clusters, "business-connector {} serving", env!("CARGO_PKG_VERSION"));
     if demo_sim.is_some() {
         tracing::info!("{}", demo::curl_examples(&bound.to_string()));
     }
-    server::run(listener, config, shutdown).await?;
+    started.until(shutdown).await?;
     drop(demo_sim);
     tracing::info!("stopped");
     Ok(())

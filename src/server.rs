@@ -33,7 +33,7 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Tls(#[from] TlsError),
-    #[error("history: {0}")]
+    #[error("{0}")]
     History(#[from] HistoryApiError),
     #[error("dashboard: {0}")]
     Dashboard(#[from] DashboardError),
@@ -62,22 +62,42 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), ServerError> {
+    start(listener, config).await?.until(shutdown).await
+}
+
+/// A gateway that has done everything that can fail at start and is serving.
+pub struct Started {
+    server: actix_web::dev::Server,
+    draining: web::Data<Draining>,
+    drain: std::time::Duration,
+    sampler: actix_web::rt::task::JoinHandle<()>,
+    history: Option<Arc<history::History>>,
+}
+
+/// Everything that can fail at start, in one place and before anything is announced:
+/// the TLS files (and that key and certificate match), the history (an SQLite file is
+/// opened; a PostgreSQL server is only connected to by the history's writer, so an
+/// unreachable one does not stop the start), the dashboard users, the clusters'
+/// clients, the listener. Returns once the server accepts connections; `main` logs the
+/// "serving" line only after this succeeded.
+pub async fn start(listener: TcpListener, config: Config) -> Result<Started, ServerError> {
+    // Files first: nothing else has been started when one of them is missing.
+    let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let metrics = Arc::new(Metrics::new()?);
-    let history = history_api::open(&config.history, metrics.registry())?;
+    let history = history_api::open(&config.history, metrics.registry()).await?;
     let admin = web::Data::new(Admin::new(
         &config.dashboard,
         &config.history,
         history.clone(),
         metrics.clone(),
     )?);
-    let sampler = dashboard::start_sampler(admin.clone());
+    let access = Arc::new(Access::new(&config.access, &metrics)?);
     let router = Router::launch(
         &config.clusters,
         config.default_cluster.as_deref(),
         config.discovery_ttl(),
         metrics.clone(),
     )?;
-    let access = Arc::new(Access::new(&config.access, &metrics)?);
     let state = web::Data::new(AppState {
         router,
         metrics,
@@ -88,13 +108,13 @@ pub async fn run(
         history: history.clone(),
     });
     let draining = web::Data::new(Draining(AtomicBool::new(false)));
-    let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let workers = match config.workers {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
     let server = HttpServer::new({
         let draining = draining.clone();
+        let admin = admin.clone();
         move || {
             App::new()
                 .wrap(AccessGuard(access.clone()))
@@ -122,31 +142,55 @@ pub async fn run(
     .shutdown_timeout(config.shutdown_grace().as_secs().max(1));
     let server = match tls {
         Some((tls_config, resolver)) => {
+            let server = server.listen_rustls_0_23(listener, tls_config)?;
             tls::reload_on_sighup(resolver);
-            server.listen_rustls_0_23(listener, tls_config)?
+            server
         }
         None => server.listen(listener)?,
     }
     .run();
-    let handle = server.handle();
-    let drain = config.drain();
-    actix_web::rt::spawn(async move {
-        shutdown.await;
-        draining.0.store(true, Ordering::Relaxed);
-        tracing::info!(
-            drain_ms = drain.as_millis() as u64,
-            "draining: /readyz answers 503, still serving until the balancer stops sending"
-        );
-        // Not a synchronization: the balancer polls /readyz on its own clock, and this
-        // is the time it is given to notice before connections are refused.
-        actix_web::rt::time::sleep(drain).await;
-        tracing::info!("shutting down: no new connections, finishing in-flight requests");
-        handle.stop(true).await;
-    });
-    let served = server.await;
-    sampler.abort();
-    // After the last request: flush what is queued (SIGTERM must not lose records).
-    history_api::close(history).await;
-    served?;
-    Ok(())
+    let sampler = dashboard::start_sampler(admin);
+    Ok(Started {
+        server,
+        draining,
+        drain: config.drain(),
+        sampler,
+        history,
+    })
+}
+
+impl Started {
+    /// Serve until `shutdown` resolves, then drain, stop, and flush the history.
+    pub async fn until(
+        self,
+        shutdown: impl Future<Output = ()> + 'static,
+    ) -> Result<(), ServerError> {
+        let Started {
+            server,
+            draining,
+            drain,
+            sampler,
+            history,
+        } = self;
+        let handle = server.handle();
+        actix_web::rt::spawn(async move {
+            shutdown.await;
+            draining.0.store(true, Ordering::Relaxed);
+            tracing::info!(
+                drain_ms = drain.as_millis() as u64,
+                "draining: /readyz answers 503, still serving until the balancer stops sending"
+            );
+            // Not a synchronization: the balancer polls /readyz on its own clock, and this
+            // is the time it is given to notice before connections are refused.
+            actix_web::rt::time::sleep(drain).await;
+            tracing::info!("shutting down: no new connections, finishing in-flight requests");
+            handle.stop(true).await;
+        });
+        let served = server.await;
+        sampler.abort();
+        // After the last request: flush what is queued (SIGTERM must not lose records).
+        history_api::close(history).await;
+        served?;
+        Ok(())
+    }
 }

@@ -34,18 +34,24 @@ pub struct TlsConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("tls: {path}: {message}")]
-    File { path: String, message: String },
-    #[error("tls: certificate and key do not fit together: {0}")]
+    /// Names the key (`tls.cert_file`, ...) and the file.
+    #[error("{key} {path}: {message}")]
+    File {
+        key: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error("tls.key_file: the key does not belong to the certificate in tls.cert_file: {0}")]
     Key(rustls::Error),
-    #[error("tls: client_ca_file: {0}")]
+    #[error("tls.client_ca_file: {0}")]
     ClientVerifier(String),
     #[error("tls: {0}")]
     Config(rustls::Error),
 }
 
-fn file_error(path: &Path, message: impl ToString) -> TlsError {
+fn file_error(key: &'static str, path: &Path, message: impl ToString) -> TlsError {
     TlsError::File {
+        key,
         path: path.display().to_string(),
         message: message.to_string(),
     }
@@ -57,22 +63,25 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn read_certificates(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certificates = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
+        .map_err(|e| file_error(key, path, e))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path, e))?;
+        .map_err(|e| file_error(key, path, e))?;
     if certificates.is_empty() {
-        return Err(file_error(path, "no PEM certificate in the file"));
+        return Err(file_error(key, path, "no PEM certificate in the file"));
     }
     Ok(certificates)
 }
 
 /// Reads the chain and key and checks that they belong together.
 fn load_certified_key(config: &TlsConfig) -> Result<CertifiedKey, TlsError> {
-    let chain = read_certificates(&config.cert_file)?;
+    let chain = read_certificates("tls.cert_file", &config.cert_file)?;
     let key = PrivateKeyDer::from_pem_file(&config.key_file)
-        .map_err(|e| file_error(&config.key_file, e))?;
+        .map_err(|e| file_error("tls.key_file", &config.key_file, e))?;
     CertifiedKey::from_der(chain, key, &provider()).map_err(TlsError::Key)
 }
 
@@ -127,10 +136,14 @@ pub fn server_config(files: &TlsConfig) -> Result<(ServerConfig, Arc<ReloadingCe
         None => builder.with_no_client_auth(),
         Some(path) => {
             let mut roots = RootCertStore::empty();
-            for certificate in read_certificates(path)? {
-                roots
-                    .add(certificate)
-                    .map_err(|e| file_error(path, format!("not a CA certificate: {e}")))?;
+            for certificate in read_certificates("tls.client_ca_file", path)? {
+                roots.add(certificate).map_err(|e| {
+                    file_error(
+                        "tls.client_ca_file",
+                        path,
+                        format!("not a CA certificate: {e}"),
+                    )
+                })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()

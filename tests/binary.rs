@@ -3,87 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
+use common::binary::*;
 use common::*;
 use futures_util::future::join_all;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_business-connector");
-
-/// A running binary and the address it logged.
-struct Running {
-    child: Child,
-    addr: String,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Self {
-        Self::start_logging(args, "info")
-    }
-
-    fn start_logging(args: &[&str], filter: &str) -> Self {
-        let mut child = Command::new(BINARY)
-            .args(args)
-            .env("RUST_LOG", filter)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the binary starts");
-        let stdout = child.stdout.take().expect("stdout piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut seen = Vec::new();
-        let addr = loop {
-            let Ok(line) = lines.recv_timeout(Duration::from_secs(30)) else {
-                // Never leave a gateway running behind a failed test.
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("no 'serving' line; saw: {seen:#?}");
-            };
-            // Text format: `listen=ADDR`; JSON format: `"listen":"ADDR"`.
-            let text = line
-                .split("listen=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next());
-            let json = line
-                .split("\"listen\":\"")
-                .nth(1)
-                .and_then(|r| r.split('"').next());
-            if let Some(addr) = text.or(json) {
-                break addr.to_string();
-            }
-            seen.push(line);
-        };
-        Self { child, addr, lines }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn terminate(&self) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        let result = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(result, 0, "SIGTERM delivered");
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A config file for one cluster over `node`, with `extra` top-level keys (no drain
 /// unless `extra` sets `drain_ms`: no balancer watches these gateways).

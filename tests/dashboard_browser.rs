@@ -9,7 +9,8 @@
 //! `<pre id="errors">`, so the DOM dump shows them; Chromium's own console log
 //! (`--enable-logging=stderr`) is checked for uncaught errors too.
 //!
-//! Without `chromium` on the PATH the test prints a notice and passes (CI installs it).
+//! Without `chromium` on the PATH the test prints a SKIPPED line (on the real stderr, so
+//! cargo shows it) and passes; under `CI=true` it fails (CI installs Chromium).
 
 mod common;
 
@@ -88,9 +89,9 @@ async fn run_chromium(binary: PathBuf, extra: Vec<String>) -> Run {
 #[actix_web::test]
 async fn the_dashboard_renders_the_cluster_and_a_fresh_login_in_chromium() {
     let Some(chromium) = chromium() else {
-        println!(
-            "skipped: `chromium` is not installed (apt-get install -y chromium); \
-             the dashboard was not tested in a browser"
+        common::binary::skip_or_fail(
+            "the_dashboard_renders_the_cluster_and_a_fresh_login_in_chromium",
+            "`chromium` is not installed (apt-get install -y chromium); the dashboard was not tested in a browser",
         );
         return;
     };

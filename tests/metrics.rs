@@ -154,6 +154,7 @@ async fn a_mixed_workload_shows_in_every_family() {
     for name in [
         "bc_history_dropped_total",
         "bc_history_written_total",
+        "bc_history_store_up",
         "bc_dashboard_auth_failures_total",
     ] {
         assert!(after.contains(&format!("\n{name} ")), "{name} is exported");

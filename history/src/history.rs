@@ -8,6 +8,12 @@
 //! record (a futex call and a context switch, often on the core that serves requests)
 //! cost more than the insert itself. It purges records older than `retention_days` in
 //! small chunks. Queries use their own connection, so they never wait for the writer.
+//!
+//! The writer connects to its store itself (a PostgreSQL client must not be used on an
+//! async executor thread). While the store is unreachable, at start or later, records
+//! wait in the queue, the writer reconnects with back-off (`link`), `bc_history_store_up`
+//! is 0 and `query` fails at once with [`HistoryError::StoreDown`]; when the store is back
+//! the records that waited are written. Only what overflows the queue is dropped.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -15,10 +21,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use prometheus::{IntCounter, Registry};
+use prometheus::{IntCounter, IntGauge, Registry};
 
 use crate::config::HistoryConfig;
 use crate::filter::Filter;
+use crate::link::StoreLink;
 use crate::postgres::PostgresStore;
 use crate::priority::{self, WriterPriority};
 use crate::record::{truncate_at_char_boundary, Record, UtcMillis, MAX_FIELD_BYTES};
@@ -44,6 +51,9 @@ const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Polling step while waiting for queue space or the writer's exit.
 const POLL_STEP: Duration = Duration::from_millis(2);
+/// How long `open` waits for the writer's first connect, so a reachable store is up
+/// before the gateway announces itself; an unreachable one does not hold the start.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -55,6 +65,8 @@ pub enum HistoryError {
     Timeout(&'static str),
     #[error("the history writer has stopped")]
     Stopped,
+    #[error("the history database is unreachable (records wait in the queue until it is back)")]
+    StoreDown,
 }
 
 /// The history's series, made by the caller so they live in the gateway's registry.
@@ -65,6 +77,10 @@ pub struct HistoryMetrics {
     pub dropped: IntCounter,
     /// `bc_history_written_total`: records committed to the database.
     pub written: IntCounter,
+    /// `bc_history_store_up`: 0 while the writer cannot reach the database (records
+    /// wait in the queue meanwhile, it reconnects), else 1 (the gateway also sets 1 when
+    /// recording is off: there is nothing to wait for).
+    pub store_up: IntGauge,
 }
 
 impl HistoryMetrics {
@@ -73,6 +89,7 @@ impl HistoryMetrics {
         let metrics = Self::unregistered()?;
         registry.register(Box::new(metrics.dropped.clone()))?;
         registry.register(Box::new(metrics.written.clone()))?;
+        registry.register(Box::new(metrics.store_up.clone()))?;
         Ok(metrics)
     }
 
@@ -86,6 +103,10 @@ impl HistoryMetrics {
             written: IntCounter::new(
                 "bc_history_written_total",
                 "History records written to the database",
+            )?,
+            store_up: IntGauge::new(
+                "bc_history_store_up",
+                "0 while the history database is unreachable and records wait for it, else 1",
             )?,
         })
     }
@@ -128,6 +149,8 @@ pub struct History {
     metrics: HistoryMetrics,
     drop_warning: RateLimitedWarning,
     instance: String,
+    /// Taken by the first `wait_for_first_connect`.
+    first_connect_done: Mutex<Option<Receiver<()>>>,
 }
 
 impl std::fmt::Debug for History {
@@ -140,14 +163,16 @@ impl std::fmt::Debug for History {
 
 impl History {
     /// Open the database named by `config` (PostgreSQL when `url` is set, else the SQLite
-    /// file), create its schema, and start the writer thread. Fails when the database
-    /// cannot be opened: a wrong `[history]` setting should stop the start, not lose
-    /// every record silently.
+    /// file), create its schema, and start the writer thread. An SQLite file that cannot
+    /// be opened fails here: a wrong `[history] path` should stop the start, not lose
+    /// every record silently. A PostgreSQL database is a remote service: only a
+    /// malformed URL fails; an unreachable server is retried by the writer (see the
+    /// module doc). Blocks for at most `FIRST_CONNECT_WAIT` (call it off async threads).
     pub fn open(config: &HistoryConfig, metrics: HistoryMetrics) -> Result<History, HistoryError> {
         let (writer_store, reader): (Box<dyn Store>, Box<dyn Store>) = match &config.url {
             Some(url) => (
-                Box::new(PostgresStore::connect(url)?),
-                Box::new(PostgresStore::connect_read_only(url)?),
+                Box::new(PostgresStore::new(url)?),
+                Box::new(PostgresStore::new_read_only(url)?),
             ),
             None => {
                 // The writer first: it creates the file and schema the reader needs.
@@ -175,7 +200,10 @@ impl History {
         config: &HistoryConfig,
         metrics: HistoryMetrics,
     ) -> Result<History, HistoryError> {
-        Self::start_with_interval(writer_store, reader, config, metrics, WRITE_INTERVAL)
+        let history =
+            Self::start_with_interval(writer_store, reader, config, metrics, WRITE_INTERVAL)?;
+        history.wait_for_first_connect(FIRST_CONNECT_WAIT);
+        Ok(history)
     }
 
     fn start_with_interval(
@@ -191,8 +219,12 @@ impl History {
         let (records, record_queue) = mpsc::sync_channel(capacity);
         let (control, control_queue) = mpsc::sync_channel(CONTROL_CAPACITY);
         let queued = Arc::new(AtomicUsize::new(0));
+        let (first_connect, first_connect_done) = mpsc::sync_channel(1);
+        metrics.store_up.set(0);
         let writer = Writer {
             store: writer_store,
+            link: StoreLink::new(Instant::now()),
+            first_connect: Some(first_connect),
             records: record_queue,
             control: control_queue,
             queued: queued.clone(),
@@ -202,6 +234,7 @@ impl History {
             metrics: metrics.clone(),
             retention_days: config.retention_days,
             failure_warning: RateLimitedWarning::new(WARNING_INTERVAL),
+            capacity,
         };
         let handle = std::thread::Builder::new()
             .name("history-writer".to_string())
@@ -219,7 +252,21 @@ impl History {
             metrics,
             drop_warning: RateLimitedWarning::new(WARNING_INTERVAL),
             instance,
+            first_connect_done: Mutex::new(Some(first_connect_done)),
         })
+    }
+
+    /// Wait (at most `timeout`) until the writer's first connect attempt has ended,
+    /// whatever its outcome.
+    fn wait_for_first_connect(&self, timeout: Duration) {
+        if let Some(done) = lock(&self.first_connect_done).take() {
+            let _ = done.recv_timeout(timeout);
+        }
+    }
+
+    /// Whether the writer can reach the database now (`bc_history_store_up`).
+    pub fn store_up(&self) -> bool {
+        self.metrics.store_up.get() == 1
     }
 
     /// Queue `record` for writing. Never blocks and never fails: when the queue is full
@@ -255,12 +302,18 @@ impl History {
     /// The records `filter` selects, newest first. Blocking (a database round trip):
     /// from async code call it through `spawn_blocking` / `actix_web::web::block`.
     /// Queries share one read connection, one at a time.
+    /// While the writer cannot reach the database this fails at once with
+    /// [`HistoryError::StoreDown`] instead of waiting for a connect timeout.
     pub fn query(&self, filter: &Filter) -> Result<Vec<Record>, HistoryError> {
+        if !self.store_up() {
+            return Err(HistoryError::StoreDown);
+        }
         Ok(lock(&self.reader).query(filter)?)
     }
 
     /// Wait until everything recorded before this call is written (or failed and was
-    /// counted), at most `timeout`.
+    /// counted), at most `timeout`. While the database is unreachable it returns at once:
+    /// the records keep waiting in the queue.
     pub fn flush(&self, timeout: Duration) -> Result<(), HistoryError> {
         let deadline = Instant::now() + timeout;
         let (done, done_receiver) = mpsc::sync_channel(1);
@@ -271,8 +324,10 @@ impl History {
     }
 
     /// Write everything queued and stop the writer, waiting at most `timeout` (the
-    /// gateway calls this on SIGTERM). Records recorded afterwards are dropped and
-    /// counted. Calling it again returns at once.
+    /// gateway calls this on SIGTERM). A database still unreachable gets one more
+    /// connect attempt; what cannot be written then is dropped, counted and logged.
+    /// Records recorded afterwards are dropped and counted. Calling it again returns at
+    /// once.
     pub fn shutdown(&self, timeout: Duration) -> Result<(), HistoryError> {
         let deadline = Instant::now() + timeout;
         let Some(handle) = lock(&self.writer).take() else {
@@ -356,10 +411,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Writer {
     store: Box<dyn Store>,
+    /// Up, or down until the next reconnect attempt.
+    link: StoreLink,
+    /// Told once the first connect attempt has ended (`History::open` waits for it).
+    first_connect: Option<SyncSender<()>>,
     records: Receiver<Record>,
     control: Receiver<Control>,
     queued: Arc<AtomicUsize>,
-    /// Reused between writes.
+    /// Records taken from the queue and not yet written: reused between writes, and
+    /// kept across an outage so the batch that failed is written when the store is back.
     batch: Vec<Record>,
     /// `WRITE_INTERVAL`, or longer in tests.
     write_interval: Duration,
@@ -367,6 +427,8 @@ struct Writer {
     metrics: HistoryMetrics,
     retention_days: u32,
     failure_warning: RateLimitedWarning,
+    /// The record queue's capacity (for the log lines).
+    capacity: usize,
 }
 
 impl Writer {
@@ -378,18 +440,25 @@ impl Writer {
                 "history writer keeps the normal CPU priority"
             );
         }
+        self.try_connect();
+        if let Some(done) = self.first_connect.take() {
+            let _ = done.send(());
+        }
         let mut next_write = Instant::now() + self.write_interval;
         let mut next_purge = (self.retention_days > 0).then(Instant::now);
         loop {
             let now = Instant::now();
-            if now >= next_write {
+            if now >= next_write || self.link.attempt_due(now) {
                 self.write_queued();
                 next_write = Instant::now() + self.write_interval;
             }
-            if next_purge.is_some_and(|due| now >= due) {
+            if next_purge.is_some_and(|due| now >= due) && self.link.is_up() {
                 next_purge = self.purge_step();
             }
-            let wake_at = next_purge.map_or(next_write, |purge| purge.min(next_write));
+            let mut wake_at = next_purge.map_or(next_write, |purge| purge.min(next_write));
+            if let Some(retry_at) = self.link.retry_at() {
+                wake_at = wake_at.min(retry_at);
+            }
             match self
                 .control
                 .recv_timeout(wake_at.saturating_duration_since(Instant::now()))
@@ -414,7 +483,7 @@ impl Writer {
                             tracing::debug!(%error, "the final history flush runs at idle priority");
                         }
                     }
-                    self.write_queued();
+                    self.final_write();
                     return;
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -422,38 +491,98 @@ impl Writer {
         }
     }
 
+    /// Connect when the store is down and an attempt is due; true when it is up.
+    fn connected(&mut self) -> bool {
+        if self.link.attempt_due(Instant::now()) {
+            self.try_connect();
+        }
+        self.link.is_up()
+    }
+
+    fn try_connect(&mut self) {
+        match self.store.connect() {
+            Ok(()) => {
+                if let Some(down_for) = self.link.connected(Instant::now()) {
+                    self.metrics.store_up.set(1);
+                    let waiting = self.queued.load(Ordering::Relaxed) + self.batch.len();
+                    if waiting > 0 || down_for > FIRST_CONNECT_WAIT {
+                        tracing::info!(
+                            down_ms = u64::try_from(down_for.as_millis()).unwrap_or(u64::MAX),
+                            waiting,
+                            "history database reachable again; writing the records that waited"
+                        );
+                    }
+                }
+            }
+            Err(error) => self.store_failed(&error),
+        }
+    }
+
+    /// The store cannot be reached: records wait, the writer retries with back-off.
+    fn store_failed(&mut self, error: &StoreError) {
+        let went_down = self.link.failed(Instant::now());
+        self.metrics.store_up.set(0);
+        if went_down || self.failure_warning.due() {
+            let retry_in = self.link.retry_at().map_or(0, |at| {
+                at.saturating_duration_since(Instant::now()).as_millis()
+            });
+            tracing::warn!(
+                %error,
+                queue_capacity = self.capacity,
+                retry_in_ms = u64::try_from(retry_in).unwrap_or(u64::MAX),
+                "history database unreachable: records wait in the queue (beyond its \
+                 capacity they are dropped and counted); reconnecting with back-off"
+            );
+        }
+    }
+
     /// Write what is on the record queue now, in transactions of at most
     /// `BATCH_MAX_RECORDS`. Only what was queued on entry (and what arrives meanwhile, up
     /// to the last transaction): a flood faster than the database must not keep the
-    /// writer from its control messages (a flush or shutdown waiting) for ever.
+    /// writer from its control messages (a flush or shutdown waiting) for ever. While
+    /// the store is down nothing is taken: the records wait on the queue.
     fn write_queued(&mut self) {
-        let mut batch = std::mem::take(&mut self.batch);
         let mut budget = self.queued.load(Ordering::Relaxed).max(1);
         loop {
+            if !self.connected() {
+                return;
+            }
+            let mut batch = std::mem::take(&mut self.batch);
             while batch.len() < BATCH_MAX_RECORDS {
                 match self.records.try_recv() {
-                    Ok(record) => batch.push(record),
+                    Ok(record) => {
+                        self.queued.fetch_sub(1, Ordering::Relaxed);
+                        budget = budget.saturating_sub(1);
+                        batch.push(record);
+                    }
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
             let full = batch.len() >= BATCH_MAX_RECORDS;
-            budget = budget.saturating_sub(batch.len());
-            self.write(&mut batch);
-            if !full || budget == 0 {
-                break;
+            let written = self.write(&mut batch);
+            self.batch = batch;
+            if !written || !full || budget == 0 {
+                return;
             }
         }
-        self.batch = batch;
     }
 
-    fn write(&mut self, batch: &mut Vec<Record>) {
+    /// Write `batch`; false when the store turned out to be down (the batch is kept for
+    /// the next attempt). A batch refused for any other reason is dropped and counted.
+    fn write(&mut self, batch: &mut Vec<Record>) -> bool {
         if batch.is_empty() {
-            return;
+            return true;
         }
         let count = batch.len() as u64;
         match self.store.write_batch(batch) {
-            Ok(()) => self.metrics.written.inc_by(count),
+            Ok(()) => {
+                self.metrics.written.inc_by(count);
+                self.link.wrote();
+            }
+            Err(error) if error.is_unavailable() => {
+                self.store_failed(&error);
+                return false;
+            }
             Err(error) => {
                 self.metrics.dropped.inc_by(count);
                 if self.failure_warning.due() {
@@ -468,6 +597,35 @@ impl Writer {
             }
         }
         batch.clear();
+        true
+    }
+
+    /// On shutdown: a store still down gets one more attempt at once, then whatever
+    /// could not be written is counted as dropped and logged.
+    fn final_write(&mut self) {
+        if !self.link.is_up() {
+            self.try_connect();
+        }
+        self.write_queued();
+        let mut lost = self.batch.len();
+        self.batch.clear();
+        while self.records.try_recv().is_ok() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            lost += 1;
+        }
+        if lost > 0 {
+            self.metrics.dropped.inc_by(lost as u64);
+            let reason = if self.link.is_up() {
+                "more were queued than one final write takes"
+            } else {
+                "the history database is unreachable"
+            };
+            tracing::error!(
+                records = lost,
+                reason,
+                "history records not written at shutdown"
+            );
+        }
     }
 
     /// Delete one chunk of expired records; returns when the next step is due: at once
@@ -577,6 +735,129 @@ mod tests {
         assert_eq!(metrics.written.get(), 50);
         assert_eq!(metrics.dropped.get(), 0);
         history.shutdown(Duration::from_secs(5)).expect("shutdown");
+    }
+
+    /// A store that is down while `down` is set: connect and writes fail as unavailable.
+    struct FlakyStore {
+        down: Arc<std::sync::atomic::AtomicBool>,
+        rows: Arc<AtomicUsize>,
+    }
+
+    impl Store for FlakyStore {
+        fn connect(&mut self) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("connection refused".into()));
+            }
+            Ok(())
+        }
+        fn write_batch(&mut self, records: &[Record]) -> Result<(), StoreError> {
+            self.connect()?;
+            self.rows.fetch_add(records.len(), Ordering::SeqCst);
+            Ok(())
+        }
+        fn query(&mut self, _filter: &Filter) -> Result<Vec<Record>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn purge_older_than(&mut self, _cutoff: UtcMillis, _max: u32) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+    }
+
+    fn wait_for(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(POLL_STEP);
+        }
+    }
+
+    #[test]
+    fn records_wait_while_the_store_is_down_and_are_written_once_it_is_back() {
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let rows = Arc::new(AtomicUsize::new(0));
+        let store = || FlakyStore {
+            down: down.clone(),
+            rows: rows.clone(),
+        };
+        let config = HistoryConfig {
+            queue_capacity: 1000,
+            retention_days: 0,
+            ..HistoryConfig::default()
+        };
+        let metrics = HistoryMetrics::unregistered().expect("metrics");
+        let history = History::start_with_interval(
+            Box::new(store()),
+            Box::new(store()),
+            &config,
+            metrics.clone(),
+            Duration::from_millis(20),
+        )
+        .expect("history");
+        history.wait_for_first_connect(Duration::from_secs(5));
+        // Down at start: nothing written, nothing dropped, queries refused at once.
+        assert!(!history.store_up());
+        let record = || {
+            Record::new(
+                crate::record::Operation::Login,
+                0,
+                crate::record::Source::Cucm,
+            )
+        };
+        for _ in 0..10 {
+            history.record(record());
+        }
+        history.flush(Duration::from_secs(5)).expect("flush");
+        assert_eq!((metrics.written.get(), metrics.dropped.get()), (0, 0));
+        assert!(matches!(
+            history.query(&Filter::default()),
+            Err(HistoryError::StoreDown)
+        ));
+        // Back: the ten that waited are written.
+        down.store(false, Ordering::SeqCst);
+        wait_for("the waiting records are written", || {
+            metrics.written.get() == 10
+        });
+        assert!(history.store_up());
+        // Down in the middle: the failed batch is kept and written after the outage.
+        down.store(true, Ordering::SeqCst);
+        for _ in 0..5 {
+            history.record(record());
+        }
+        wait_for("the writer notices", || !history.store_up());
+        down.store(false, Ordering::SeqCst);
+        wait_for("the batch that failed is written", || {
+            metrics.written.get() == 15
+        });
+        assert_eq!(metrics.dropped.get(), 0);
+        assert_eq!(rows.load(Ordering::SeqCst), 15);
+        history.shutdown(Duration::from_secs(5)).expect("shutdown");
+    }
+
+    #[test]
+    fn a_store_still_down_at_shutdown_counts_what_waited_as_dropped() {
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let rows = Arc::new(AtomicUsize::new(0));
+        let store = || FlakyStore {
+            down: down.clone(),
+            rows: rows.clone(),
+        };
+        let metrics = HistoryMetrics::unregistered().expect("metrics");
+        let history = History::with_stores(
+            Box::new(store()),
+            Box::new(store()),
+            &HistoryConfig::default(),
+            metrics.clone(),
+        )
+        .expect("history");
+        for _ in 0..3 {
+            history.record(Record::new(
+                crate::record::Operation::Logout,
+                0,
+                crate::record::Source::Cucm,
+            ));
+        }
+        history.shutdown(Duration::from_secs(5)).expect("shutdown");
+        assert_eq!((metrics.written.get(), metrics.dropped.get()), (0, 3));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod filter;
 pub mod history;
+pub mod link;
 pub mod password;
 pub mod postgres;
 pub mod priority;

@@ -1,10 +1,14 @@
 //! The shared backend: one PostgreSQL database for every gateway instance,
-//! `[history] url = "postgres://user@host:port/db"`. The schema is created on start.
+//! `[history] url = "postgres://user@host:port/db"`. The schema is created by the first
+//! writer that connects, under an advisory lock, so instances starting together against
+//! an empty database all come up.
 //!
 //! This uses the synchronous `postgres` crate, which runs its own small Tokio runtime
 //! inside each call: call it from a plain thread (the writer) or from `spawn_blocking` /
-//! `web::block` (queries), never directly on an async executor thread. Connections are
-//! plain TCP (`NoTls`): put the database on a trusted network or a local socket.
+//! `web::block` (queries), never directly on an async executor thread (it panics there).
+//! That is why [`PostgresStore::new`] does not connect: the writer thread does, through
+//! [`Store::connect`]. Connections are plain TCP (`NoTls`): put the database on a
+//! trusted network or a local socket.
 
 use std::time::Duration;
 
@@ -20,6 +24,19 @@ use crate::store::{
 
 /// Used when the URL does not set `connect_timeout`: nothing waits forever.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Used when the URL does not set `tcp_user_timeout`: data sent to a server that has
+/// vanished without a reset (a network cut) fails the connection after this, instead of
+/// holding the writer for the kernel's ~15 minutes of retransmissions.
+const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCP keepalive on idle connections when the URL does not set it: a cut is found
+/// within idle + interval × retries (about a minute), not two hours.
+const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+const DEFAULT_KEEPALIVES_RETRIES: u32 = 3;
+/// `statement_timeout` when the URL sets no `options`: a statement stuck on a lock is
+/// cancelled (SQLSTATE 57014, retried like an unavailable database) rather than holding
+/// the writer, and with it every record, for ever.
+const DEFAULT_STATEMENT_TIMEOUT_OPTION: &str = "-c statement_timeout=60000";
 
 /// Serializes schema creation when several instances start at once (any constant
 /// unlikely to collide with another application's advisory locks on the same database).
@@ -79,29 +96,62 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
-    /// Connect for writing and create or check the schema.
+    /// A store for writing, not connected yet: the first [`Store::connect`] or write
+    /// connects and creates or checks the schema. Fails only on a malformed URL.
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        Self::with_access(url, Access::ReadWrite)
+    }
+
+    /// A store for queries only, not connected yet (the first query connects).
+    pub fn new_read_only(url: &str) -> Result<Self, StoreError> {
+        Self::with_access(url, Access::ReadOnly)
+    }
+
+    /// Connect for writing now and create or check the schema (tools and tests).
     pub fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::connect_with(url, Access::ReadWrite)
+        let mut store = Self::new(url)?;
+        store.client()?;
+        Ok(store)
     }
 
-    /// Connect for queries only.
+    /// Connect for queries only, now.
     pub fn connect_read_only(url: &str) -> Result<Self, StoreError> {
-        Self::connect_with(url, Access::ReadOnly)
+        let mut store = Self::new_read_only(url)?;
+        store.client()?;
+        Ok(store)
     }
 
-    fn connect_with(url: &str, access: Access) -> Result<Self, StoreError> {
+    fn with_access(url: &str, access: Access) -> Result<Self, StoreError> {
         let mut config: Config = url.parse()?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(DEFAULT_TCP_USER_TIMEOUT);
+        }
+        if config.get_keepalives_interval().is_none() && config.get_keepalives_retries().is_none() {
+            config
+                .keepalives_idle(DEFAULT_KEEPALIVES_IDLE)
+                .keepalives_interval(DEFAULT_KEEPALIVES_INTERVAL)
+                .keepalives_retries(DEFAULT_KEEPALIVES_RETRIES);
+        }
+        if config.get_options().is_none() {
+            config.options(DEFAULT_STATEMENT_TIMEOUT_OPTION);
+        }
         config.application_name("business-connector-history");
-        let mut store = Self {
+        Ok(Self {
             config,
             access,
             client: None,
-        };
-        store.client()?;
-        Ok(store)
+        })
+    }
+
+    /// After an error that says the connection is gone, forget it: the next call
+    /// connects afresh instead of failing on the dead one.
+    fn forget_connection_after(&mut self, error: &StoreError) {
+        if error.is_unavailable() {
+            self.client = None;
+        }
     }
 
     /// The live connection, connecting (and, for the writer, migrating) when there is
@@ -158,7 +208,51 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
 }
 
 impl Store for PostgresStore {
+    fn connect(&mut self) -> Result<(), StoreError> {
+        let result = self.client().map(|_| ());
+        if let Err(error) = &result {
+            self.forget_connection_after(error);
+        }
+        result
+    }
+
     fn write_batch(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        let result = self.insert(records);
+        if let Err(error) = &result {
+            self.forget_connection_after(error);
+        }
+        result
+    }
+
+    fn query(&mut self, filter: &Filter) -> Result<Vec<Record>, StoreError> {
+        match self.select(filter) {
+            // A connection that broke since the last query (a database restart): one
+            // more try on a fresh one before the caller sees an error.
+            Err(error) if error.is_unavailable() => {
+                self.client = None;
+                self.select(filter)
+            }
+            other => other,
+        }
+    }
+
+    fn purge_older_than(&mut self, cutoff: UtcMillis, max_rows: u32) -> Result<u64, StoreError> {
+        let result = self.client().and_then(|client| {
+            Ok(client.execute(
+                "DELETE FROM history WHERE id IN \
+                 (SELECT id FROM history WHERE time_ms < $1 ORDER BY time_ms LIMIT $2)",
+                &[&cutoff.0, &i64::from(max_rows)],
+            )?)
+        });
+        if let Err(error) = &result {
+            self.forget_connection_after(error);
+        }
+        result
+    }
+}
+
+impl PostgresStore {
+    fn insert(&mut self, records: &[Record]) -> Result<(), StoreError> {
         // Column arrays + UNNEST: a whole batch in one statement and one round trip.
         let times: Vec<i64> = records.iter().map(|record| record.time.0).collect();
         let operations: Vec<&str> = records.iter().map(|r| r.operation.as_str()).collect();
@@ -202,7 +296,7 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    fn query(&mut self, filter: &Filter) -> Result<Vec<Record>, StoreError> {
+    fn select(&mut self, filter: &Filter) -> Result<Vec<Record>, StoreError> {
         let (sql, values) = select_statement(filter, Placeholders::DollarNumbered);
         let parameters: Vec<&(dyn ToSql + Sync)> = values
             .iter()
@@ -232,14 +326,5 @@ impl Store for PostgresStore {
             records.push(Record::try_from(raw)?);
         }
         Ok(records)
-    }
-
-    fn purge_older_than(&mut self, cutoff: UtcMillis, max_rows: u32) -> Result<u64, StoreError> {
-        let deleted = self.client()?.execute(
-            "DELETE FROM history WHERE id IN \
-             (SELECT id FROM history WHERE time_ms < $1 ORDER BY time_ms LIMIT $2)",
-            &[&cutoff.0, &i64::from(max_rows)],
-        )?;
-        Ok(deleted)
     }
 }

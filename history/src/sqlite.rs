@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params_from_iter, Connection, OpenFlags, ToSql};
+use rusqlite::{params_from_iter, Connection, OpenFlags, ToSql, TransactionBehavior};
 
 use crate::filter::Filter;
 use crate::record::{Record, UtcMillis};
@@ -16,8 +16,11 @@ use crate::store::{
     SCHEMA_VERSION,
 };
 
-/// How long a statement waits for a lock held by another connection (a checkpoint, a
-/// second gateway process by mistake) before failing, instead of failing at once.
+/// How long a statement waits for a lock held by another connection (a checkpoint, the
+/// other gateway process during a rolling restart) before failing, instead of failing
+/// at once. Writes take the lock at the start of their transaction (`IMMEDIATE`), so the
+/// wait applies to them too: a read transaction that later upgrades to a write would get
+/// `SQLITE_BUSY` at once, busy_timeout or not.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The writer's page cache, in KiB (SQLite's negative `cache_size`). Every batch adds
 /// entries all over the device and user indexes; with SQLite's default 2 MiB those pages
@@ -86,6 +89,21 @@ impl SqliteStore {
         Ok(Self { connection })
     }
 
+    /// Whether an existing file is a history this version can use, without writing to
+    /// it (`--check-config`): an SQLite database whose schema is not newer than ours.
+    pub fn check_existing(path: &Path) -> Result<(), StoreError> {
+        let connection = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        connection.busy_timeout(BUSY_TIMEOUT)?;
+        let found: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        Ok(())
+    }
+
     /// The journal mode in force (`wal` after `open`).
     pub fn journal_mode(&self) -> Result<String, StoreError> {
         Ok(self
@@ -94,7 +112,9 @@ impl SqliteStore {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let transaction = self.connection.transaction()?;
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let found: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
         if found > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew {
@@ -123,7 +143,9 @@ impl ToSql for SqlValue {
 
 impl Store for SqliteStore {
     fn write_batch(&mut self, records: &[Record]) -> Result<(), StoreError> {
-        let transaction = self.connection.transaction()?;
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut insert = transaction.prepare_cached(&format!(
                 "INSERT INTO history ({COLUMNS}) \

@@ -17,11 +17,65 @@ pub enum StoreError {
     SchemaTooNew { found: i64, supported: i64 },
     #[error("a stored record is unreadable: {0}")]
     Corrupt(#[from] RecordError),
+    /// The database cannot be reached, from a backend that has no error type of its own
+    /// for it (or a test double).
+    #[error("unreachable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// The database cannot be reached or cannot take writes right now (connection
+    /// refused or broken, server shutting down or out of resources): the records are
+    /// kept and written once it is back. Any other error is about the records or the
+    /// statement, and retrying the same batch would fail the same way.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Postgres(error) => postgres_unavailable(error),
+            StoreError::Unavailable(_) => true,
+            StoreError::Sqlite(_) | StoreError::SchemaTooNew { .. } | StoreError::Corrupt(_) => {
+                false
+            }
+        }
+    }
+}
+
+/// No answer from the server at all (connect, I/O, closed connection, timeout), or an
+/// SQLSTATE that says "not now": class 08 connection exception, 53 insufficient
+/// resources, 57P admin/crash shutdown or starting up, 57014 cancelled (the
+/// `statement_timeout` the writer sets: stuck on a lock), 58 system error, 25006
+/// read-only (a failover to a standby).
+fn postgres_unavailable(error: &postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    let Some(database_error) = error.as_db_error() else {
+        // Conversion errors are the only ones without a server or transport behind
+        // them; they come with a source that is not an I/O error.
+        return !is_conversion_error(error);
+    };
+    let code = database_error.code().code();
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code == "57014"
+        || code.starts_with("58")
+        || code == "25006"
+}
+
+fn is_conversion_error(error: &postgres::Error) -> bool {
+    let text = error.to_string();
+    text.starts_with("error serializing") || text.starts_with("error deserializing")
 }
 
 /// A place records are written to and read from. A `Store` is one connection: the
 /// writer thread owns one, queries use another.
 pub trait Store: Send {
+    /// Make sure a connection is open (PostgreSQL: connect and create the schema). The
+    /// writer calls it at start and after the store was unavailable. SQLite opens its
+    /// file in its constructor, so the default does nothing.
+    fn connect(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Write every record, in one transaction: all or nothing.
     fn write_batch(&mut self, records: &[Record]) -> Result<(), StoreError>;
     /// The records `filter` selects, newest first (ties: last written first), at most

@@ -208,3 +208,43 @@ fn failed_writes_are_counted_as_dropped_and_the_writer_survives() {
     assert_eq!(metrics.written.get(), 0);
     history.shutdown(FLUSH).expect("shutdown");
 }
+
+/// Two writers on one file at once (two gateway processes during a rolling restart):
+/// every batch of both is written, none fails on the other's lock. Store level, so the
+/// writes really overlap: two threads, each committing small batches as fast as it can.
+#[test]
+fn two_writers_share_one_file() {
+    const BATCHES: usize = 300;
+    let directory = tempfile::tempdir().expect("temp dir");
+    let path = directory.path().join("shared.sqlite");
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|scope| {
+        for writer in 0..2 {
+            let (path, barrier) = (&path, &barrier);
+            scope.spawn(move || {
+                barrier.wait();
+                // Both open (and migrate) at the same moment too.
+                let mut store = SqliteStore::open(path).expect("open");
+                let reader = SqliteStore::open_read_only(path).expect("open read-only");
+                drop(reader);
+                for batch in 0..BATCHES {
+                    let records: Vec<Record> = (0..10)
+                        .map(|n| {
+                            let mut record = Record::new(Operation::Login, 0, Source::Cucm);
+                            record.device = Some(format!("SEP{writer}{batch:05}{n}"));
+                            record
+                        })
+                        .collect();
+                    if let Err(error) = store.write_batch(&records) {
+                        panic!("writer {writer}, batch {batch}: {error}");
+                    }
+                }
+            });
+        }
+    });
+    let connection = rusqlite::Connection::open(&path).expect("open raw");
+    let rows: i64 = connection
+        .query_row("SELECT count(*) FROM history", [], |row| row.get(0))
+        .expect("count");
+    assert_eq!(rows, 2 * BATCHES as i64 * 10);
+}

@@ -1,6 +1,8 @@
 //! The history's behaviour, run against every backend: SQLite always, PostgreSQL when
-//! `BC_TEST_POSTGRES_URL` is set (see `ci-postgres.sh`; otherwise those tests say they
-//! are skipped and pass). Each PostgreSQL test gets a database of its own.
+//! `BC_TEST_POSTGRES_URL` is set (see `ci-postgres.sh`). Without it the PostgreSQL tests
+//! print a SKIPPED line that cargo shows, and under `CI=true` they fail: in CI a missing
+//! service is a failure, never a silent pass. Each PostgreSQL test gets a database of
+//! its own.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -17,6 +19,16 @@ const FLUSH: Duration = Duration::from_secs(10);
 enum Backend {
     Sqlite,
     Postgres,
+}
+
+/// A test that cannot run here: under `CI=true` that is a failure; elsewhere one line on
+/// the real stderr (not the captured one, so cargo shows it for a passing test).
+fn skip_or_fail(test: &str, reason: &str) {
+    if std::env::var("CI").is_ok_and(|value| value == "true") {
+        panic!("{test}: {reason}, and CI=true: a missing service fails the run");
+    }
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {reason}");
 }
 
 /// A fresh, empty history database for one test; removed when dropped.
@@ -41,7 +53,10 @@ impl Fixture {
             Backend::Sqlite => None,
             Backend::Postgres => {
                 let Ok(admin_url) = std::env::var("BC_TEST_POSTGRES_URL") else {
-                    eprintln!("{test}: skipped on PostgreSQL (BC_TEST_POSTGRES_URL is not set; see history/ci-postgres.sh)");
+                    skip_or_fail(
+                        test,
+                        "PostgreSQL: BC_TEST_POSTGRES_URL is not set (see history/ci-postgres.sh)",
+                    );
                     return None;
                 };
                 let database = PostgresTestDatabase::create(&admin_url);
@@ -555,4 +570,99 @@ fn postgres_store_debug_hides_the_password() {
     if let Some(password) = password.filter(|password| !password.is_empty()) {
         assert!(!debug.contains(&password), "{debug}");
     }
+}
+
+/// Instances started at the same instant against an empty database all come up: the
+/// schema is created once, under an advisory lock, and the others find it.
+#[test]
+fn postgres_instances_starting_together_on_an_empty_database_all_come_up() {
+    const INSTANCES: usize = 6;
+    for round in 0..3 {
+        let Some(fixture) = Fixture::new(
+            Backend::Postgres,
+            "postgres_instances_starting_together_on_an_empty_database_all_come_up",
+        ) else {
+            return;
+        };
+        let barrier = std::sync::Barrier::new(INSTANCES);
+        let histories: Vec<(History, HistoryMetrics)> = std::thread::scope(|scope| {
+            let started: Vec<_> = (0..INSTANCES)
+                .map(|n| {
+                    let barrier = &barrier;
+                    let config = HistoryConfig {
+                        instance: format!("gw{n}"),
+                        ..fixture.config.clone()
+                    };
+                    let fixture = &fixture;
+                    scope.spawn(move || {
+                        barrier.wait();
+                        fixture.open_with(&config)
+                    })
+                })
+                .collect();
+            started
+                .into_iter()
+                .map(|handle| handle.join().expect("open did not panic"))
+                .collect()
+        });
+        for (n, (history, metrics)) in histories.iter().enumerate() {
+            assert!(history.store_up(), "round {round}: instance {n} is not up");
+            history.record(record(&format!("SEP{n}"), "u", an_hour_ago()));
+            history.flush(FLUSH).expect("flush");
+            assert_eq!(metrics.written.get(), 1, "round {round}: instance {n}");
+        }
+        let found = query(&histories[0].0, "");
+        assert_eq!(found.len(), INSTANCES, "round {round}");
+        for (history, _) in &histories {
+            history.shutdown(FLUSH).expect("shutdown");
+        }
+    }
+}
+
+/// A PostgreSQL that cannot be reached does not fail `open`: the history reports the
+/// store down, queries fail at once, records wait (not dropped) until shutdown.
+#[test]
+fn an_unreachable_postgres_does_not_fail_open_and_records_wait() {
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let directory = tempfile::tempdir().expect("temp dir");
+    let config = HistoryConfig {
+        path: directory.path().join("unused.sqlite"),
+        url: Some(format!(
+            "postgres://bc@127.0.0.1:{port}/bc?connect_timeout=1"
+        )),
+        retention_days: 0,
+        ..HistoryConfig::default()
+    };
+    let metrics = HistoryMetrics::unregistered().expect("metrics");
+    let started = Instant::now();
+    let history = History::open(&config, metrics.clone()).expect("open does not fail");
+    assert!(started.elapsed() < Duration::from_secs(5), "open waited");
+    assert!(!history.store_up());
+    assert_eq!(metrics.store_up.get(), 0);
+    for n in 0..3 {
+        history.record(record(&format!("SEP{n}"), "u", an_hour_ago()));
+    }
+    history
+        .flush(FLUSH)
+        .expect("flush returns while the store is down");
+    assert_eq!(
+        metrics.dropped.get(),
+        0,
+        "records wait, they are not dropped"
+    );
+    assert!(matches!(
+        history.query(&Filter::default()),
+        Err(history::HistoryError::StoreDown)
+    ));
+    history.shutdown(FLUSH).expect("shutdown");
+    assert_eq!(
+        metrics.dropped.get(),
+        3,
+        "what never reached the store is counted"
+    );
+    assert_eq!(metrics.written.get(), 0);
 }

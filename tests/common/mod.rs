@@ -2,6 +2,8 @@
 //! client that speaks the northbound API.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod binary;
+
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
