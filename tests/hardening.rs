@@ -1,0 +1,185 @@
+//! The shipped binary probed as an attacker would: unreadable X-Forwarded-For, bodies
+//! that are not UTF-8, wrong methods, floods of wrong dashboard passwords, floods of
+//! connections, and SIGTERM with requests still queued. Each test starts the real
+//! `business-connector` with the config file a user would write, and speaks raw HTTP
+//! where a client library would refuse to send what an attacker sends.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_business-connector");
+
+/// A running binary and the address it logged.
+struct Binary {
+    child: Child,
+    addr: String,
+    lines: mpsc::Receiver<String>,
+    config: std::path::PathBuf,
+}
+
+impl Binary {
+    /// Starts the binary on a config made of `extra` (top-level keys and tables) and one
+    /// cluster `EU` over `node`; waits for its "serving" line.
+    fn start(name: &str, node: &str, top: &str, tables: &str) -> Self {
+        let config =
+            std::env::temp_dir().join(format!("bc-hardening-{name}-{}.toml", std::process::id()));
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nworkers = 1\ndrain_ms = 0\n{top}\n\
+             [history]\nenabled = false\n{tables}\n\
+             [[cluster]]\ncode = \"EU\"\nnodes = [\"{node}\"]\nmax_requests_per_second = 0\n"
+        );
+        std::fs::write(&config, text).expect("config written");
+        let mut child = Command::new(BINARY)
+            .args(["--config", config.to_str().expect("utf-8 path")])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the binary starts");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        let addr = loop {
+            let Ok(line) = lines.recv_timeout(Duration::from_secs(30)) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no 'serving' line; saw: {seen:#?}");
+            };
+            if let Some(addr) = line
+                .split("listen=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+            {
+                break addr.to_string();
+            }
+            seen.push(line);
+        };
+        Self {
+            child,
+            addr,
+            lines,
+            config,
+        }
+    }
+
+    /// Sends `head` (request line and headers, without the blank line) and `body` on a
+    /// fresh connection (Connection: close) and returns the status and the whole answer.
+    fn raw(&self, head: &[u8], body: &[u8]) -> (u16, String) {
+        let mut stream = TcpStream::connect(&self.addr).expect("gateway reachable");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout set");
+        let mut request = head.to_vec();
+        request.extend_from_slice(
+            format!(
+                "\r\nHost: gw\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        request.extend_from_slice(body);
+        stream.write_all(&request).expect("request sent");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).expect("answer read");
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, answer)
+    }
+
+    fn metrics(&self) -> String {
+        self.raw(b"GET /metrics HTTP/1.1", b"").1
+    }
+
+    #[allow(dead_code)] // used by later tests
+    fn pid(&self) -> libc::pid_t {
+        self.child.id() as libc::pid_t
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// The `<code>` of an XML answer.
+fn code_of(answer: &str) -> Option<u32> {
+    let start = answer.find("<code>")? + "<code>".len();
+    let end = answer[start..].find("</code>")? + start;
+    answer[start..end].parse().ok()
+}
+
+// ------------------------------------------------ X-Forwarded-For that cannot be read
+
+#[test]
+fn an_unreadable_forwarded_for_from_a_trusted_proxy_is_refused_never_taken_as_the_proxy() {
+    let sim = simulator(2, |_| {});
+    let gw = Binary::start(
+        "xff",
+        &sim.url(),
+        "",
+        "[access]\ntrusted_proxies = [\"127.0.0.1/32\"]\ndeny = [\"203.0.113.0/24\"]\n",
+    );
+    let query = format!(
+        "<request>{CREDS}<deviceName>{}</deviceName></request>",
+        device(1)
+    );
+    let api = |xff: &[u8]| {
+        let mut head =
+            b"POST /api/getloggedinuser HTTP/1.1\r\nContent-Type: text/xml\r\nX-Forwarded-For: "
+                .to_vec();
+        head.extend_from_slice(xff);
+        gw.raw(&head, query.as_bytes())
+    };
+    // A denied client hidden behind a byte that is not ASCII: still the denied client.
+    let (status, answer) = api(b"x\xff, 203.0.113.9");
+    assert_eq!((status, code_of(&answer)), (403, Some(1009)), "{answer}");
+    // Entries that are not addresses, where the client should be: nobody is served as
+    // the proxy (here loopback, which the dashboard trusts without users).
+    let mut unidentified = 0;
+    for xff in [
+        &b"unknown"[..],
+        b"fe80::1%eth0",
+        b"ip:abc",
+        b"198.51.100.1, \xff",
+    ] {
+        let (status, answer) = api(xff);
+        assert_eq!((status, code_of(&answer)), (403, Some(1009)), "{answer}");
+        for path in ["/api/status", "/api/history", "/dashboard"] {
+            let mut head = format!("GET {path} HTTP/1.1\r\nX-Forwarded-For: ").into_bytes();
+            head.extend_from_slice(xff);
+            let (status, answer) = gw.raw(&head, b"");
+            assert_eq!(status, 403, "{path} {answer}");
+        }
+        unidentified += 4;
+    }
+    assert_eq!(sim.stats().calls_total, 0, "nothing reached CUCM");
+    let text = gw.metrics();
+    assert_eq!(
+        metric(&text, "bc_access_refused_total{reason=\"unidentified\"}"),
+        f64::from(unidentified)
+    );
+    // A readable one still works.
+    let (status, answer) = api(b"198.51.100.1");
+    assert_eq!((status, code_of(&answer)), (200, Some(0)), "{answer}");
+}
