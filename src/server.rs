@@ -102,10 +102,11 @@ pub async fn run(
                 .app_data(draining.clone())
                 .app_data(admin.clone())
                 .configure(dashboard::routes)
-                .route("/metrics", web::get().to(handlers::metrics))
-                .route("/healthz", web::get().to(handlers::healthz))
-                .route("/readyz", web::get().to(readyz))
-                .route("/openapi.json", web::get().to(crate::openapi::serve))
+                // Resources, not bare routes: another method answers 405 with Allow.
+                .service(web::resource("/metrics").route(web::get().to(handlers::metrics)))
+                .service(web::resource("/healthz").route(web::get().to(handlers::healthz)))
+                .service(web::resource("/readyz").route(web::get().to(readyz)))
+                .service(web::resource("/openapi.json").route(web::get().to(crate::openapi::serve)))
                 .default_service(web::to(handlers::api))
         }
     })

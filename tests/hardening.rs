@@ -122,11 +122,19 @@ impl Drop for Binary {
     }
 }
 
-/// The `<code>` of an XML answer.
+/// The code of an answer: `<code>` in XML, `"code":` in JSON.
 fn code_of(answer: &str) -> Option<u32> {
-    let start = answer.find("<code>")? + "<code>".len();
-    let end = answer[start..].find("</code>")? + start;
-    answer[start..end].parse().ok()
+    if let Some(start) = answer.find("<code>") {
+        let rest = &answer[start + "<code>".len()..];
+        return rest[..rest.find("</code>")?].parse().ok();
+    }
+    let rest = &answer[answer.find("\"code\":")? + "\"code\":".len()..];
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 // ------------------------------------------------ X-Forwarded-For that cannot be read
@@ -182,4 +190,93 @@ fn an_unreadable_forwarded_for_from_a_trusted_proxy_is_refused_never_taken_as_th
     // A readable one still works.
     let (status, answer) = api(b"198.51.100.1");
     assert_eq!((status, code_of(&answer)), (200, Some(0)), "{answer}");
+}
+
+// ------------------------------------------------ small ones: UTF-8 and methods
+
+#[test]
+fn a_message_that_is_not_utf8_is_1002_and_never_reaches_cucm() {
+    let sim = simulator(2, |_| {});
+    let gw = Binary::start("utf8", &sim.url(), "", "");
+    let device = device(1);
+    let message = |password: &[u8]| {
+        let mut xml = b"<request><appID>bcapp</appID><appCertificate>".to_vec();
+        xml.extend_from_slice(password);
+        xml.extend_from_slice(
+            format!("</appCertificate><deviceName>{device}</deviceName><userID>user1</userID></request>")
+                .as_bytes(),
+        );
+        xml
+    };
+    // The password `S3cr3t\xff`, raw, form-encoded, in the query string and as JSON.
+    let with_ff = message(b"S3cr3t\xff");
+    let encoded: String = form_urlencoded::byte_serialize(&with_ff).collect();
+    let mut json = b"{\"appID\":\"bcapp\",\"appCertificate\":\"S3cr3t\xff\",".to_vec();
+    json.extend_from_slice(
+        format!("\"deviceName\":\"{device}\",\"userID\":\"user1\"}}").as_bytes(),
+    );
+    let cases: Vec<(Vec<u8>, Vec<u8>)> = vec![
+        (
+            b"POST /api/login HTTP/1.1\r\nContent-Type: text/xml".to_vec(),
+            with_ff.clone(),
+        ),
+        (
+            b"POST /api/login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded".to_vec(),
+            format!("xml={encoded}").into_bytes(),
+        ),
+        (
+            format!("POST /api/login?xml={encoded} HTTP/1.1").into_bytes(),
+            Vec::new(),
+        ),
+        (
+            b"POST /api/login HTTP/1.1\r\nContent-Type: application/json".to_vec(),
+            json,
+        ),
+    ];
+    for (head, body) in cases {
+        let (status, answer) = gw.raw(&head, &body);
+        assert_eq!((status, code_of(&answer)), (200, Some(1002)), "{answer}");
+        assert!(answer.contains("not valid UTF-8"), "{answer}");
+        assert!(!answer.contains("S3cr3t"), "never quoted back: {answer}");
+    }
+    assert_eq!(sim.stats().calls_total, 0, "nothing reached CUCM");
+    // The same login, valid: reaches CUCM.
+    let (status, answer) = gw.raw(
+        b"POST /api/login HTTP/1.1\r\nContent-Type: text/xml",
+        &message(b"bcsecret"),
+    );
+    assert_eq!((status, code_of(&answer)), (200, Some(0)), "{answer}");
+}
+
+#[test]
+fn wrong_methods_on_fixed_paths_answer_405_with_allow() {
+    let sim = simulator(1, |_| {});
+    let gw = Binary::start("methods", &sim.url(), "", "");
+    for path in [
+        "/metrics",
+        "/api/history",
+        "/api/status",
+        "/dashboard",
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+    ] {
+        for method in ["POST", "PUT", "DELETE"] {
+            let (status, answer) = gw.raw(format!("{method} {path} HTTP/1.1").as_bytes(), b"");
+            assert_eq!(status, 405, "{method} {path}: {answer}");
+            assert!(
+                answer.to_ascii_lowercase().contains("\r\nallow: get\r\n"),
+                "{method} {path}: {answer}"
+            );
+        }
+        let (status, _) = gw.raw(format!("GET {path} HTTP/1.1").as_bytes(), b"");
+        assert_ne!(status, 405, "GET {path}");
+    }
+    // The API calls take GET and POST.
+    let (status, answer) = gw.raw(b"PUT /api/logout HTTP/1.1", b"");
+    assert_eq!(status, 405, "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("allow: get, post"),
+        "{answer}"
+    );
 }

@@ -277,47 +277,12 @@ async fn read_message(
         },
         None => read.await?,
     };
-    let body = String::from_utf8_lossy(&body);
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let trimmed = body.trim_start_matches('\u{feff}').trim();
-    if json::is_json_type(&content_type) {
-        return Ok((!trimmed.is_empty()).then(|| trimmed.to_string()));
-    }
-    if !trimmed.is_empty() {
-        let looks_like_xml = trimmed.starts_with('<');
-        let is_form = content_type.starts_with("application/x-www-form-urlencoded");
-        // Declared XML is the message even when it is not XML at all: then it is
-        // malformed (1002), which comes before every other fault.
-        let declared_xml = ["text/xml", "application/xml"]
-            .iter()
-            .any(|xml| content_type.starts_with(xml));
-        if (looks_like_xml || declared_xml) && !is_form {
-            return Ok(Some(trimmed.to_string()));
-        }
-        if let Some(xml) = form_field(trimmed, "xml") {
-            return Ok(Some(xml));
-        }
-        if looks_like_xml {
-            // Declared as a form but sent raw: what some clients do.
-            return Ok(Some(trimmed.to_string()));
-        }
-    }
-    Ok(request
-        .uri()
-        .query()
-        .and_then(|query| form_field(query, "xml")))
-}
-
-fn form_field(encoded: &str, name: &str) -> Option<String> {
-    form_urlencoded::parse(encoded.as_bytes())
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.into_owned())
-        .filter(|value| !value.trim().is_empty())
+        .unwrap_or("");
+    super::message::select(&body, content_type, request.uri().query()).map_err(Failure::Request)
 }
 
 fn xml_response(status: StatusCode, body: String, retry_after: Option<Duration>) -> HttpResponse {

@@ -127,6 +127,8 @@ pub enum RequestError {
     MalformedJson(String),
     #[error("Invalid request: a path segment is not valid percent-encoded UTF-8")]
     MalformedPath,
+    #[error("Invalid request: the message is not valid UTF-8")]
+    NotUtf8,
     #[error("Device ID empty")]
     DeviceMissing,
     #[error("Invalid request: userID is missing")]
