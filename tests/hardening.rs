@@ -20,6 +20,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_business-connector");
 struct Binary {
     child: Child,
     addr: String,
+    /// The log, line by line (kept: a dropped reader would block the child on a full pipe).
     lines: mpsc::Receiver<String>,
     config: std::path::PathBuf,
 }
@@ -76,39 +77,20 @@ impl Binary {
         }
     }
 
-    /// Sends `head` (request line and headers, without the blank line) and `body` on a
-    /// fresh connection (Connection: close) and returns the status and the whole answer.
+    /// See [`raw`].
     fn raw(&self, head: &[u8], body: &[u8]) -> (u16, String) {
-        let mut stream = TcpStream::connect(&self.addr).expect("gateway reachable");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout set");
-        let mut request = head.to_vec();
-        request.extend_from_slice(
-            format!(
-                "\r\nHost: gw\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            )
-            .as_bytes(),
-        );
-        request.extend_from_slice(body);
-        stream.write_all(&request).expect("request sent");
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).expect("answer read");
-        let answer = String::from_utf8_lossy(&answer).into_owned();
-        let status = answer
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, answer)
+        raw(&self.addr, head, body)
     }
 
     fn metrics(&self) -> String {
         self.raw(b"GET /metrics HTTP/1.1", b"").1
     }
 
-    #[allow(dead_code)] // used by later tests
+    /// Log lines so far.
+    fn logged(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     fn pid(&self) -> libc::pid_t {
         self.child.id() as libc::pid_t
     }
@@ -120,6 +102,34 @@ impl Drop for Binary {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.config);
     }
+}
+
+/// Sends `head` (request line and headers, without the blank line) and `body` on a
+/// fresh connection (Connection: close) and returns the status and the whole answer.
+fn raw(addr: &str, head: &[u8], body: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("gateway reachable");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout set");
+    let mut request = head.to_vec();
+    request.extend_from_slice(
+        format!(
+            "\r\nHost: gw\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    request.extend_from_slice(body);
+    stream.write_all(&request).expect("request sent");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("answer read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
 }
 
 /// The code of an answer: `<code>` in XML, `"code":` in JSON.
@@ -279,4 +289,122 @@ fn wrong_methods_on_fixed_paths_answer_405_with_allow() {
         answer.to_ascii_lowercase().contains("allow: get, post"),
         "{answer}"
     );
+}
+
+// ------------------------------------------------ wrong dashboard passwords
+
+/// The process's resident memory, in MiB.
+fn rss_mib(pid: libc::pid_t) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("VmRSS");
+    kib / 1024.0
+}
+
+fn basic(name: &str, password: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{name}:{password}"))
+}
+
+fn status_request(addr: &str, client: &str, password: &str) -> (u16, String) {
+    let head = format!(
+        "GET /api/status HTTP/1.1\r\nX-Forwarded-For: {client}\r\nAuthorization: Basic {}",
+        basic("ops", password)
+    );
+    raw(addr, head.as_bytes(), b"")
+}
+
+#[test]
+fn a_flood_of_wrong_dashboard_passwords_keeps_memory_flat_and_is_refused_early() {
+    let sim = simulator(1, |_| {});
+    let hash = history::password::hash_password("right horse").expect("hash");
+    let gw = Binary::start(
+        "argon",
+        &sim.url(),
+        "",
+        &format!(
+            "[access]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+             [dashboard]\nusers = [{{ name = \"ops\", password_hash = \"{hash}\" }}]\n"
+        ),
+    );
+    let before = rss_mib(gw.pid());
+    // 16 attackers, each from addresses of its own (so no per-client limit applies),
+    // sending wrong passwords as fast as they are answered.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let statuses = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let attackers: Vec<_> = (0..16)
+        .map(|n| {
+            let (stop, statuses) = (stop.clone(), statuses.clone());
+            let addr = gw.addr.clone();
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let client = format!("198.51.{n}.{}", i % 250);
+                    let (status, _) = status_request(&addr, &client, &format!("wrong{i}"));
+                    statuses.lock().unwrap().push(status);
+                }
+            })
+        })
+        .collect();
+    let mut peak = before;
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        peak = peak.max(rss_mib(gw.pid()));
+        std::thread::sleep(Duration::from_millis(20)); // a sampling period, not a sync
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for attacker in attackers {
+        attacker.join().expect("attacker");
+    }
+    let after = rss_mib(gw.pid());
+    let statuses = statuses.lock().unwrap().clone();
+    let count = |code: u16| statuses.iter().filter(|s| **s == code).count();
+    eprintln!(
+        "RSS before {before:.0} MiB, peak {peak:.0} MiB, after {after:.0} MiB; {} requests: {} x 401, {} x 503",
+        statuses.len(),
+        count(401),
+        count(503)
+    );
+    // Two checks at once at 19 MiB each, plus allocator slack; unbounded it was
+    // 19 MiB per concurrent attacker (300 MiB and more here).
+    assert!(
+        peak - before < 100.0,
+        "memory grew from {before:.0} to {peak:.0} MiB"
+    );
+    assert!(count(401) > 0, "wrong passwords are checked: {statuses:?}");
+    assert!(count(503) > 0, "beyond two checks at once: 503 at once");
+    assert_eq!(count(200), 0);
+    // The right password still works, and is remembered (no check on the next one).
+    assert_eq!(status_request(&gw.addr, "192.0.2.1", "right horse").0, 200);
+    assert_eq!(status_request(&gw.addr, "192.0.2.1", "right horse").0, 200);
+    let text = gw.metrics();
+    assert!(metric(&text, "bc_dashboard_auth_shed_total{reason=\"busy\"}") > 0.0);
+    assert!(
+        gw.logged().iter().all(|line| !line.contains("wrong1")),
+        "no password in the log"
+    );
+
+    // One address sending wrong passwords: after its burst of checks, 429 with
+    // Retry-After and no check at all.
+    let one: Vec<_> = (0..24)
+        .map(|i| {
+            let addr = gw.addr.clone();
+            std::thread::spawn(move || status_request(&addr, "203.0.113.77", &format!("w{i}")))
+        })
+        .collect();
+    let answers: Vec<(u16, String)> = one.into_iter().map(|t| t.join().unwrap()).collect();
+    let limited: Vec<&String> = answers
+        .iter()
+        .filter(|(status, _)| *status == 429)
+        .map(|(_, answer)| answer)
+        .collect();
+    assert!(limited.len() >= 24 - 10, "{answers:?}");
+    assert!(limited
+        .iter()
+        .all(|answer| answer.to_ascii_lowercase().contains("\r\nretry-after: ")));
 }

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod status;
+mod verifier;
 
 use std::sync::Arc;
 
