@@ -53,6 +53,12 @@ async fn readyz(draining: web::Data<Draining>, state: web::Data<AppState>) -> Ht
     handlers::readyz(state).await
 }
 
+/// actix's own shutdown timeout (whole seconds): the grace, and then a second for the
+/// answers given at its end to be written.
+fn answers_written_by(grace: std::time::Duration) -> u64 {
+    grace.as_secs() + u64::from(grace.subsec_nanos() > 0) + 1
+}
+
 /// Starts the cluster actors and serves until `shutdown` resolves; then drains for
 /// `drain_ms` (readyz 503, still serving), stops accepting, lets in-flight requests
 /// finish within the configured grace, and returns.
@@ -93,6 +99,7 @@ pub async fn run(
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
+    let closing = state.clone();
     let server = HttpServer::new({
         let draining = draining.clone();
         move || {
@@ -120,7 +127,7 @@ pub async fn run(
     .client_disconnect_timeout(std::time::Duration::from_secs(1))
     .tls_handshake_timeout(config.client_timeout())
     .disable_signals()
-    .shutdown_timeout(config.shutdown_grace().as_secs().max(1));
+    .shutdown_timeout(answers_written_by(config.shutdown_grace()));
     let server = match tls {
         Some((tls_config, resolver)) => {
             tls::reload_on_sighup(resolver);
@@ -131,6 +138,7 @@ pub async fn run(
     .run();
     let handle = server.handle();
     let drain = config.drain();
+    let grace = config.shutdown_grace();
     actix_web::rt::spawn(async move {
         shutdown.await;
         draining.0.store(true, Ordering::Relaxed);
@@ -142,7 +150,13 @@ pub async fn run(
         // is the time it is given to notice before connections are refused.
         actix_web::rt::time::sleep(drain).await;
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        let close = actix_web::rt::spawn(async move {
+            actix_web::rt::time::sleep(grace).await;
+            tracing::info!("shutdown grace over: answering every request still waiting");
+            closing.router.close();
+        });
         handle.stop(true).await;
+        close.abort();
     });
     let served = server.await;
     sampler.abort();

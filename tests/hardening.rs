@@ -29,12 +29,17 @@ impl Binary {
     /// Starts the binary on a config made of `extra` (top-level keys and tables) and one
     /// cluster `EU` over `node`; waits for its "serving" line.
     fn start(name: &str, node: &str, top: &str, tables: &str) -> Self {
+        Self::start_with_cluster(name, node, top, tables, "")
+    }
+
+    /// As [`Binary::start`], with further keys for the cluster.
+    fn start_with_cluster(name: &str, node: &str, top: &str, tables: &str, cluster: &str) -> Self {
         let config =
             std::env::temp_dir().join(format!("bc-hardening-{name}-{}.toml", std::process::id()));
         let text = format!(
             "listen = \"127.0.0.1:0\"\nworkers = 1\ndrain_ms = 0\n{top}\n\
              [history]\nenabled = false\n{tables}\n\
-             [[cluster]]\ncode = \"EU\"\nnodes = [\"{node}\"]\nmax_requests_per_second = 0\n"
+             [[cluster]]\ncode = \"EU\"\nnodes = [\"{node}\"]\nmax_requests_per_second = 0\n{cluster}\n"
         );
         std::fs::write(&config, text).expect("config written");
         let mut child = Command::new(BINARY)
@@ -407,4 +412,79 @@ fn a_flood_of_wrong_dashboard_passwords_keeps_memory_flat_and_is_refused_early()
     assert!(limited
         .iter()
         .all(|answer| answer.to_ascii_lowercase().contains("\r\nretry-after: ")));
+}
+
+// ------------------------------------------------ SIGTERM with requests still queued
+
+#[test]
+fn at_the_end_of_the_shutdown_grace_every_waiting_request_is_answered() {
+    // One CUCM slot, 800 ms per call, a 10 s deadline and a 1 s grace: when the grace
+    // ends, one login is at CUCM and four still wait in the gateway.
+    let sim = simulator(8, |c| c.behavior = latency_ms(800));
+    let gw = Binary::start_with_cluster(
+        "sigterm",
+        &sim.url(),
+        "deadline_ms = 10000\nshutdown_grace_ms = 1000",
+        "",
+        "max_concurrent = 1",
+    );
+    let started = std::time::Instant::now();
+    let logins: Vec<_> = (1..=6)
+        .map(|n| {
+            let addr = gw.addr.clone();
+            std::thread::spawn(move || {
+                let body = format!("<request>{CREDS}</request>");
+                raw(
+                    &addr,
+                    format!(
+                        "POST /api/login/{}/user{n} HTTP/1.1\r\nContent-Type: text/xml",
+                        device(n)
+                    )
+                    .as_bytes(),
+                    body.as_bytes(),
+                )
+            })
+        })
+        .collect();
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    while sim.stats().in_flight_ops == 0 {
+        assert!(std::time::Instant::now() < give_up, "a login reaches CUCM");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(gw.pid(), libc::SIGTERM) }, 0);
+    let answers: Vec<(u16, String)> = logins.into_iter().map(|t| t.join().unwrap()).collect();
+    let took = started.elapsed();
+    let codes: Vec<(u16, Option<u32>)> = answers
+        .iter()
+        .map(|(status, answer)| (*status, code_of(answer)))
+        .collect();
+    eprintln!("answers after {took:?}: {codes:?}");
+    // Every request has an answer: done (0), at CUCM when the grace ended (1003), or
+    // still waiting then (1004, 503 with Retry-After).
+    for (status, answer) in &answers {
+        match (status, code_of(answer)) {
+            (200, Some(0)) | (200, Some(1003)) => {}
+            (503, Some(1004)) => assert!(
+                answer.to_ascii_lowercase().contains("\r\nretry-after: "),
+                "{answer}"
+            ),
+            other => panic!("no proper answer {other:?}: {answer:?}"),
+        }
+    }
+    let waited = codes.iter().filter(|c| **c == (503, Some(1004))).count();
+    assert!(waited >= 3, "some were still waiting: {codes:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "answered at the end of the grace"
+    );
+    let mut gw = gw;
+    let status = gw.child.wait().expect("the gateway exits");
+    assert!(status.success(), "clean exit: {status:?}");
+    // Nothing told 1004 went to CUCM afterwards.
+    let at_cucm = codes
+        .iter()
+        .filter(|c| matches!(c, (200, Some(0)) | (200, Some(1003))))
+        .count();
+    assert_eq!(sim.stats().calls_login as usize, at_cucm, "{codes:?}");
 }

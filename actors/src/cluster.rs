@@ -26,7 +26,7 @@ use crate::device_queue::PendingOp;
 use crate::em::rules::{self, CacheEffect, Exchange, Interpretation, Verdict};
 use crate::em::{dispatch, EmAppClient, EmClient, EmClientError};
 use crate::handle::cached_answer;
-pub use crate::handle::{ClusterHandle, Submit, Ticket};
+pub use crate::handle::{Close, ClusterHandle, Submit, Ticket};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::operation::{DeviceName, OpError, Operation, Reply};
 use crate::scheduler::{CallEnd, Completion, Offer, Scheduler, Shed, Started, Step};
@@ -57,6 +57,8 @@ pub struct ClusterActor {
     metrics: ClusterMetrics,
     /// One CUCM call's timeout (`timeout_ms`).
     call_timeout: Duration,
+    /// The gateway is stopping: nothing new starts, newcomers are answered 1004.
+    closed: bool,
 }
 
 impl ClusterActor {
@@ -92,6 +94,7 @@ impl ClusterActor {
             call_timeout: config.timeout(),
             rate_wake_up: None,
             metrics: cluster_metrics.clone(),
+            closed: false,
         };
         let addr = actor.start();
         Ok(ClusterHandle {
@@ -100,6 +103,7 @@ impl ClusterActor {
             cache,
             em,
             metrics: cluster_metrics,
+            closing: Arc::new(tokio::sync::watch::channel(false).0),
         })
     }
 
@@ -110,6 +114,13 @@ impl ClusterActor {
             credentials,
             deadline,
         } = msg;
+        if self.closed {
+            let _ = tx.send(Reply::failed(closing_error()));
+            return Ticket {
+                reply: answer,
+                sent: Arc::new(AtomicBool::new(false)),
+            };
+        }
         let device = operation.device().clone();
         if matches!(operation, Operation::Query { .. }) {
             // Nothing pending on the device: a fresh cache entry is the current truth.
@@ -154,7 +165,7 @@ impl ClusterActor {
     /// Does everything the scheduler allows now; schedules a wake-up for the rate
     /// limiter if it holds a call back.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        loop {
+        while !self.closed {
             match self.scheduler.next_step(Instant::now()) {
                 Step::Start(started) => self.call(started, ctx),
                 Step::Batch(members) => self.call_batch(members, ctx),
@@ -337,6 +348,43 @@ impl Actor for ClusterActor {
             ctx.run_interval(CACHE_SWEEP_INTERVAL, move |_, _| cache.sweep());
         }
         tracing::debug!(cluster = %self.code, "cluster actor started");
+    }
+}
+
+impl Handler<Close> for ClusterActor {
+    type Result = ();
+
+    /// Answers everything not at CUCM now and starts nothing more; running calls end
+    /// as they do (their callers were answered 1003 by their handles).
+    fn handle(&mut self, _: Close, ctx: &mut Self::Context) {
+        self.closed = true;
+        if let Some(wake_up) = self.rate_wake_up.take() {
+            ctx.cancel_future(wake_up);
+        }
+        for op in self.scheduler.give_up_unsent() {
+            if op.operation.mutates() {
+                self.cache.release(op.operation.device());
+            }
+            let error = if op.stage > 0 {
+                // An earlier call of it (a forced login's logout, a PIN check) was done.
+                OpError::Unavailable {
+                    reason: "the gateway stopped between the operation's CUCM calls".into(),
+                }
+            } else {
+                closing_error()
+            };
+            answer_all(op.waiters, Reply::failed(error));
+        }
+        self.pump(ctx);
+        tracing::debug!(cluster = %self.code, "cluster closed");
+    }
+}
+
+/// 1004 for what had not reached CUCM when the gateway stopped.
+fn closing_error() -> OpError {
+    OpError::Overloaded {
+        reason: "the gateway is shutting down",
+        retry_after: Duration::from_secs(1),
     }
 }
 

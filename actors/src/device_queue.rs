@@ -196,6 +196,20 @@ impl DeviceQueue {
         dropped
     }
 
+    /// The gateway is stopping: hands over every operation that is not at CUCM right
+    /// now (waiting, lined up, backing off after a busy answer). What is running stays.
+    pub fn take_unsent(&mut self) -> Vec<PendingOp> {
+        let mut unsent = Vec::with_capacity(self.waiting.len() + 1);
+        if self.turn != Turn::Running {
+            unsent.extend(self.current.take());
+        }
+        unsent.extend(self.waiting.drain(..));
+        if self.turn != Turn::Running {
+            self.turn = Turn::Idle;
+        }
+        unsent
+    }
+
     pub fn turn(&self) -> Turn {
         self.turn
     }

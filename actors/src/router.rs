@@ -193,4 +193,12 @@ impl Router {
     pub fn clusters(&self) -> impl Iterator<Item = &ClusterHandle> {
         self.clusters_in_order()
     }
+
+    /// The end of the shutdown grace: every cluster answers what still waits (see
+    /// [`ClusterHandle::close`]).
+    pub fn close(&self) {
+        for cluster in self.clusters_in_order() {
+            cluster.close();
+        }
+    }
 }

@@ -540,6 +540,21 @@ impl<C: Clock + Clone> Scheduler<C> {
         }
     }
 
+    /// The gateway is stopping: takes every operation that is not at CUCM right now
+    /// out of the model (nothing will start again), for the caller to answer. Running
+    /// calls stay until they end.
+    pub fn give_up_unsent(&mut self) -> Vec<PendingOp> {
+        let mut unsent = Vec::new();
+        self.devices.retain(|_, queue| {
+            unsent.extend(queue.take_unsent());
+            queue.turn() == Turn::Running
+        });
+        self.ready.clear();
+        self.queued = 0;
+        self.queued_queries = 0;
+        unsent
+    }
+
     /// Operations accepted and not yet sent to CUCM.
     pub fn queued(&self) -> usize {
         self.queued
@@ -1026,6 +1041,39 @@ mod tests {
         s.retry_due(&device(2));
         s.retry_due(&device(1));
         assert_eq!(batch(s.next_step(now)), [device(1), device(2)]);
+    }
+
+    #[test]
+    fn giving_up_takes_everything_not_at_cucm_and_keeps_what_runs() {
+        let (mut s, _) = scheduler(1, None, 100);
+        let now = Instant::now();
+        for n in 1..=3 {
+            s.offer(login(n, now + LONG), now);
+        }
+        s.offer(login(1, now + LONG), now);
+        let running = started(s.next_step(now));
+        assert_eq!(running.device, device(1));
+        let unsent = s.give_up_unsent();
+        let mut devices: Vec<String> = unsent
+            .iter()
+            .map(|op| op.operation.device().as_str().to_string())
+            .collect();
+        devices.sort();
+        let expected: Vec<String> = (1..=3).map(|n| device(n).as_str().to_string()).collect();
+        assert_eq!(devices, expected);
+        assert_eq!(unsent.len(), 3, "device 1's second login, devices 2 and 3");
+        assert_eq!(s.queued(), 0);
+        assert!(
+            matches!(s.next_step(now), Step::Blocked),
+            "nothing lined up"
+        );
+        // The running call still ends normally, and nothing follows it.
+        assert!(matches!(
+            s.complete(&device(1), answered(), now, 0.5),
+            Completion::Done(_)
+        ));
+        assert!(!s.has_pending(&device(1)));
+        assert!(matches!(s.next_step(now), Step::Blocked));
     }
 
     #[test]
