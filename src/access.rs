@@ -123,10 +123,18 @@ pub struct AccessConfig {
     pub client_requests_per_second: u32,
     #[serde(default = "default_client_burst")]
     pub client_burst: u32,
+    /// Open connections per client address (a trusted proxy is not capped); beyond it
+    /// a new connection is closed at once. 0 = unlimited.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
 }
 
 fn default_client_burst() -> u32 {
     20
+}
+
+fn default_max_connections_per_client() -> usize {
+    256
 }
 
 impl Default for AccessConfig {
@@ -137,6 +145,7 @@ impl Default for AccessConfig {
             trusted_proxies: Vec::new(),
             client_requests_per_second: 0,
             client_burst: default_client_burst(),
+            max_connections_per_client: default_max_connections_per_client(),
         }
     }
 }

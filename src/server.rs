@@ -18,6 +18,7 @@ use actors::{Metrics, Router};
 
 use crate::access::{Access, AccessGuard};
 use crate::config::Config;
+use crate::connections::{raise_open_files, ConnectionGuard};
 use crate::dashboard::{self, Admin, DashboardError};
 use crate::history_api::{self, HistoryApiError};
 use crate::northbound::handlers::{self, AppState};
@@ -84,6 +85,7 @@ pub async fn run(
         metrics.clone(),
     )?;
     let access = Arc::new(Access::new(&config.access, &metrics)?);
+    let connections = Arc::new(ConnectionGuard::new(&config.access, &metrics)?);
     let state = web::Data::new(AppState {
         router,
         metrics,
@@ -99,6 +101,8 @@ pub async fn run(
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
+    raise_open_files((config.max_connections * workers) as u64);
+
     let closing = state.clone();
     let server = HttpServer::new({
         let draining = draining.clone();
@@ -117,6 +121,7 @@ pub async fn run(
                 .default_service(web::to(handlers::api))
         }
     })
+    .on_connect(move |io, ext| connections.on_connect(io, ext))
     .workers(workers)
     .backlog(4096)
     .max_connections(config.max_connections)

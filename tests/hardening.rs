@@ -22,6 +22,8 @@ struct Binary {
     addr: String,
     /// The log, line by line (kept: a dropped reader would block the child on a full pipe).
     lines: mpsc::Receiver<String>,
+    /// The lines logged before "serving".
+    early: Vec<String>,
     config: std::path::PathBuf,
 }
 
@@ -34,6 +36,19 @@ impl Binary {
 
     /// As [`Binary::start`], with further keys for the cluster.
     fn start_with_cluster(name: &str, node: &str, top: &str, tables: &str, cluster: &str) -> Self {
+        Self::launch(name, node, top, tables, cluster, None)
+    }
+
+    /// As [`Binary::start_with_cluster`], with the open-file limit (soft, hard) set for
+    /// the child when given.
+    fn launch(
+        name: &str,
+        node: &str,
+        top: &str,
+        tables: &str,
+        cluster: &str,
+        nofile: Option<(u64, u64)>,
+    ) -> Self {
         let config =
             std::env::temp_dir().join(format!("bc-hardening-{name}-{}.toml", std::process::id()));
         let text = format!(
@@ -42,13 +57,29 @@ impl Binary {
              [[cluster]]\ncode = \"EU\"\nnodes = [\"{node}\"]\nmax_requests_per_second = 0\n{cluster}\n"
         );
         std::fs::write(&config, text).expect("config written");
-        let mut child = Command::new(BINARY)
+        let mut command = Command::new(BINARY);
+        command
             .args(["--config", config.to_str().expect("utf-8 path")])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the binary starts");
+            .stderr(Stdio::inherit());
+        if let Some((soft, hard)) = nofile {
+            use std::os::unix::process::CommandExt;
+            let limits = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: setrlimit(2) only, between fork and exec, on a struct we own.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limits) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("the binary starts");
         let stdout = child.stdout.take().expect("stdout piped");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -78,6 +109,7 @@ impl Binary {
             child,
             addr,
             lines,
+            early: seen,
             config,
         }
     }
@@ -487,4 +519,164 @@ fn at_the_end_of_the_shutdown_grace_every_waiting_request_is_answered() {
         .filter(|c| matches!(c, (200, Some(0)) | (200, Some(1003))))
         .count();
     assert_eq!(sim.stats().calls_login as usize, at_cucm, "{codes:?}");
+}
+
+// ------------------------------------------------ connections
+
+/// A connection to `addr` from the local address `from` (any 127.x.y.z reaches a
+/// loopback listener on Linux), as a blocking stream.
+fn connect_from(from: &str, addr: &str) -> TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(format!("{from}:0").parse().expect("local address"))
+            .expect("bind");
+        socket
+            .connect(addr.parse().expect("gateway address"))
+            .await
+            .expect("connected")
+    });
+    let stream = stream.into_std().expect("std stream");
+    stream.set_nonblocking(false).expect("blocking");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    stream
+}
+
+/// Whether the gateway closed `stream` without a word (EOF or reset) within the read
+/// timeout; `false` when it stayed open.
+fn closed_by_gateway(stream: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+fn get_over(stream: &mut TcpStream, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("sent");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn one_address_holds_at_most_its_connections_and_others_are_served() {
+    let sim = simulator(1, |_| {});
+    let gw = Binary::start(
+        "conns",
+        &sim.url(),
+        "",
+        "[access]\nmax_connections_per_client = 4\n",
+    );
+    // Four idle connections from one address: held open.
+    let mut idle: Vec<TcpStream> = (0..4)
+        .map(|_| connect_from("127.0.0.1", &gw.addr))
+        .collect();
+    // The fifth is closed at once, without a request.
+    let mut fifth = connect_from("127.0.0.1", &gw.addr);
+    assert!(
+        closed_by_gateway(&mut fifth),
+        "the fifth connection is closed"
+    );
+    // Another address is served meanwhile.
+    let answer = get_over(&mut connect_from("127.0.0.2", &gw.addr), "/healthz");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A closed connection frees its place.
+    drop(idle.pop());
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = get_over(&mut connect_from("127.0.0.1", &gw.addr), "/healthz");
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "a place again: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let metrics = get_over(&mut connect_from("127.0.0.2", &gw.addr), "/metrics");
+    assert!(
+        metric(&metrics, "bc_connections_refused_total") >= 1.0,
+        "{metrics}"
+    );
+    // The held ones are still open (idle, within client_timeout_ms).
+    for stream in &mut idle {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        assert!(!closed_by_gateway(stream));
+    }
+}
+
+fn wait_for_line(gw: &Binary, what: &str) -> Option<String> {
+    if let Some(line) = gw.early.iter().find(|line| line.contains(what)) {
+        return Some(line.clone());
+    }
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < give_up {
+        if let Ok(line) = gw.lines.recv_timeout(Duration::from_millis(100)) {
+            if line.contains(what) {
+                return Some(line);
+            }
+        }
+    }
+    None
+}
+
+fn open_files_limit(pid: libc::pid_t) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line")
+        .to_string();
+    let mut numbers = line.split_whitespace().skip(3);
+    (
+        numbers.next().unwrap_or_default().to_string(),
+        numbers.next().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit_and_checked_against_the_connections() {
+    let sim = simulator(1, |_| {});
+    // Enough under the hard limit: the soft limit goes up to it, no warning.
+    let gw = Binary::launch(
+        "nofile-ok",
+        &sim.url(),
+        "max_connections = 1000",
+        "",
+        "",
+        Some((256, 2048)),
+    );
+    assert!(wait_for_line(&gw, "open-file limit raised").is_some());
+    assert_eq!(open_files_limit(gw.pid()), ("2048".into(), "2048".into()));
+    drop(gw);
+    // 5,000 connections cannot fit in 1,024 files: a warning naming both numbers.
+    let gw = Binary::launch(
+        "nofile-short",
+        &sim.url(),
+        "max_connections = 5000",
+        "",
+        "",
+        Some((512, 1024)),
+    );
+    let warning = wait_for_line(&gw, "cannot hold max_connections").expect("a warning");
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains("limit=1024") && warning.contains("needed=5256"),
+        "{warning}"
+    );
 }
