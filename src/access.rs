@@ -257,10 +257,12 @@ pub struct ClientAddr(pub IpAddr);
 
 /// The client address of a request that passed the guard.
 pub fn client_of(request: &HttpRequest) -> Option<String> {
-    request
-        .extensions()
-        .get::<ClientAddr>()
-        .map(|c| c.0.to_string())
+    client_ip(request).map(|ip| ip.to_string())
+}
+
+/// The client address of a request that passed the guard, as an address.
+pub fn client_ip(request: &HttpRequest) -> Option<IpAddr> {
+    request.extensions().get::<ClientAddr>().map(|c| c.0)
 }
 
 /// The access rules, the per-client limiter and their counters; shared by all workers.

@@ -51,10 +51,15 @@ impl Binary {
     ) -> Self {
         let config =
             std::env::temp_dir().join(format!("bc-hardening-{name}-{}.toml", std::process::id()));
+        let unshaped = if cluster.contains("max_requests_per_second") {
+            ""
+        } else {
+            "max_requests_per_second = 0\n"
+        };
         let text = format!(
             "listen = \"127.0.0.1:0\"\nworkers = 1\ndrain_ms = 0\n{top}\n\
              [history]\nenabled = false\n{tables}\n\
-             [[cluster]]\ncode = \"EU\"\nnodes = [\"{node}\"]\nmax_requests_per_second = 0\n{cluster}\n"
+             [[cluster]]\ncode = \"EU\"\nnodes = [\"{node}\"]\n{unshaped}{cluster}\n"
         );
         std::fs::write(&config, text).expect("config written");
         let mut command = Command::new(BINARY);
@@ -678,5 +683,60 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_and_checked_against_the_conne
     assert!(
         warning.contains("limit=1024") && warning.contains("needed=5256"),
         "{warning}"
+    );
+}
+
+// ------------------------------------------------ one client must not starve the others
+
+#[test]
+fn a_flooding_client_does_not_starve_a_well_behaved_one() {
+    // 10 CUCM calls a second; a flood of 60 logins from one client queues ~6 s of work.
+    let sim = simulator(80, |_| {});
+    let gw = Binary::start_with_cluster(
+        "fair",
+        &sim.url(),
+        "",
+        "[access]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        "max_requests_per_second = 10\nburst = 1\ncache_ttl_ms = 0",
+    );
+    let login = |addr: String, client: &'static str, n: usize| {
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let (status, answer) = raw(
+                &addr,
+                format!(
+                    "POST /api/login/{}/user{n} HTTP/1.1\r\nContent-Type: text/xml\r\nX-Forwarded-For: {client}",
+                    device(n)
+                )
+                .as_bytes(),
+                format!("<request>{CREDS}</request>").as_bytes(),
+            );
+            (status, code_of(&answer), started.elapsed())
+        })
+    };
+    let flood: Vec<_> = (1..=60)
+        .map(|n| login(gw.addr.clone(), "203.0.113.66", n))
+        .collect();
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    while sim.stats().calls_login < 3 {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the flood reaches CUCM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (status, code, took) = login(gw.addr.clone(), "198.51.100.1", 70).join().unwrap();
+    let flood: Vec<_> = flood.into_iter().map(|t| t.join().unwrap()).collect();
+    let slowest = flood.iter().map(|(_, _, took)| *took).max().unwrap();
+    eprintln!("well-behaved login: {took:?}; the flood's slowest: {slowest:?}");
+    assert_eq!((status, code), (200, Some(0)));
+    assert!(flood
+        .iter()
+        .all(|(status, code, _)| (*status, *code) == (200, Some(0))));
+    // Served within a round of turns, not behind the flood's ~6 s.
+    assert!(took < Duration::from_secs(2), "waited {took:?}");
+    assert!(
+        slowest > Duration::from_secs(4),
+        "the flood waits for itself: {slowest:?}"
     );
 }

@@ -113,6 +113,7 @@ impl ClusterActor {
             operation,
             credentials,
             deadline,
+            client,
         } = msg;
         if self.closed {
             let _ = tx.send(Reply::failed(closing_error()));
@@ -138,7 +139,7 @@ impl ClusterActor {
             self.metrics.cache_misses.inc();
         }
         let mutates = operation.mutates();
-        let pending = PendingOp::new(operation, credentials, deadline, tx);
+        let pending = PendingOp::new(operation, credentials, deadline, tx).from_client(client);
         let sent = pending.sent[0].clone();
         match self.scheduler.offer(pending, Instant::now()) {
             Offer::Joined => self.metrics.cache_coalesced.inc(),

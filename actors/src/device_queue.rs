@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use crate::fair_line::ClientId;
 use crate::operation::{Credentials, Operation, Reply};
 
 /// One operation and everyone waiting for its answer.
@@ -34,6 +35,8 @@ pub struct PendingOp {
     /// One flag per waiter, set once the operation went to CUCM: a caller whose own
     /// wait ends at its deadline then knows whether to say 1003 (sent) or 1004 (not).
     pub sent: Vec<Arc<AtomicBool>>,
+    /// Who asked first: its device waits in this client's lane of the ready line.
+    pub client: ClientId,
 }
 
 impl PendingOp {
@@ -52,7 +55,14 @@ impl PendingOp {
             busy_answers: 0,
             stage: 0,
             sent: vec![Arc::new(AtomicBool::new(false))],
+            client: ClientId::default(),
         }
+    }
+
+    /// The client that asked (default: unknown, one shared lane).
+    pub fn from_client(mut self, client: ClientId) -> Self {
+        self.client = client;
+        self
     }
 
     fn mark_sent(&self) {

@@ -15,6 +15,7 @@ use crate::cache::LoggedInCache;
 use crate::cluster::ClusterActor;
 use crate::em::rules::{code, cucm_message};
 use crate::em::EmClient;
+use crate::fair_line::ClientId;
 use crate::metrics::ClusterMetrics;
 use crate::operation::{Credentials, OpError, Operation, Reply};
 
@@ -24,6 +25,8 @@ pub struct Submit {
     pub operation: Operation,
     pub credentials: Credentials,
     pub deadline: Instant,
+    /// Who asked: the ready line is shared fairly between clients.
+    pub client: ClientId,
 }
 
 /// The answer to come, and whether the operation has gone to CUCM yet.
@@ -69,12 +72,13 @@ impl std::fmt::Debug for ClusterHandle {
 }
 
 impl ClusterHandle {
-    /// Carries out one operation; always answers, by the deadline.
+    /// Carries out one operation for `client`; always answers, by the deadline.
     pub async fn submit(
         &self,
         operation: Operation,
         credentials: Credentials,
         deadline: Instant,
+        client: ClientId,
     ) -> Reply {
         // CUCM refused these credentials seconds ago: it would again, at the cost of a
         // slot and a rate token the cluster's real callers need.
@@ -94,6 +98,7 @@ impl ClusterHandle {
             operation,
             credentials,
             deadline,
+            client,
         };
         // The deadline is a promise to the caller: the wait ends exactly there. The
         // actor's own answer usually comes first; when it does not, the flag says

@@ -3,7 +3,7 @@
 //! A request becomes an [`Operation`] routed by the [`Router`] to the
 //! [`ClusterActor`](cluster::ClusterActor) of its cluster. The actor only wires: the
 //! [`scheduler`] decides what goes to CUCM when (per-device order from
-//! [`device_queue`], slots and rate from [`shaper`], load shedding, busy back-off); the
+//! [`device_queue`], the clients' fair share from [`fair_line`], slots and rate from [`shaper`], load shedding, busy back-off); the
 //! [`em`] client calls CUCM and [`em::rules`] says what an answer means; the [`cache`]
 //! answers repeated queries. Everything observed is counted in [`metrics`].
 
@@ -14,6 +14,7 @@ pub mod config;
 pub mod device_queue;
 pub mod discovery;
 pub mod em;
+pub mod fair_line;
 pub mod handle;
 pub mod metrics;
 pub mod operation;
@@ -25,6 +26,7 @@ pub mod xml;
 
 pub use cluster::{ClusterActor, ClusterHandle, Submit};
 pub use config::ClusterConfig;
+pub use fair_line::ClientId;
 pub use metrics::Metrics;
 pub use operation::{Credentials, DeviceName, OpError, Operation, Outcome, Pin, Reply, UserId};
 pub use router::{Located, Route, RouteError, Router};

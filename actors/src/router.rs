@@ -13,6 +13,7 @@ use crate::cluster::{ClusterActor, ClusterError, ClusterHandle};
 use crate::config::ClusterConfig;
 use crate::discovery::{conclude, Conclusion, DeviceDirectory};
 use crate::em::rules::code;
+use crate::fair_line::ClientId;
 use crate::metrics::Metrics;
 use crate::operation::{Credentials, DeviceName, OpError, Operation, Reply, UserId};
 use crate::whereabouts;
@@ -103,6 +104,7 @@ impl Router {
         device: &DeviceName,
         credentials: &Credentials,
         deadline: Instant,
+        client: ClientId,
     ) -> Located<'_> {
         if let Some(cluster) = self
             .directory
@@ -117,7 +119,7 @@ impl Router {
             let query = Operation::Query {
                 device: device.clone(),
             };
-            cluster.submit(query, credentials.clone(), deadline)
+            cluster.submit(query, credentials.clone(), deadline, client)
         });
         let answers = futures_util::future::join_all(questions).await;
         let conclusion = conclude(answers);
@@ -154,6 +156,7 @@ impl Router {
         user: &UserId,
         credentials: &Credentials,
         deadline: Instant,
+        client: ClientId,
     ) -> Reply {
         let handles: Vec<&ClusterHandle> = self.clusters_in_order().collect();
         let questions = handles.iter().map(|cluster| {
@@ -161,6 +164,7 @@ impl Router {
                 Operation::user_devices(user.clone()),
                 credentials.clone(),
                 deadline,
+                client,
             )
         });
         let answers = futures_util::future::join_all(questions).await;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
-use actors::{ClusterHandle, Located, Metrics, Operation, Outcome, Reply, Route, Router};
+use actors::{ClientId, ClusterHandle, Located, Metrics, Operation, Outcome, Reply, Route, Router};
 use futures_util::StreamExt;
 
 use super::json;
@@ -88,7 +88,11 @@ pub async fn api(
         Ok((valid, route)) => {
             let deadline = started + state.deadline;
             record.with_pin = matches!(valid.operation, Operation::PinLogin { .. });
-            let (cluster, reply) = carry_out(&state.router, route, valid, deadline).await;
+            // Shares the cluster's ready line fairly with other clients.
+            let client = crate::access::client_ip(&request)
+                .map(ClientId::address)
+                .unwrap_or_default();
+            let (cluster, reply) = carry_out(&state.router, route, valid, deadline, client).await;
             record.cluster = cluster;
             record.node = reply.node.clone();
             record.source = match (&reply.node, reply.from_cache) {
@@ -191,6 +195,7 @@ async fn carry_out(
     route: Route<'_>,
     valid: ValidRequest,
     deadline: Instant,
+    client: ClientId,
 ) -> (Option<Arc<str>>, Reply) {
     let ValidRequest {
         operation,
@@ -199,18 +204,20 @@ async fn carry_out(
     } = valid;
     let cluster = match route {
         Route::Cluster(cluster) => {
-            let reply = cluster.submit(operation, credentials, deadline).await;
+            let reply = cluster
+                .submit(operation, credentials, deadline, client)
+                .await;
             return (Some(cluster.code.clone()), reply);
         }
         Route::Discover => {
             if let Operation::UserDevicesQuery { user, .. } = &operation {
                 let reply = router
-                    .user_devices_everywhere(user, &credentials, deadline)
+                    .user_devices_everywhere(user, &credentials, deadline, client)
                     .await;
                 return (None, reply);
             }
             let device = operation.device().clone();
-            match router.locate(&device, &credentials, deadline).await {
+            match router.locate(&device, &credentials, deadline, client).await {
                 Located::Answer(reply) => return (None, reply),
                 // Discovery just asked this cluster who is on the device.
                 Located::Cluster(cluster, Some(reply)) if !operation.mutates() => {
@@ -221,7 +228,9 @@ async fn carry_out(
         }
     };
     let device = operation.device().clone();
-    let reply = cluster.submit(operation, credentials, deadline).await;
+    let reply = cluster
+        .submit(operation, credentials, deadline, client)
+        .await;
     router.learn(&device, cluster, &reply);
     (Some(cluster.code.clone()), reply)
 }
