@@ -164,6 +164,39 @@ impl<K: Copy + Eq + Hash, T> FairLine<K, T> {
         taken.into_iter().map(|(_, item)| item).collect()
     }
 
+    /// `client` now also waits for `item` (an operation of its own queued behind it):
+    /// when `item` would be served sooner at the back of `client`'s lane than where it
+    /// is, it moves there — so a flood's item on a device another client needs is
+    /// served in that client's turn, not at the end of the flood. Returns whether it
+    /// moved. Scans the lanes: bounded by the line's length.
+    pub fn promote(&mut self, item: &T, client: K) -> bool
+    where
+        T: PartialEq,
+    {
+        let target = self.lane_len(&client);
+        let found = self.lanes.iter().find_map(|(owner, lane)| {
+            lane.iter()
+                .position(|queued| queued == item)
+                .map(|index| (*owner, index))
+        });
+        let Some((owner, index)) = found else {
+            return false;
+        };
+        if owner == client || index <= target {
+            return false;
+        }
+        let Some(lane) = self.lanes.get_mut(&owner) else {
+            return false;
+        };
+        // `index > target >= 0`: the owner's lane keeps its front, and its turn.
+        let Some(moved) = lane.remove(index) else {
+            return false;
+        };
+        self.len -= 1;
+        self.push_back(client, moved);
+        true
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -302,6 +335,22 @@ mod tests {
         assert_eq!(line.ahead_of_new(&'H'), 1 + 1 + 1);
         line.clear();
         assert_eq!((line.len(), line.ahead_of_new(&'G')), (0, 0));
+    }
+
+    #[test]
+    fn an_item_another_client_waits_for_moves_to_its_lane_when_that_is_sooner() {
+        let mut line = FairLine::default();
+        for n in 1..=5 {
+            line.push_back('F', n);
+        }
+        line.push_back('G', 10);
+        // G now needs F's item 4 done first: sooner at the back of G's lane.
+        assert!(line.promote(&4, 'G'));
+        // G needs F's 1 too: already at the front of F's lane, stays.
+        assert!(!line.promote(&1, 'G'));
+        assert!(!line.promote(&99, 'G'), "not in the line");
+        assert_eq!(line.len(), 6);
+        assert_eq!(drain(&mut line), [1, 10, 2, 4, 3, 5]);
     }
 
     #[test]

@@ -246,6 +246,10 @@ impl<C: Clock + Clone> Scheduler<C> {
                 self.queued_queries += usize::from(query);
                 if needs_turn {
                     self.ready.push_back(client, device);
+                } else if self.devices.get(&device).map(DeviceQueue::turn) == Some(Turn::Lined) {
+                    // Its device waits in another client's lane: served no later than in
+                    // this client's own turn.
+                    self.ready.promote(&device, client);
                 }
                 Offer::Queued
             }
@@ -1101,6 +1105,25 @@ mod tests {
                 device(5)
             ]
         );
+    }
+
+    #[test]
+    fn a_device_the_flood_holds_up_is_served_in_the_other_clients_turn() {
+        let (mut s, clock) = scheduler(100, Some((10, 1)), 1000);
+        let now = Instant::now();
+        for n in 1..=50 {
+            s.offer(from("203.0.113.66", login(n, now + LONG)), now);
+        }
+        assert_eq!(started(s.next_step(now)).device, device(1));
+        // The other client needs device 40, where the flood's login waits first.
+        s.offer(from("198.51.100.1", query(40, now + LONG)), now);
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            clock.advance(Duration::from_millis(100));
+            order.push(started(s.next_step(now)).device);
+        }
+        // Device 40 (the flood's login, then the query) goes in the client's turn.
+        assert_eq!(order, [device(2), device(40), device(3), device(4)]);
     }
 
     #[test]
