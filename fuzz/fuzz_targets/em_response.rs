@@ -31,10 +31,7 @@ fuzz_target!(|data: &[u8]| {
             for user in users {
                 match user.state {
                     UserState::Devices(devices) => {
-                        assert!(
-                            devices.len() <= MAX_DEVICES_PER_USER,
-                            "device list not bounded"
-                        );
+                        assert!(devices.len() <= MAX_DEVICES_PER_USER, "device list not bounded");
                         for device in devices {
                             assert_eq!(device, device.to_ascii_uppercase());
                         }
