@@ -131,6 +131,11 @@ pub async fn run(
     .keep_alive(config.client_timeout())
     .client_disconnect_timeout(std::time::Duration::from_secs(1))
     .tls_handshake_timeout(config.client_timeout())
+    // actix stops accepting while this many TLS handshakes are pending (default 256):
+    // idle connections that never send a ClientHello would then hold every other
+    // client in the backlog until they time out. Pending handshakes cost no CPU; the
+    // connection cap bounds them.
+    .max_connection_rate(config.max_connections)
     .disable_signals()
     .shutdown_timeout(answers_written_by(config.shutdown_grace()));
     let server = match tls {

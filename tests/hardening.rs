@@ -740,3 +740,70 @@ fn a_flooding_client_does_not_starve_a_well_behaved_one() {
         "the flood waits for itself: {slowest:?}"
     );
 }
+
+#[test]
+fn tls_connections_that_never_say_hello_do_not_hold_up_other_clients() {
+    let sim = simulator(1, |_| {});
+    let dir = std::env::temp_dir().join(format!("bc-hardening-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let (cert_file, key_file) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert_file, cert.pem()).expect("cert written");
+    std::fs::write(&key_file, signing_key.serialize_pem()).expect("key written");
+    let gw = Binary::start(
+        "tls-idle",
+        &sim.url(),
+        "",
+        &format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert_file.display(),
+            key_file.display()
+        ),
+    );
+    // 600 connections from one address that never start their TLS handshake (more
+    // than actix's default 256 pending handshakes).
+    let idle: Vec<TcpStream> = (0..600)
+        .map(|_| TcpStream::connect(&gw.addr).expect("connected"))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let took = runtime.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).expect("root");
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let started = std::time::Instant::now();
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.2:0".parse().unwrap()).expect("bind");
+        let tcp = socket
+            .connect(gw.addr.parse().unwrap())
+            .await
+            .expect("connected");
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("handshake");
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("sent");
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+        started.elapsed()
+    });
+    drop(idle);
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("another client's TLS request beside 600 silent connections: {took:?}");
+    // Before: the listener stopped accepting behind 256 pending handshakes until they
+    // timed out (client_timeout_ms, 5 s).
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
