@@ -47,6 +47,9 @@ listen = "127.0.0.1:$port"
 deadline_ms = $deadline
 log_format = "json"
 
+[access]
+max_connections_per_client = 0   # bc-storm: 1,000 connections from one address
+
 [[cluster]]
 code = "SIM"
 nodes = ["http://127.0.0.1:$sim_port/emservice/EMServiceServlet"]

@@ -139,6 +139,10 @@ gateway_config() {
         done
         [ $# -gt 0 ] && shift
         echo
+        # The load generators are one address holding thousands of connections.
+        echo "[access]"
+        echo "max_connections_per_client = 0"
+        echo
         echo "[[cluster]]"
         echo 'code = "SIM"'
         echo "nodes = [\"http://127.0.0.1:$sim_port/emservice/EMServiceServlet\"]"

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use actix_web::body::EitherBody;
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::http::header::HeaderValue;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse};
 use actors::metrics::MetricsError;
 use actors::Metrics;
@@ -122,10 +123,18 @@ pub struct AccessConfig {
     pub client_requests_per_second: u32,
     #[serde(default = "default_client_burst")]
     pub client_burst: u32,
+    /// Open connections per client address (a trusted proxy is not capped); beyond it
+    /// a new connection is closed at once. 0 = unlimited.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
 }
 
 fn default_client_burst() -> u32 {
     20
+}
+
+fn default_max_connections_per_client() -> usize {
+    256
 }
 
 impl Default for AccessConfig {
@@ -136,6 +145,7 @@ impl Default for AccessConfig {
             trusted_proxies: Vec::new(),
             client_requests_per_second: 0,
             client_burst: default_client_burst(),
+            max_connections_per_client: default_max_connections_per_client(),
         }
     }
 }
@@ -155,36 +165,45 @@ impl AccessConfig {
 
 /// The client a request is from: the peer, or — when the peer is a trusted proxy — the
 /// right-most X-Forwarded-For address that is not a trusted proxy itself (everything left
-/// of it was written by the client and proves nothing). An entry that is not an address
-/// stops the walk at the last trusted hop.
+/// of it was written by the client and proves nothing). `forwarded_for` are the raw
+/// header values, in order; several headers are one list.
+///
+/// Fails closed: an entry that must be read on the way to the client but is not an
+/// address (`unknown`, `fe80::1%eth0`, a byte that is not ASCII, an empty entry) makes
+/// the client unknown, never the proxy itself — the proxy may be loopback or allowed.
 pub fn client_address<'a>(
     peer: IpAddr,
-    forwarded_for: impl Iterator<Item = &'a str>,
+    forwarded_for: impl Iterator<Item = &'a [u8]>,
     trusted_proxies: &[Cidr],
-) -> IpAddr {
+) -> Result<IpAddr, Unidentified> {
     let peer = peer.to_canonical();
     if !any_contains(trusted_proxies, peer) {
-        return peer;
+        return Ok(peer);
     }
-    let hops: Vec<&str> = forwarded_for
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .collect();
+    let values: Vec<&[u8]> = forwarded_for.collect();
     let mut client = peer;
-    for hop in hops.iter().rev() {
-        let Some(address) = parse_hop(hop) else {
-            return client;
-        };
+    for hop in values
+        .iter()
+        .rev()
+        .flat_map(|value| value.rsplit(|b| *b == b','))
+    {
+        let address = parse_hop(hop).ok_or(Unidentified)?;
         client = address;
         if !any_contains(trusted_proxies, address) {
-            return address;
+            return Ok(address);
         }
     }
-    client
+    Ok(client)
 }
 
-/// `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1` or `[2001:db8::1]:5678`.
-fn parse_hop(hop: &str) -> Option<IpAddr> {
+/// A trusted proxy forwarded a request whose client address cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unidentified;
+
+/// `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1` or `[2001:db8::1]:5678` (spaces around it
+/// are fine); anything else is `None`.
+fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
+    let hop = std::str::from_utf8(hop).ok()?.trim_matches([' ', '\t']);
     if let Ok(address) = IpAddr::from_str(hop) {
         return Some(address.to_canonical());
     }
@@ -202,6 +221,8 @@ pub enum Refusal {
     NotAllowed,
     /// Over its request rate; may come back after this long.
     RateLimited(Duration),
+    /// Behind a trusted proxy, but its X-Forwarded-For cannot be read.
+    Unidentified,
 }
 
 impl Refusal {
@@ -210,6 +231,7 @@ impl Refusal {
             Refusal::Denied => "denied",
             Refusal::NotAllowed => "not_allowed",
             Refusal::RateLimited(_) => "rate_limited",
+            Refusal::Unidentified => "unidentified",
         }
     }
 }
@@ -235,10 +257,12 @@ pub struct ClientAddr(pub IpAddr);
 
 /// The client address of a request that passed the guard.
 pub fn client_of(request: &HttpRequest) -> Option<String> {
-    request
-        .extensions()
-        .get::<ClientAddr>()
-        .map(|c| c.0.to_string())
+    client_ip(request).map(|ip| ip.to_string())
+}
+
+/// The client address of a request that passed the guard, as an address.
+pub fn client_ip(request: &HttpRequest) -> Option<IpAddr> {
+    request.extensions().get::<ClientAddr>().map(|c| c.0)
 }
 
 /// The access rules, the per-client limiter and their counters; shared by all workers.
@@ -264,7 +288,7 @@ impl Access {
         let refused = IntCounterVec::new(
             Opts::new(
                 "bc_access_refused_total",
-                "Requests refused before parsing, by reason (denied, not_allowed, rate_limited)",
+                "Requests refused before parsing, by reason (denied, not_allowed, rate_limited, unidentified)",
             ),
             &["reason"],
         )?;
@@ -287,24 +311,28 @@ impl Access {
         })
     }
 
-    /// Judges one request from `peer` (the socket's address) for `path`.
+    /// Judges one request from `peer` (the socket's address) for `path`. The client is
+    /// `None` when a trusted proxy forwarded it unreadably (then it is refused).
     pub fn check<'a>(
         &self,
         peer: IpAddr,
         path: &str,
-        forwarded_for: impl Iterator<Item = &'a str>,
-    ) -> (IpAddr, Result<(), Refusal>) {
+        forwarded_for: impl Iterator<Item = &'a [u8]>,
+    ) -> (Option<IpAddr>, Result<(), Refusal>) {
         let client = client_address(peer, forwarded_for, &self.config.trusted_proxies);
         // Probes from the host itself work whatever the lists say: an orchestrator's
         // health check must not depend on the client lists.
         if peer.to_canonical().is_loopback() && matches!(path, "/healthz" | "/readyz") {
-            return (client, Ok(()));
+            return (client.ok(), Ok(()));
         }
-        let verdict = address_verdict(&self.config, client).and_then(|()| self.rate(client));
+        let verdict = match client {
+            Ok(client) => address_verdict(&self.config, client).and_then(|()| self.rate(client)),
+            Err(Unidentified) => Err(Refusal::Unidentified),
+        };
         if let Err(refusal) = verdict {
             self.refused.with_label_values(&[refusal.reason()]).inc();
         }
-        (client, verdict)
+        (client.ok(), verdict)
     }
 
     fn rate(&self, client: IpAddr) -> Result<(), Refusal> {
@@ -323,7 +351,7 @@ impl Access {
     /// The answer to a refused request: 403 + 1009, or 429 + Retry-After + 1010.
     pub fn refusal_response(path: &str, refusal: Refusal) -> HttpResponse {
         let failure = match refusal {
-            Refusal::Denied | Refusal::NotAllowed => Failure::Forbidden,
+            Refusal::Denied | Refusal::NotAllowed | Refusal::Unidentified => Failure::Forbidden,
             Refusal::RateLimited(wait) => Failure::TooManyRequests { retry_after: wait },
         };
         let call = path
@@ -386,11 +414,13 @@ where
             return Box::pin(async move { Ok(service.call(request).await?.map_into_left_body()) });
         };
         let forwarded = request.headers().get_all("x-forwarded-for");
-        let forwarded = forwarded.filter_map(|v| v.to_str().ok());
+        let forwarded = forwarded.map(HeaderValue::as_bytes);
         let (client, verdict) = self.access.check(peer, request.path(), forwarded);
         match verdict {
             Ok(()) => {
-                request.extensions_mut().insert(ClientAddr(client));
+                if let Some(client) = client {
+                    request.extensions_mut().insert(ClientAddr(client));
+                }
                 let service = self.service.clone();
                 Box::pin(async move { Ok(service.call(request).await?.map_into_left_body()) })
             }
@@ -451,16 +481,16 @@ mod tests {
     #[test]
     fn forwarded_for_counts_only_behind_a_trusted_proxy() {
         let proxies = [cidr("10.1.2.3/32"), cidr("10.1.2.4/32")];
-        let xff = |values: &'static [&'static str]| values.iter().copied();
+        let xff = |values: &'static [&'static str]| values.iter().map(|v| v.as_bytes());
         // An untrusted peer is the client, whatever it claims.
         assert_eq!(
             client_address(ip("198.51.100.7"), xff(&["1.1.1.1"]), &proxies),
-            ip("198.51.100.7")
+            Ok(ip("198.51.100.7"))
         );
         // Behind a trusted proxy: the right-most untrusted address.
         assert_eq!(
             client_address(ip("10.1.2.3"), xff(&["6.6.6.6, 203.0.113.5"]), &proxies),
-            ip("203.0.113.5")
+            Ok(ip("203.0.113.5"))
         );
         // Chained trusted proxies are skipped; several headers are one list.
         assert_eq!(
@@ -469,27 +499,60 @@ mod tests {
                 xff(&["6.6.6.6, 203.0.113.5", "10.1.2.4"]),
                 &proxies
             ),
-            ip("203.0.113.5")
+            Ok(ip("203.0.113.5"))
         );
         // With ports and IPv6.
         assert_eq!(
             client_address(ip("10.1.2.3"), xff(&["[2001:db8::5]:443"]), &proxies),
-            ip("2001:db8::5")
+            Ok(ip("2001:db8::5"))
         );
         // No header: the proxy itself.
         assert_eq!(
             client_address(ip("10.1.2.3"), xff(&[]), &proxies),
-            ip("10.1.2.3")
-        );
-        // Garbage stops the walk at the last trusted hop.
-        assert_eq!(
-            client_address(ip("10.1.2.3"), xff(&["203.0.113.5, unknown"]), &proxies),
-            ip("10.1.2.3")
+            Ok(ip("10.1.2.3"))
         );
         // Only trusted proxies: the left-most of them.
         assert_eq!(
             client_address(ip("10.1.2.3"), xff(&["10.1.2.4"]), &proxies),
-            ip("10.1.2.4")
+            Ok(ip("10.1.2.4"))
+        );
+        // What the client wrote left of its own address is never read.
+        assert_eq!(
+            client_address(ip("10.1.2.3"), xff(&["unknown, 203.0.113.5"]), &proxies),
+            Ok(ip("203.0.113.5"))
+        );
+    }
+
+    #[test]
+    fn a_forwarded_client_that_cannot_be_read_is_unidentified_never_the_proxy() {
+        let proxies = [cidr("127.0.0.1/32"), cidr("10.1.2.4/32")];
+        let unreadable: [&[u8]; 9] = [
+            b"203.0.113.5, unknown",
+            b"unknown",
+            b"fe80::1%eth0",
+            b"ip:abc",
+            b"x\xff",
+            b"203.0.113.5, \xff10.0.0.1",
+            b"",
+            b"203.0.113.5,",
+            b"10.1.2.4, _hidden",
+        ];
+        for value in unreadable {
+            assert_eq!(
+                client_address(ip("127.0.0.1"), std::iter::once(value), &proxies),
+                Err(Unidentified),
+                "{}",
+                String::from_utf8_lossy(value)
+            );
+        }
+        // A non-ASCII byte left of the client is the client's own business.
+        assert_eq!(
+            client_address(
+                ip("127.0.0.1"),
+                std::iter::once(&b"x\xff, 203.0.113.9"[..]),
+                &proxies
+            ),
+            Ok(ip("203.0.113.9"))
         );
     }
 
@@ -531,7 +594,7 @@ mod tests {
             ..AccessConfig::default()
         };
         let access = Access::new(&config, &metrics).unwrap();
-        let none = || std::iter::empty::<&str>();
+        let none = || std::iter::empty::<&[u8]>();
         for _ in 0..2 {
             assert_eq!(
                 access.check(ip("10.0.0.1"), "/api/logout", none()).1,

@@ -61,9 +61,11 @@ pub struct Config {
     /// served, so a load balancer stops sending before connections are refused.
     #[serde(default = "defaults::drain_ms")]
     pub drain_ms: u64,
-    /// How long in-flight requests may take to finish on SIGTERM/SIGINT.
-    #[serde(default = "defaults::shutdown_grace_ms")]
-    pub shutdown_grace_ms: u64,
+    /// How long in-flight requests may take to finish on SIGTERM/SIGINT (after the
+    /// drain); what still waits then is answered 1004 (or 1003 when at CUCM). Absent:
+    /// `deadline_ms` + 1 s, so that every request accepted before the stop can finish.
+    #[serde(default)]
+    pub shutdown_grace_ms: Option<u64>,
     /// HTTP worker threads; 0 means one per CPU core.
     #[serde(default)]
     pub workers: usize,
@@ -106,9 +108,8 @@ mod defaults {
     pub fn drain_ms() -> u64 {
         5_000
     }
-    pub fn shutdown_grace_ms() -> u64 {
-        10_000
-    }
+    /// Beyond the deadline: the time to write the last answers.
+    pub const SHUTDOWN_GRACE_BEYOND_DEADLINE_MS: u64 = 1_000;
     pub fn client_timeout_ms() -> u64 {
         5_000
     }
@@ -151,7 +152,7 @@ impl Config {
             deadline_ms: defaults::deadline_ms(),
             max_body_bytes: defaults::max_body_bytes(),
             drain_ms: defaults::drain_ms(),
-            shutdown_grace_ms: defaults::shutdown_grace_ms(),
+            shutdown_grace_ms: None,
             workers: 0,
             log_format: LogFormat::Text,
             client_timeout_ms: defaults::client_timeout_ms(),
@@ -184,7 +185,7 @@ impl Config {
         if self.drain_ms > 300_000 {
             return Err((None, "drain_ms", "must be at most 300000".into()));
         }
-        if self.shutdown_grace_ms > 600_000 {
+        if self.shutdown_grace_ms.is_some_and(|grace| grace > 600_000) {
             return Err((None, "shutdown_grace_ms", "must be at most 600000".into()));
         }
         if !(100..=600_000).contains(&self.client_timeout_ms) {
@@ -250,7 +251,10 @@ impl Config {
     }
 
     pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_millis(self.shutdown_grace_ms)
+        Duration::from_millis(
+            self.shutdown_grace_ms
+                .unwrap_or(self.deadline_ms + defaults::SHUTDOWN_GRACE_BEYOND_DEADLINE_MS),
+        )
     }
 }
 

@@ -18,6 +18,7 @@ use actors::{Metrics, Router};
 
 use crate::access::{Access, AccessGuard};
 use crate::config::Config;
+use crate::connections::{raise_open_files, ConnectionGuard};
 use crate::dashboard::{self, Admin, DashboardError};
 use crate::history_api::{self, HistoryApiError};
 use crate::northbound::handlers::{self, AppState};
@@ -53,6 +54,12 @@ async fn readyz(draining: web::Data<Draining>, state: web::Data<AppState>) -> Ht
     handlers::readyz(state).await
 }
 
+/// actix's own shutdown timeout (whole seconds): the grace, and then a second for the
+/// answers given at its end to be written.
+fn answers_written_by(grace: std::time::Duration) -> u64 {
+    grace.as_secs() + u64::from(grace.subsec_nanos() > 0) + 1
+}
+
 /// Starts the cluster actors and serves until `shutdown` resolves; then drains for
 /// `drain_ms` (readyz 503, still serving), stops accepting, lets in-flight requests
 /// finish within the configured grace, and returns.
@@ -70,6 +77,11 @@ pub struct Started {
     server: actix_web::dev::Server,
     draining: web::Data<Draining>,
     drain: std::time::Duration,
+    /// After the drain: how long in-flight requests may finish before every request
+    /// still waiting is answered.
+    grace: std::time::Duration,
+    /// The clusters to close when the grace is over.
+    closing: web::Data<AppState>,
     sampler: actix_web::rt::task::JoinHandle<()>,
     history: Option<Arc<history::History>>,
 }
@@ -98,6 +110,7 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Started, Ser
         config.discovery_ttl(),
         metrics.clone(),
     )?;
+    let connections = Arc::new(ConnectionGuard::new(&config.access, &metrics)?);
     let state = web::Data::new(AppState {
         router,
         metrics,
@@ -112,6 +125,9 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Started, Ser
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
+    raise_open_files((config.max_connections * workers) as u64);
+
+    let closing = state.clone();
     let server = HttpServer::new({
         let draining = draining.clone();
         let admin = admin.clone();
@@ -122,13 +138,15 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Started, Ser
                 .app_data(draining.clone())
                 .app_data(admin.clone())
                 .configure(dashboard::routes)
-                .route("/metrics", web::get().to(handlers::metrics))
-                .route("/healthz", web::get().to(handlers::healthz))
-                .route("/readyz", web::get().to(readyz))
-                .route("/openapi.json", web::get().to(crate::openapi::serve))
+                // Resources, not bare routes: another method answers 405 with Allow.
+                .service(web::resource("/metrics").route(web::get().to(handlers::metrics)))
+                .service(web::resource("/healthz").route(web::get().to(handlers::healthz)))
+                .service(web::resource("/readyz").route(web::get().to(readyz)))
+                .service(web::resource("/openapi.json").route(web::get().to(crate::openapi::serve)))
                 .default_service(web::to(handlers::api))
         }
     })
+    .on_connect(move |io, ext| connections.on_connect(io, ext))
     .workers(workers)
     .backlog(4096)
     .max_connections(config.max_connections)
@@ -138,8 +156,13 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Started, Ser
     .keep_alive(config.client_timeout())
     .client_disconnect_timeout(std::time::Duration::from_secs(1))
     .tls_handshake_timeout(config.client_timeout())
+    // actix stops accepting while this many TLS handshakes are pending (default 256):
+    // idle connections that never send a ClientHello would then hold every other
+    // client in the backlog until they time out. Pending handshakes cost no CPU; the
+    // connection cap bounds them.
+    .max_connection_rate(config.max_connections)
     .disable_signals()
-    .shutdown_timeout(config.shutdown_grace().as_secs().max(1));
+    .shutdown_timeout(answers_written_by(config.shutdown_grace()));
     let server = match tls {
         Some((tls_config, resolver)) => {
             let server = server.listen_rustls_0_23(listener, tls_config)?;
@@ -154,6 +177,8 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Started, Ser
         server,
         draining,
         drain: config.drain(),
+        grace: config.shutdown_grace(),
+        closing,
         sampler,
         history,
     })
@@ -169,6 +194,8 @@ impl Started {
             server,
             draining,
             drain,
+            grace,
+            closing,
             sampler,
             history,
         } = self;
@@ -184,7 +211,13 @@ impl Started {
             // is the time it is given to notice before connections are refused.
             actix_web::rt::time::sleep(drain).await;
             tracing::info!("shutting down: no new connections, finishing in-flight requests");
+            let close = actix_web::rt::spawn(async move {
+                actix_web::rt::time::sleep(grace).await;
+                tracing::info!("shutdown grace over: answering every request still waiting");
+                closing.router.close();
+            });
             handle.stop(true).await;
+            close.abort();
         });
         let served = server.await;
         sampler.abort();

@@ -176,6 +176,52 @@ async fn tls_with_client_certificates() {
     drop(pki);
 }
 
+/// The per-client connection cap counts TLS connections too (after the handshake).
+#[actix_web::test]
+async fn tls_connections_beyond_the_per_client_cap_are_closed() {
+    let sim = simulator(2, |_| {});
+    let dir = std::env::temp_dir().join(format!("bc-security-tls-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = Pki { dir };
+    let server_ca = ca("server CA");
+    let (server_cert, server_key) = leaf(&server_ca, &["localhost", "127.0.0.1"]);
+    let write = |name: &str, text: String| {
+        let path = pki.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let tls = TlsConfig {
+        cert_file: write("server.pem", server_cert.pem()),
+        key_file: write("server.key", server_key.serialize_pem()),
+        client_ca_file: None,
+    };
+    let gw = Gateway::start(config(&sim, |c| {
+        c.tls = Some(tls);
+        c.access.max_connections_per_client = 2;
+    }))
+    .await;
+    let client = client_config(&server_ca, None);
+    let connect = || async {
+        let tcp = TcpStream::connect(gw.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(client.clone())
+            .connect(name, tcp)
+            .await
+    };
+    let _held = [connect().await.unwrap(), connect().await.unwrap()];
+    let third = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut tls = connect().await?;
+        exchange(&mut tls, "/healthz", "").await
+    })
+    .await
+    .expect("answered or closed at once");
+    assert!(
+        !third.map(|a| a.contains("HTTP/1.1")).unwrap_or(false),
+        "the third TLS connection from one address gets no answer"
+    );
+    drop(pki);
+}
+
 // ---------------------------------------------------------------- access
 
 #[actix_web::test]

@@ -16,6 +16,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use crate::em::steps::Stage;
+use crate::fair_line::ClientId;
 use crate::operation::{Credentials, Operation, Reply};
 
 /// One operation and everyone waiting for its answer.
@@ -35,6 +36,8 @@ pub struct PendingOp {
     /// One flag per waiter, set once the operation went to CUCM: a caller whose own
     /// wait ends at its deadline then knows whether to say 1003 (sent) or 1004 (not).
     pub sent: Vec<Arc<AtomicBool>>,
+    /// Who asked first: its device waits in this client's lane of the ready line.
+    pub client: ClientId,
 }
 
 impl PendingOp {
@@ -53,7 +56,14 @@ impl PendingOp {
             waiters: vec![waiter],
             busy_answers: 0,
             sent: vec![Arc::new(AtomicBool::new(false))],
+            client: ClientId::default(),
         }
+    }
+
+    /// The client that asked (default: unknown, one shared lane).
+    pub fn from_client(mut self, client: ClientId) -> Self {
+        self.client = client;
+        self
     }
 
     fn mark_sent(&self) {
@@ -195,6 +205,20 @@ impl DeviceQueue {
             Turn::Lined
         };
         dropped
+    }
+
+    /// The gateway is stopping: hands over every operation that is not at CUCM right
+    /// now (waiting, lined up, backing off after a busy answer). What is running stays.
+    pub fn take_unsent(&mut self) -> Vec<PendingOp> {
+        let mut unsent = Vec::with_capacity(self.waiting.len() + 1);
+        if self.turn != Turn::Running {
+            unsent.extend(self.current.take());
+        }
+        unsent.extend(self.waiting.drain(..));
+        if self.turn != Turn::Running {
+            self.turn = Turn::Idle;
+        }
+        unsent
     }
 
     pub fn turn(&self) -> Turn {

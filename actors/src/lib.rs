@@ -3,9 +3,10 @@
 //! A request becomes an [`Operation`] routed by the [`Router`] to the
 //! [`ClusterActor`](cluster::ClusterActor) of its cluster. The actor only wires: the
 //! [`scheduler`] decides what goes to CUCM when (per-device order from
-//! [`device_queue`], slots and rate from [`shaper`], load shedding, busy back-off); the
-//! [`em`] client calls CUCM, [`em::rules`] says what an answer means and [`em::steps`]
-//! how an operation of several calls goes on; the [`cache`]
+//! [`device_queue`], the clients' fair share from [`fair_line`], slots and rate from
+//! [`shaper`], load shedding, busy back-off); the [`em`] client calls CUCM,
+//! [`em::rules`] says what an answer means and [`em::steps`] how an operation of several
+//! calls goes on; the [`cache`]
 //! answers repeated queries. Everything observed is counted in [`metrics`].
 
 pub mod backoff;
@@ -16,6 +17,7 @@ pub mod device_queue;
 pub mod discovery;
 pub mod em;
 pub mod everywhere;
+pub mod fair_line;
 pub mod metrics;
 pub mod operation;
 pub mod router;
@@ -26,6 +28,7 @@ pub mod xml;
 
 pub use cluster::{ClusterActor, ClusterHandle, Submit};
 pub use config::ClusterConfig;
+pub use fair_line::ClientId;
 pub use metrics::Metrics;
 pub use operation::{
     Credentials, DeviceName, OpError, Operation, Outcome, Pin, QueueKey, Reply, UserId,

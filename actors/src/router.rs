@@ -13,6 +13,7 @@ use crate::cluster::{ClusterActor, ClusterError, ClusterHandle};
 use crate::config::ClusterConfig;
 use crate::discovery::{conclude, Conclusion, DeviceDirectory};
 use crate::em::code;
+use crate::fair_line::ClientId;
 use crate::metrics::Metrics;
 use crate::operation::{Credentials, DeviceName, OpError, Operation, QueueKey, Reply, UserId};
 use crate::whereabouts;
@@ -107,20 +108,23 @@ impl Router {
         operation: Operation,
         credentials: Credentials,
         deadline: Instant,
+        client: ClientId,
     ) -> (Option<Arc<str>>, Reply) {
         let (cluster, device) = match (route, operation.queue_key()) {
             (Route::Cluster(cluster), _) => {
-                let reply = cluster.submit(operation, credentials, deadline).await;
+                let reply = cluster
+                    .submit(operation, credentials, deadline, client)
+                    .await;
                 return (Some(cluster.code.clone()), reply);
             }
             (Route::Discover, QueueKey::User(user)) => {
                 let reply = self
-                    .user_devices_everywhere(&user, &credentials, deadline)
+                    .user_devices_everywhere(&user, &credentials, deadline, client)
                     .await;
                 return (None, reply);
             }
             (Route::Discover, QueueKey::Device(device)) => {
-                match self.locate(&device, &credentials, deadline).await {
+                match self.locate(&device, &credentials, deadline, client).await {
                     Located::Answer(reply) => return (None, reply),
                     // Discovery just asked this cluster who is on the device.
                     Located::Cluster(cluster, Some(reply)) if !operation.mutates() => {
@@ -130,7 +134,9 @@ impl Router {
                 }
             }
         };
-        let reply = cluster.submit(operation, credentials, deadline).await;
+        let reply = cluster
+            .submit(operation, credentials, deadline, client)
+            .await;
         self.learn(&device, cluster, &reply);
         (Some(cluster.code.clone()), reply)
     }
@@ -141,6 +147,7 @@ impl Router {
         device: &DeviceName,
         credentials: &Credentials,
         deadline: Instant,
+        client: ClientId,
     ) -> Located<'_> {
         if let Some(cluster) = self
             .directory
@@ -155,7 +162,7 @@ impl Router {
             let query = Operation::Query {
                 device: device.clone(),
             };
-            cluster.submit(query, credentials.clone(), deadline)
+            cluster.submit(query, credentials.clone(), deadline, client)
         });
         let answers = futures_util::future::join_all(questions).await;
         let conclusion = conclude(answers);
@@ -192,6 +199,7 @@ impl Router {
         user: &UserId,
         credentials: &Credentials,
         deadline: Instant,
+        client: ClientId,
     ) -> Reply {
         let handles: Vec<&ClusterHandle> = self.clusters_in_order().collect();
         let questions = handles.iter().map(|cluster| {
@@ -199,6 +207,7 @@ impl Router {
                 Operation::user_devices(user.clone()),
                 credentials.clone(),
                 deadline,
+                client,
             )
         });
         let answers = futures_util::future::join_all(questions).await;
@@ -230,5 +239,13 @@ impl Router {
 
     pub fn clusters(&self) -> impl Iterator<Item = &ClusterHandle> {
         self.clusters_in_order()
+    }
+
+    /// The end of the shutdown grace: every cluster answers what still waits (see
+    /// [`ClusterHandle::close`]).
+    pub fn close(&self) {
+        for cluster in self.clusters_in_order() {
+            cluster.close();
+        }
     }
 }

@@ -10,10 +10,15 @@
 //! A "device" here is a [`QueueKey`]: a phone, or the user of a user query.
 //!
 //! Fairness: a device is in the ready line at most once (its own queue keeps the rest),
-//! so a device with a hundred queued operations cannot starve the others. A device
-//! retrying after CUCM said busy goes to the front: it had its turn already.
+//! so a device with a hundred queued operations cannot starve the others; and the line
+//! is shared round-robin between clients ([`FairLine`], keyed by the client of the
+//! device's next operation), so a client sending a flood waits behind its own requests.
+//! A device retrying after CUCM said busy goes to the front: it had its turn already.
+//! Admission is fair too: whether an operation can meet its deadline is judged by the
+//! wait ahead of it in its client's turn, and a full queue still takes a client holding
+//! less than its share of it (up to twice `queue_limit` in all).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -22,6 +27,7 @@ use crate::backoff::{jittered, ExpBackoff};
 use crate::device_queue::{DeviceQueue, PendingOp, Pushed, Turn};
 use crate::em::dispatch::CallEnd;
 use crate::em::steps::Stage;
+use crate::fair_line::{ClientId, FairLine};
 use crate::operation::{Credentials, OpError, Operation, QueueKey};
 use crate::shaper::{Held, Rate, Shaper};
 
@@ -125,8 +131,9 @@ pub enum Completion {
 
 pub struct Scheduler<C: Clock = DefaultClock> {
     devices: HashMap<QueueKey, DeviceQueue>,
-    /// Devices whose next operation may start, in the order they got ready.
-    ready: VecDeque<QueueKey>,
+    /// Devices whose next operation may start: per client in the order they got
+    /// ready, clients taking turns.
+    ready: FairLine<ClientId, QueueKey>,
     /// Accepted operations not yet sent to CUCM.
     queued: usize,
     /// How many of them are device queries (they may leave in batches).
@@ -164,7 +171,7 @@ impl<C: Clock + Clone> Scheduler<C> {
     pub fn with_shaper(shaper: Shaper<C>, queue_limit: usize) -> Self {
         Self {
             devices: HashMap::new(),
-            ready: VecDeque::new(),
+            ready: FairLine::default(),
             queued: 0,
             queued_queries: 0,
             queue_limit,
@@ -219,34 +226,57 @@ impl<C: Clock + Clone> Scheduler<C> {
             .is_some_and(|queue| queue.would_join(&op));
         // Sharing an identical query costs nothing: no room needed.
         if !joins {
-            if let Err(shed) = self.room_for(op.deadline, now) {
+            if let Err(shed) = self.room_for(&op.client, op.deadline, now) {
                 return Offer::Shed(shed, Box::new(op));
             }
         }
         let query = batchable(&op.operation);
+        let client = op.client;
         match self.devices.entry(device.clone()).or_default().push(op) {
             Pushed::Joined => Offer::Joined,
             Pushed::Queued { needs_turn } => {
                 self.queued += 1;
                 self.queued_queries += usize::from(query);
                 if needs_turn {
-                    self.ready.push_back(device);
+                    self.ready.push_back(client, device);
+                } else if self.devices.get(&device).map(DeviceQueue::turn) == Some(Turn::Lined) {
+                    // Its device waits in another client's lane: served no later than in
+                    // this client's own turn.
+                    self.ready.promote(&device, client);
                 }
                 Offer::Queued
             }
         }
     }
 
-    fn room_for(&self, deadline: Instant, now: Instant) -> Result<(), Shed> {
-        let expected = self.expected_wait();
+    fn room_for(&self, client: &ClientId, deadline: Instant, now: Instant) -> Result<(), Shed> {
+        let expected = self.expected_wait_for(client);
         let retry_after = expected.max(MIN_RETRY_AFTER);
         if self.queued >= self.queue_limit {
-            return Err(Shed::QueueFull { retry_after });
+            // Full, mostly of others' work: a client below its share still gets in,
+            // up to twice the limit in all.
+            let clients = self.ready.clients() + usize::from(self.ready.lane_len(client) == 0);
+            let share = self.queue_limit / clients.max(1);
+            if self.queued >= 2 * self.queue_limit || self.ready.lane_len(client) >= share {
+                return Err(Shed::QueueFull { retry_after });
+            }
         }
         if now + expected > deadline {
             return Err(Shed::MissesDeadline { retry_after });
         }
         Ok(())
+    }
+
+    /// The expected wait of a new operation from `client`: the whole queue's, scaled
+    /// to the part of the ready line served before it in its client's turn.
+    pub fn expected_wait_for(&self, client: &ClientId) -> Duration {
+        let whole = self.expected_wait();
+        let line = self.ready.len();
+        if line == 0 {
+            return whole;
+        }
+        let ahead = self.ready.ahead_of_new(client).min(line);
+        whole.mul_f64(ahead as f64 / line as f64)
     }
 
     /// How long a new operation would likely wait: the work ahead divided by what the
@@ -346,31 +376,17 @@ impl<C: Clock + Clone> Scheduler<C> {
         let fingerprint = first.credentials.fingerprint();
         let latest_start = now + self.call_time.unwrap_or_default();
         let room = self.max_batch.saturating_sub(members.len());
-        let chosen: Vec<usize> = self
-            .ready
-            .iter()
-            .take(BATCH_SCAN_WINDOW)
-            .enumerate()
-            .filter(|(_, device)| {
-                self.devices
-                    .get(*device)
-                    .and_then(DeviceQueue::next)
-                    .is_some_and(|op| {
-                        batchable(&op.operation)
-                            && op.credentials.fingerprint() == fingerprint
-                            && op.deadline > latest_start
-                    })
-            })
-            .map(|(index, _)| index)
-            .take(room)
-            .collect();
-        // From the back, so the earlier indexes stay valid.
-        let mut taken: Vec<QueueKey> = chosen
-            .into_iter()
-            .rev()
-            .filter_map(|index| self.ready.remove(index))
-            .collect();
-        taken.reverse();
+        let devices = &self.devices;
+        let taken = self.ready.take_where(BATCH_SCAN_WINDOW, room, |device| {
+            devices
+                .get(device)
+                .and_then(DeviceQueue::next)
+                .is_some_and(|op| {
+                    batchable(&op.operation)
+                        && op.credentials.fingerprint() == fingerprint
+                        && op.deadline > latest_start
+                })
+        });
         for device in taken {
             if let Some(started) = self.start_device(device) {
                 members.push(started);
@@ -525,12 +541,35 @@ impl<C: Clock + Clone> Scheduler<C> {
     /// A device's turn is over: it lines up for its next operation or goes idle.
     fn after_turn(&mut self, device: QueueKey) {
         match self.devices.get(&device).map(DeviceQueue::turn) {
-            Some(Turn::Lined) => self.ready.push_back(device),
+            Some(Turn::Lined) => {
+                let client = self
+                    .devices
+                    .get(&device)
+                    .and_then(DeviceQueue::next)
+                    .map(|op| op.client)
+                    .unwrap_or_default();
+                self.ready.push_back(client, device);
+            }
             Some(Turn::Idle) => {
                 self.devices.remove(&device);
             }
             _ => {}
         }
+    }
+
+    /// The gateway is stopping: takes every operation that is not at CUCM right now
+    /// out of the model (nothing will start again), for the caller to answer. Running
+    /// calls stay until they end.
+    pub fn give_up_unsent(&mut self) -> Vec<PendingOp> {
+        let mut unsent = Vec::new();
+        self.devices.retain(|_, queue| {
+            unsent.extend(queue.take_unsent());
+            queue.turn() == Turn::Running
+        });
+        self.ready.clear();
+        self.queued = 0;
+        self.queued_queries = 0;
+        unsent
     }
 
     /// Operations accepted and not yet sent to CUCM.
@@ -1037,6 +1076,150 @@ mod tests {
         s.retry_due(&key(2));
         s.retry_due(&key(1));
         assert_eq!(batch(s.next_step(now)), [device(1), device(2)]);
+    }
+
+    fn from(client: &str, op: PendingOp) -> PendingOp {
+        op.from_client(ClientId::address(client.parse().unwrap()))
+    }
+
+    #[test]
+    fn a_flooding_client_waits_behind_its_own_requests_on_the_fake_clock() {
+        // 10 calls/s, burst 1: one start every 100 ms of the fake clock.
+        let (mut s, clock) = scheduler(100, Some((10, 1)), 1000);
+        let now = Instant::now();
+        for n in 1..=50 {
+            assert!(matches!(
+                s.offer(from("203.0.113.66", login(n, now + LONG)), now),
+                Offer::Queued
+            ));
+        }
+        assert_eq!(started(s.next_step(now)).key, key(1));
+        // A well-behaved client arrives behind 49 of the flood's requests.
+        s.offer(from("198.51.100.1", login(100, now + LONG)), now);
+        s.offer(from("198.51.100.1", login(101, now + LONG)), now);
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            assert!(matches!(s.next_step(now), Step::Wait(w) if w == Duration::from_millis(100)));
+            clock.advance(Duration::from_millis(100));
+            order.push(started(s.next_step(now)).key);
+        }
+        // Turns alternate (the newcomer's first turn is after the flood's current
+        // one): it is done within 400 ms, not after 5 s.
+        assert_eq!(order, [key(2), key(100), key(3), key(101), key(4), key(5)]);
+    }
+
+    #[test]
+    fn a_device_the_flood_holds_up_is_served_in_the_other_clients_turn() {
+        let (mut s, clock) = scheduler(100, Some((10, 1)), 1000);
+        let now = Instant::now();
+        for n in 1..=50 {
+            s.offer(from("203.0.113.66", login(n, now + LONG)), now);
+        }
+        assert_eq!(started(s.next_step(now)).key, key(1));
+        // The other client needs device 40, where the flood's login waits first.
+        s.offer(from("198.51.100.1", query(40, now + LONG)), now);
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            clock.advance(Duration::from_millis(100));
+            order.push(started(s.next_step(now)).key);
+        }
+        // Device 40 (the flood's login, then the query) goes in the client's turn.
+        assert_eq!(order, [key(2), key(40), key(3), key(4)]);
+    }
+
+    #[test]
+    fn the_deadline_check_counts_only_the_wait_in_the_clients_own_turn() {
+        // 1 call/s, burst 1: the flood's tenth request waits ~9 s.
+        let (mut s, _) = scheduler(5, Some((1, 1)), 100);
+        let now = Instant::now();
+        for n in 1..=10 {
+            s.offer(from("203.0.113.66", login(n, now + LONG)), now);
+        }
+        let soon = now + Duration::from_secs(5);
+        // The flood's next cannot make a 5 s deadline...
+        assert!(matches!(
+            s.offer(from("203.0.113.66", login(11, soon)), now),
+            Offer::Shed(Shed::MissesDeadline { .. }, _)
+        ));
+        // ...another client's can: it waits for one of the flood's, not ten.
+        assert!(matches!(
+            s.offer(from("198.51.100.1", login(12, soon)), now),
+            Offer::Queued
+        ));
+        assert!(
+            s.expected_wait_for(&ClientId::address("198.51.100.2".parse().unwrap()))
+                < Duration::from_secs(3)
+        );
+    }
+
+    #[test]
+    fn a_full_queue_still_takes_a_client_below_its_share() {
+        let (mut s, _) = scheduler(1, None, 10);
+        let now = Instant::now();
+        for n in 1..=10 {
+            s.offer(from("203.0.113.66", login(n, now + LONG)), now);
+        }
+        assert!(matches!(
+            s.offer(from("203.0.113.66", login(11, now + LONG)), now),
+            Offer::Shed(Shed::QueueFull { .. }, _)
+        ));
+        // Two clients: a share of 5 each, so the other one gets in up to 5.
+        for n in 20..25 {
+            assert!(matches!(
+                s.offer(from("198.51.100.1", login(n, now + LONG)), now),
+                Offer::Queued
+            ));
+        }
+        assert!(matches!(
+            s.offer(from("198.51.100.1", login(25, now + LONG)), now),
+            Offer::Shed(Shed::QueueFull { .. }, _)
+        ));
+        // Never more than twice the limit, however many clients come.
+        let mut accepted = 0;
+        for n in 30..60 {
+            let client = format!("192.0.2.{n}");
+            if matches!(
+                s.offer(from(&client, login(n, now + LONG)), now),
+                Offer::Queued
+            ) {
+                accepted += 1;
+            }
+        }
+        assert_eq!(s.queued(), 20);
+        assert_eq!(accepted, 5);
+    }
+
+    #[test]
+    fn giving_up_takes_everything_not_at_cucm_and_keeps_what_runs() {
+        let (mut s, _) = scheduler(1, None, 100);
+        let now = Instant::now();
+        for n in 1..=3 {
+            s.offer(login(n, now + LONG), now);
+        }
+        s.offer(login(1, now + LONG), now);
+        let running = started(s.next_step(now));
+        assert_eq!(running.key, key(1));
+        let unsent = s.give_up_unsent();
+        let mut devices: Vec<String> = unsent
+            .iter()
+            .filter_map(|op| op.operation.device().map(|d| d.as_str().to_string()))
+            .collect();
+        devices.sort();
+        let expected: Vec<String> = (1..=3).map(|n| device(n).as_str().to_string()).collect();
+        assert_eq!(devices, expected);
+        assert_eq!(unsent.len(), 3, "device 1's second login, devices 2 and 3");
+        assert_eq!(s.queued(), 0);
+        assert!(
+            matches!(s.next_step(now), Step::Blocked),
+            "nothing lined up"
+        );
+        // The running call still ends normally, and nothing follows it.
+        assert!(matches!(
+            s.complete(&key(1), answered(), now, 0.5),
+            Completion::Done(_)
+        ));
+        assert!(!s.has_pending(&key(1)));
+        assert!(matches!(s.next_step(now), Step::Blocked));
     }
 
     #[test]

@@ -54,10 +54,14 @@ async fn operations_on_one_device_keep_arrival_order_while_devices_overlap() {
         }
     }
     // join_all polls in order, so the actor's mailbox receives them in plan order.
-    let replies = join_all(
-        plan.iter()
-            .map(|op| cluster.submit(op.clone(), credentials.clone(), deadline)),
-    )
+    let replies = join_all(plan.iter().map(|op| {
+        cluster.submit(
+            op.clone(),
+            credentials.clone(),
+            deadline,
+            Default::default(),
+        )
+    }))
     .await;
     for (op, reply) in plan.iter().zip(&replies) {
         let expected = match op {

@@ -1,12 +1,12 @@
-//! The form path of `handlers::read_message`: body (or query string) → the `xml`
-//! field → `parse_message` → `validate` → the rendered answer.
-//!
-//! `read_message` and `form_field` are private to `src/northbound/handlers.rs`, so the
-//! selection logic is reimplemented here line for line (from commit 3c729e8); keep it
-//! in step with the handler. The first input byte picks the Content-Type (bits 0-1)
-//! and whether the rest is the body or the query string (bit 2).
+//! The form path of `handlers::read_message`: body (or query string) → the message
+//! (`northbound::message::select`, the function the handler calls) → `parse_message` →
+//! `validate` → the rendered answer. The first input byte picks the Content-Type (bits
+//! 0-1) and whether the rest is the body or the query string (bit 2). Bytes that are not
+//! UTF-8 (in the body, or percent-encoded in a form value) must be refused as such.
 #![no_main]
 
+use business_connector::northbound::message::select;
+use business_connector::northbound::request::RequestError;
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]
@@ -25,40 +25,33 @@ fuzz_target!(|data: &[u8]| {
     };
     let content_type = CONTENT_TYPES[usize::from(selector & 3)];
     let in_query = selector & 4 != 0;
-    let text = String::from_utf8_lossy(rest);
-    let message = if in_query {
-        // A URI query is never lossy UTF-8 in practice, but the form decoder must
-        // not care.
-        message_of("", content_type, Some(&text))
+    let selected = if in_query {
+        // A URI query is ASCII on the wire; the fuzzer's bytes are made text lossily.
+        let query = String::from_utf8_lossy(rest);
+        select(b"", content_type, Some(&query))
     } else {
-        message_of(&text, content_type, None)
+        select(rest, content_type, None)
     };
-    common::check_message(message.as_deref());
-});
-
-/// `read_message` after the body is read (the size limit is checked before).
-fn message_of(body: &str, content_type: &str, query: Option<&str>) -> Option<String> {
-    let content_type = content_type.to_ascii_lowercase();
-    let trimmed = body.trim_start_matches('\u{feff}').trim();
-    if !trimmed.is_empty() {
-        let looks_like_xml = trimmed.starts_with('<');
-        let is_form = content_type.starts_with("application/x-www-form-urlencoded");
-        if looks_like_xml && !is_form {
-            return Some(trimmed.to_string());
+    match selected {
+        Ok(message) => {
+            if let Some(message) = &message {
+                assert!(
+                    !message.contains('\u{fffd}')
+                        || String::from_utf8_lossy(rest).contains('\u{fffd}')
+                        || rest
+                            .windows(9)
+                            .any(|w| w.eq_ignore_ascii_case(b"%EF%BF%BD")),
+                    "a replacement character the input did not carry"
+                );
+            }
+            common::check_message(message.as_deref());
         }
-        if let Some(xml) = form_field(trimmed, "xml") {
-            return Some(xml);
+        Err(RequestError::NotUtf8) => {
+            assert!(
+                std::str::from_utf8(rest).is_err() || rest.contains(&b'%'),
+                "refused as not UTF-8 although it is, and nothing was decoded"
+            );
         }
-        if looks_like_xml {
-            return Some(trimmed.to_string());
-        }
+        Err(other) => panic!("select answers only NotUtf8, got {other:?}"),
     }
-    query.and_then(|query| form_field(query, "xml"))
-}
-
-fn form_field(encoded: &str, name: &str) -> Option<String> {
-    form_urlencoded::parse(encoded.as_bytes())
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.into_owned())
-        .filter(|value| !value.trim().is_empty())
-}
+});

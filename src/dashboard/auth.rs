@@ -2,24 +2,36 @@
 //! `[dashboard] users` (Argon2 PHC hashes), or, with no users configured, loopback
 //! clients only.
 //!
-//! Argon2 is slow by design (tens of ms); a dashboard polls twice every few seconds. So
-//! verification runs on the blocking pool (never on an HTTP worker), and a success is
-//! remembered for `CACHE_TTL` under a keyed BLAKE2b digest of (name, password): the
-//! plaintext password is never kept, and the digest is useless without the per-process
-//! random key.
+//! Argon2 is slow and memory-hard by design (tens of ms, 19 MiB per check); a dashboard
+//! polls twice every few seconds, and anyone can send wrong passwords. So:
+//! - a success is remembered for `CACHE_TTL` under a keyed BLAKE2b digest of (name,
+//!   password): the plaintext password is never kept, and the digest is useless without
+//!   the per-process random key — a polling dashboard runs Argon2 once a minute;
+//! - checks run on `VERIFIER_THREADS` threads of their own (`verifier`), never on an
+//!   HTTP worker; when all are busy the answer is 503 at once, so memory stays flat
+//!   however many clients send wrong passwords;
+//! - each client address may start `CHECKS_PER_MINUTE` checks (burst `CHECK_BURST`);
+//!   beyond that 429 without a check. Remembered successes cost no check.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use actix_web::http::{header, StatusCode};
 use actix_web::HttpMessage as _;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{HttpRequest, HttpResponse};
 use base64::Engine as _;
 use blake2::digest::{KeyInit, Mac};
-use prometheus::{IntCounter, Registry};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use serde::Deserialize;
+
+use super::verifier::{Busy, Verifier};
 
 /// The realm browsers show in their login prompt.
 pub const REALM: &str = "Business Connector";
@@ -29,11 +41,20 @@ const CACHE_TTL: Duration = Duration::from_secs(60);
 const CACHE_MAX_ENTRIES: usize = 1024;
 /// An `Authorization` header longer than this is refused unread.
 const MAX_HEADER_BYTES: usize = 1024;
+/// Argon2 checks running at once: each holds its memory cost (19 MiB by default).
+const VERIFIER_THREADS: usize = 2;
+/// Argon2 checks one client address may start per minute, and at once.
+const CHECKS_PER_MINUTE: u32 = 30;
+const CHECK_BURST: u32 = 10;
+/// Forget idle clients' check budgets every this many checks (bounded memory).
+const RETAIN_EVERY: u64 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("registering bc_dashboard_auth_failures_total: {0}")]
+    #[error("registering the dashboard's auth counters: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("starting the password check threads: {0}")]
+    Threads(#[from] std::io::Error),
 }
 
 /// One `[dashboard] users` entry.
@@ -95,8 +116,14 @@ type Digest = [u8; 32];
 pub struct Auth {
     users: Vec<DashboardUser>,
     failures: IntCounter,
+    /// Refused before any check: `busy` (503) or `rate_limited` (429).
+    shed: IntCounterVec,
     cache_key: [u8; 32],
     verified: Mutex<HashMap<Digest, Instant>>,
+    /// `None` without users (nothing to check).
+    verifier: Option<Verifier>,
+    checks: DefaultKeyedRateLimiter<IpAddr>,
+    checks_started: AtomicU64,
 }
 
 impl Auth {
@@ -105,25 +132,41 @@ impl Auth {
             "bc_dashboard_auth_failures_total",
             "Requests to the dashboard, /api/history or /api/status refused with 401: missing or wrong HTTP Basic credentials.",
         )?;
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "bc_dashboard_auth_shed_total",
+                "Dashboard password checks refused before running: busy (503, every check thread in use) or rate_limited (429, the client's checks per minute used up).",
+            ),
+            &["reason"],
+        )?;
         registry.register(Box::new(failures.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
+        let verifier = match users.is_empty() {
+            true => None,
+            false => Some(Verifier::start(VERIFIER_THREADS, || {
+                let mut checker = history::password::Checker::default();
+                move |password: &str, hash: &str| checker.verify(password, hash)
+            })?),
+        };
+        let quota =
+            Quota::per_minute(NonZeroU32::new(CHECKS_PER_MINUTE).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(CHECK_BURST).unwrap_or(NonZeroU32::MIN));
         Ok(Self {
             users,
             failures,
+            shed,
             cache_key: rand::random(),
             verified: Mutex::new(HashMap::new()),
+            verifier,
+            checks: RateLimiter::keyed(quota),
+            checks_started: AtomicU64::new(0),
         })
     }
 
     /// `Ok` when the request may be served; otherwise the answer to send (401 or 403).
     pub async fn check(&self, request: &HttpRequest) -> Result<(), HttpResponse> {
         if self.users.is_empty() {
-            // The client as the access guard saw it: behind a trusted proxy that is the
-            // X-Forwarded-For address, so a balancer on this host opens nothing.
-            let client = request
-                .extensions()
-                .get::<crate::access::ClientAddr>()
-                .map(|c| c.0)
-                .or_else(|| request.peer_addr().map(|peer| peer.ip()));
+            let client = client_of(request);
             let loopback = client.is_some_and(|ip| ip.to_canonical().is_loopback());
             return if loopback {
                 Ok(())
@@ -141,19 +184,43 @@ impl Auth {
         if self.recently_verified(&digest) {
             return Ok(());
         }
+        let client = client_of(request).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        if let Err(wait) = self.may_check(client) {
+            self.shed.with_label_values(&["rate_limited"]).inc();
+            return Err(retry_later(StatusCode::TOO_MANY_REQUESTS, wait));
+        }
+        let Some(verifier) = &self.verifier else {
+            return Err(self.refuse());
+        };
         // Unknown names are checked against some user's hash too (and refused whatever
         // it says), so a wrong name costs the same time as a wrong password.
         let known = self.users.iter().find(|user| user.name == name);
         let hash = known.unwrap_or(&self.users[0]).password_hash.clone();
-        let matched = web::block(move || history::password::verify_password(&password, &hash))
-            .await
-            .unwrap_or(false);
-        if matched && known.is_some() {
-            self.remember(digest);
-            Ok(())
-        } else {
-            Err(self.refuse())
+        match verifier.verify(password, hash).await {
+            Ok(true) if known.is_some() => {
+                self.remember(digest);
+                Ok(())
+            }
+            Ok(_) => Err(self.refuse()),
+            Err(Busy) => {
+                self.shed.with_label_values(&["busy"]).inc();
+                Err(retry_later(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Duration::from_secs(1),
+                ))
+            }
         }
+    }
+
+    /// Takes one of the client's checks, or says how long until it has one again.
+    fn may_check(&self, client: IpAddr) -> Result<(), Duration> {
+        if self.checks_started.fetch_add(1, Ordering::Relaxed) % RETAIN_EVERY == RETAIN_EVERY - 1 {
+            self.checks.retain_recent();
+            self.checks.shrink_to_fit();
+        }
+        self.checks
+            .check_key(&client.to_canonical())
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
     fn refuse(&self) -> HttpResponse {
@@ -201,6 +268,25 @@ impl Auth {
         }
         cache.insert(digest, Instant::now());
     }
+}
+
+/// The client as the access guard saw it: behind a trusted proxy that is the
+/// X-Forwarded-For address, so a balancer on this host opens nothing.
+fn client_of(request: &HttpRequest) -> Option<IpAddr> {
+    request
+        .extensions()
+        .get::<crate::access::ClientAddr>()
+        .map(|c| c.0)
+        .or_else(|| request.peer_addr().map(|peer| peer.ip()))
+}
+
+/// 503 or 429 with `Retry-After` (whole seconds, at least 1).
+fn retry_later(status: StatusCode, wait: Duration) -> HttpResponse {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HttpResponse::build(status)
+        .insert_header((header::RETRY_AFTER, seconds.max(1).to_string()))
+        .content_type("text/plain; charset=utf-8")
+        .body("too many password checks; retry later\n")
 }
 
 /// (name, password) from `Authorization: Basic …`; `None` when absent or malformed.

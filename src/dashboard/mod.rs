@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod status;
+mod verifier;
 
 use std::sync::Arc;
 
@@ -99,14 +100,15 @@ pub fn start_sampler(admin: web::Data<Admin>) -> actix_web::rt::task::JoinHandle
 }
 
 /// The routes of this module and `/api/history`; registered before the `/api/*`
-/// catch-all so they win.
+/// catch-all so they win. Resources, not bare routes: another method answers 405 with
+/// `Allow: GET` instead of falling through to the catch-all's 404.
 pub fn routes(config: &mut web::ServiceConfig) {
     config
-        .route("/dashboard", web::get().to(page))
-        .route("/dashboard/page.js", web::get().to(script))
-        .route("/dashboard/page.css", web::get().to(style))
-        .route("/api/status", web::get().to(status))
-        .route("/api/history", web::get().to(crate::history_api::get));
+        .service(web::resource("/dashboard").route(web::get().to(page)))
+        .service(web::resource("/dashboard/page.js").route(web::get().to(script)))
+        .service(web::resource("/dashboard/page.css").route(web::get().to(style)))
+        .service(web::resource("/api/status").route(web::get().to(status)))
+        .service(web::resource("/api/history").route(web::get().to(crate::history_api::get)));
 }
 
 async fn page(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use actix_web::http::header;
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
-use actors::{ClusterHandle, Metrics, Operation, Outcome, Route, Router};
+use actors::{ClientId, ClusterHandle, Metrics, Operation, Outcome, Route, Router};
 use futures_util::StreamExt;
 
 use super::json;
@@ -88,6 +88,10 @@ pub async fn api(
         Ok((valid, route)) => {
             let deadline = started + state.deadline;
             record.with_pin = matches!(valid.operation, Operation::PinLogin { .. });
+            // Shares the cluster's ready line fairly with other clients.
+            let client = crate::access::client_ip(&request)
+                .map(ClientId::address)
+                .unwrap_or_default();
             let ValidRequest {
                 operation,
                 credentials,
@@ -95,7 +99,7 @@ pub async fn api(
             } = valid;
             let (cluster, reply) = state
                 .router
-                .carry_out(route, operation, credentials, deadline)
+                .carry_out(route, operation, credentials, deadline, client)
                 .await;
             record.cluster = cluster;
             record.node = reply.node.clone();
@@ -232,47 +236,12 @@ async fn read_message(
             });
         }
     };
-    let body = String::from_utf8_lossy(&body);
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let trimmed = body.trim_start_matches('\u{feff}').trim();
-    if json::is_json_type(&content_type) {
-        return Ok((!trimmed.is_empty()).then(|| trimmed.to_string()));
-    }
-    if !trimmed.is_empty() {
-        let looks_like_xml = trimmed.starts_with('<');
-        let is_form = content_type.starts_with("application/x-www-form-urlencoded");
-        // Declared XML is the message even when it is not XML at all: then it is
-        // malformed (1002), which comes before every other fault.
-        let declared_xml = ["text/xml", "application/xml"]
-            .iter()
-            .any(|xml| content_type.starts_with(xml));
-        if (looks_like_xml || declared_xml) && !is_form {
-            return Ok(Some(trimmed.to_string()));
-        }
-        if let Some(xml) = form_field(trimmed, "xml") {
-            return Ok(Some(xml));
-        }
-        if looks_like_xml {
-            // Declared as a form but sent raw: what some clients do.
-            return Ok(Some(trimmed.to_string()));
-        }
-    }
-    Ok(request
-        .uri()
-        .query()
-        .and_then(|query| form_field(query, "xml")))
-}
-
-fn form_field(encoded: &str, name: &str) -> Option<String> {
-    form_urlencoded::parse(encoded.as_bytes())
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.into_owned())
-        .filter(|value| !value.trim().is_empty())
+        .unwrap_or("");
+    super::message::select(&body, content_type, request.uri().query()).map_err(Failure::Request)
 }
 
 fn plain(status: StatusCode, body: &'static str) -> HttpResponse {

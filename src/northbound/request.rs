@@ -127,6 +127,8 @@ pub enum RequestError {
     MalformedJson(String),
     /// A path segment is not valid percent-encoded UTF-8.
     MalformedPath,
+    /// The message (body, form value or query value) is not valid UTF-8.
+    NotUtf8,
     DeviceMissing,
     UserMissing,
     InvalidValue(InvalidValue),

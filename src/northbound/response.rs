@@ -245,6 +245,7 @@ fn classify(failure: &Failure) -> (StatusCode, u32, String, Option<Duration>) {
             RequestError::MalformedPath => {
                 invalid("a path segment is not valid percent-encoded UTF-8".into())
             }
+            RequestError::NotUtf8 => invalid("the message is not valid UTF-8".into()),
             RequestError::UserMissing => invalid("userID is missing".into()),
             RequestError::PinNotAllowed => invalid("a PIN is only taken by login".into()),
             RequestError::InvalidForce => invalid(

@@ -30,7 +30,7 @@ use crate::em::{EmAppClient, EmClient, EmClientError};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::operation::{OpError, Operation, QueueKey, Reply};
 use crate::scheduler::{Completion, Offer, Scheduler, Shed, Started, Step};
-pub use handle::{ClusterHandle, Submit, Ticket};
+pub use handle::{Close, ClusterHandle, Submit, Ticket};
 
 /// Mailbox bound: `Submit` handling is quick, so this only fills under a pathological
 /// burst, and then `send` makes callers wait rather than grow memory.
@@ -58,6 +58,8 @@ pub struct ClusterActor {
     metrics: ClusterMetrics,
     /// One CUCM call's timeout (`timeout_ms`).
     call_timeout: Duration,
+    /// The gateway is stopping: nothing new starts, newcomers are answered 1004.
+    closed: bool,
 }
 
 impl ClusterActor {
@@ -93,14 +95,17 @@ impl ClusterActor {
             call_timeout: config.timeout(),
             rate_wake_up: None,
             metrics: cluster_metrics.clone(),
+            closed: false,
         };
         let addr = actor.start();
         Ok(ClusterHandle {
             code,
-            actor: addr.recipient(),
+            actor: addr.clone().recipient(),
+            closer: addr.recipient(),
             cache,
             em,
             metrics: cluster_metrics,
+            closing: Arc::new(tokio::sync::watch::channel(false).0),
         })
     }
 
@@ -110,7 +115,15 @@ impl ClusterActor {
             operation,
             credentials,
             deadline,
+            client,
         } = msg;
+        if self.closed {
+            let _ = tx.send(Reply::failed(closing_error()));
+            return Ticket {
+                reply: answer,
+                sent: Arc::new(AtomicBool::new(false)),
+            };
+        }
         let key = operation.queue_key();
         if matches!(operation, Operation::Query { .. }) {
             // Nothing pending on the device: a fresh cache entry is the current truth.
@@ -132,7 +145,7 @@ impl ClusterActor {
             .mutates()
             .then(|| operation.device().cloned())
             .flatten();
-        let pending = PendingOp::new(operation, credentials, deadline, tx);
+        let pending = PendingOp::new(operation, credentials, deadline, tx).from_client(client);
         let sent = pending.sent[0].clone();
         match self.scheduler.offer(pending, Instant::now()) {
             Offer::Joined => self.metrics.cache_coalesced.inc(),
@@ -160,7 +173,7 @@ impl ClusterActor {
     /// Does everything the scheduler allows now; schedules a wake-up for the rate
     /// limiter if it holds a call back.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        loop {
+        while !self.closed {
             match self.scheduler.next_step(Instant::now()) {
                 Step::Start(started) => self.call(started, ctx),
                 Step::Batch(members) => self.call_batch(members, ctx),
@@ -343,6 +356,41 @@ impl Actor for ClusterActor {
             ctx.run_interval(CACHE_SWEEP_INTERVAL, move |_, _| cache.sweep());
         }
         tracing::debug!(cluster = %self.code, "cluster actor started");
+    }
+}
+
+impl Handler<Close> for ClusterActor {
+    type Result = ();
+
+    /// Answers everything not at CUCM now and starts nothing more; running calls end
+    /// as they do (their callers were answered 1003 by their handles).
+    fn handle(&mut self, _: Close, ctx: &mut Self::Context) {
+        self.closed = true;
+        if let Some(wake_up) = self.rate_wake_up.take() {
+            ctx.cancel_future(wake_up);
+        }
+        for op in self.scheduler.give_up_unsent() {
+            self.cache.release_after(&op.operation);
+            let error = if op.stage != Stage::first(&op.operation) {
+                // An earlier call of it (a forced login's logout, a PIN check) was done.
+                OpError::Unavailable {
+                    reason: "the gateway stopped between the operation's CUCM calls".into(),
+                }
+            } else {
+                closing_error()
+            };
+            answer_all(op.waiters, Reply::failed(error));
+        }
+        self.pump(ctx);
+        tracing::debug!(cluster = %self.code, "cluster closed");
+    }
+}
+
+/// 1004 for what had not reached CUCM when the gateway stopped.
+fn closing_error() -> OpError {
+    OpError::Overloaded {
+        reason: "the gateway is shutting down",
+        retry_after: Duration::from_secs(1),
     }
 }
 
