@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod config;
+pub mod coordination;
 pub mod dashboard;
 pub mod demo;
 pub mod history_api;

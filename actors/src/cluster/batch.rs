@@ -9,6 +9,7 @@ use actix::prelude::*;
 use rand::Rng;
 
 use super::ClusterActor;
+use crate::coordination::Grant;
 use crate::em::dispatch::CallEnd;
 use crate::em::rules::{self, BatchAnswer, Interpretation};
 use crate::em::{Answered, CallError, EmRequest};
@@ -39,8 +40,19 @@ impl ClusterActor {
             .filter_map(|m| m.operation.device().cloned())
             .collect();
         let em = self.em.clone();
-        let call_started = Instant::now();
+        let gate = self.gate.clone();
         let call = async move {
+            let grant = match &gate {
+                Some(gate) => match gate.grant(deadline).await {
+                    Some(grant) => Some(grant),
+                    None => {
+                        let refused = Err(CallError::Unavailable(super::NO_GRANT.into()));
+                        return (devices, refused, Duration::ZERO, None);
+                    }
+                },
+                None => None,
+            };
+            let call_started = Instant::now();
             let result = em
                 .call(
                     EmRequest::DeviceUserQuery { devices: &devices },
@@ -48,12 +60,12 @@ impl ClusterActor {
                     deadline,
                 )
                 .await;
-            (devices, result)
+            (devices, result, call_started.elapsed(), grant)
         };
         ctx.spawn(
             call.into_actor(self)
-                .map(move |(devices, result), actor, ctx| {
-                    actor.finish_batch(devices, result, call_started.elapsed(), ctx);
+                .map(move |(devices, result, took, grant), actor, ctx| {
+                    actor.finish_batch(devices, result, took, grant, ctx);
                 }),
         );
     }
@@ -63,6 +75,7 @@ impl ClusterActor {
         devices: Vec<DeviceName>,
         result: Result<Answered, CallError>,
         took: Duration,
+        grant: Option<Grant>,
         ctx: &mut Context<Self>,
     ) {
         let busy = rules::is_busy(&result);
@@ -71,6 +84,7 @@ impl ClusterActor {
         } else {
             CallEnd::NoAnswer
         };
+        self.give_back(grant, end);
         self.scheduler.batch_ended(end, Instant::now());
         if busy {
             // Each member backs off (and may batch again when it retries); one that
