@@ -71,8 +71,10 @@ pub enum Mode {
 /// What the caller should do to get a call started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ask {
-    /// Ask the store for a lease (and a rate token); report with [`Gate::leased`],
-    /// [`Gate::unreachable`], or nothing when the store refused.
+    /// Ask the store for a lease (and a rate token). The call already counts as
+    /// active (concurrent asks must not all pass the local cap while the store
+    /// answers): if no lease comes, report [`Gate::not_leased`] (and
+    /// [`Gate::unreachable`] when the store did not answer).
     Store,
     /// Granted locally: the call may start; report its end with [`Gate::ended`].
     Local,
@@ -86,7 +88,7 @@ type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as C
 pub struct Gate<C: Clock> {
     allowance: Allowance,
     mode: Mode,
-    /// Calls of this instance between their grant and their end.
+    /// Calls of this instance from their ask (store asks included) to their end.
     active: usize,
     local_limiter: Option<Limiter<C>>,
     clock: C,
@@ -129,6 +131,11 @@ impl<C: Clock + Clone> Gate<C> {
         self.mode
     }
 
+    /// This instance's share of the slots while the store is unreachable.
+    pub fn local_slots(&self) -> usize {
+        self.allowance.local_slots()
+    }
+
     pub fn active(&self) -> usize {
         self.active
     }
@@ -146,13 +153,13 @@ impl<C: Clock + Clone> Gate<C> {
     /// What to do for the next call.
     pub fn ask(&mut self, now: Instant) -> Ask {
         match self.mode {
-            Mode::Shared => Ask::Store,
+            Mode::Shared => self.ask_store(),
             Mode::Returning { until } if now >= until => {
                 self.mode = Mode::Shared;
-                Ask::Store
+                self.ask_store()
             }
             Mode::Returning { .. } => match self.within_local_slots() {
-                true => Ask::Store,
+                true => self.ask_store(),
                 false => Ask::Wait(None),
             },
             Mode::Fallback { .. } => {
@@ -175,9 +182,14 @@ impl<C: Clock + Clone> Gate<C> {
         self.active < self.allowance.local_slots()
     }
 
-    /// The store granted a lease: the call may start.
-    pub fn leased(&mut self) {
+    fn ask_store(&mut self) -> Ask {
         self.active += 1;
+        Ask::Store
+    }
+
+    /// A store ask ended without a lease (full, rate-limited, or unreachable).
+    pub fn not_leased(&mut self) {
+        self.active = self.active.saturating_sub(1);
     }
 
     /// The store did not answer: fall back at once (the caller asks again).
@@ -250,9 +262,10 @@ mod tests {
         let now = Instant::now();
         for _ in 0..10 {
             assert_eq!(g.ask(now), Ask::Store);
-            g.leased();
         }
         assert_eq!(g.active(), 10, "the store, not the gate, caps shared calls");
+        g.not_leased();
+        assert_eq!(g.active(), 9, "a refused ask does not count");
     }
 
     #[test]
@@ -260,6 +273,8 @@ mod tests {
         let (mut g, _) = gate(allowance(5, None, 2));
         let now = Instant::now();
         assert_eq!(g.ask(now), Ask::Store);
+        // The store did not answer this ask.
+        g.not_leased();
         g.unreachable(now);
         assert_eq!(g.ask(now), Ask::Local);
         assert_eq!(g.ask(now), Ask::Local);
@@ -274,7 +289,6 @@ mod tests {
         let now = Instant::now();
         for _ in 0..4 {
             assert_eq!(g.ask(now), Ask::Store);
-            g.leased();
         }
         g.unreachable(now);
         assert_eq!(g.ask(now), Ask::Wait(None));
@@ -329,13 +343,26 @@ mod tests {
         assert_eq!(g.ask(back), Ask::Wait(None));
         g.ended();
         assert_eq!(g.ask(back), Ask::Store);
-        g.leased();
         assert_eq!(g.ask(back), Ask::Wait(None), "still within the local share");
         let after_hold = back + PROBE_INTERVAL + LEASE;
         assert_eq!(g.ask(after_hold), Ask::Store);
         assert_eq!(g.mode(), Mode::Shared);
-        g.leased();
         assert_eq!(g.ask(after_hold), Ask::Store, "the whole allowance again");
+    }
+
+    #[test]
+    fn concurrent_store_asks_while_returning_stay_within_the_local_share() {
+        // Asks answered later by the store: each counts from the ask, so a third
+        // cannot pass the cap while the first two are still waiting for their lease.
+        let (mut g, _) = gate(allowance(5, None, 2));
+        let now = Instant::now();
+        g.unreachable(now);
+        g.reachable(now);
+        assert_eq!(g.ask(now), Ask::Store);
+        assert_eq!(g.ask(now), Ask::Store);
+        assert_eq!(g.ask(now), Ask::Wait(None));
+        g.not_leased();
+        assert_eq!(g.ask(now), Ask::Store);
     }
 
     #[test]

@@ -130,6 +130,11 @@ impl ClusterGate {
                 if gate.probe_due(now) {
                     if self.store.is_up() {
                         gate.reachable(now);
+                        tracing::info!(
+                            cluster = %self.code,
+                            hold_ms = gate.return_hold().as_millis() as u64,
+                            "coordination store reachable again: shared grants, within this instance's share for a while"
+                        );
                     } else {
                         gate.probe_failed(now);
                     }
@@ -148,19 +153,27 @@ impl ClusterGate {
                     let _waiting = self.store.waiting();
                     let grant = self.next_grant.fetch_add(1, Ordering::Relaxed);
                     match self.store.acquire(&self.code, grant, STORE_PATIENCE).await {
-                        Answer::Leased(lease) => {
-                            self.lock().leased();
-                            return Some(Grant::Shared(lease));
-                        }
+                        Answer::Leased(lease) => return Some(Grant::Shared(lease)),
                         Answer::Unreachable => {
-                            self.lock().unreachable(Instant::now());
+                            let mut gate = self.lock();
+                            gate.not_leased();
+                            if gate.is_shared() {
+                                tracing::warn!(
+                                    cluster = %self.code,
+                                    local_slots = gate.local_slots(),
+                                    "coordination store unreachable: granting within this instance's share"
+                                );
+                            }
+                            gate.unreachable(Instant::now());
                             continue;
                         }
                         Answer::RateLimited(wait) => {
+                            self.lock().not_leased();
                             sleep_until_earlier(wait, deadline).await;
                             continue;
                         }
                         Answer::Full => {
+                            self.lock().not_leased();
                             let bound =
                                 RECHECK.min(deadline.saturating_duration_since(Instant::now()));
                             match freed {
