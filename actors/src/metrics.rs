@@ -300,6 +300,13 @@ impl ClusterMetrics {
             .set(max_concurrent as i64);
         // Exists from the start, so the dashboard's PIN login panel shows zeros.
         metrics.pin_logins.with_label_values(&[cluster, "0"]);
+        // Likewise the coordination panels (zeros with coordination off).
+        metrics.coordination_wait.with_label_values(c);
+        for outcome in ["shared", "local", "expired"] {
+            metrics
+                .coordination_grants
+                .with_label_values(&[cluster, outcome]);
+        }
         Self {
             queue_depth: metrics.queue_depth.with_label_values(c),
             queue_wait: metrics.queue_wait.with_label_values(c),
