@@ -417,3 +417,82 @@ async fn postgres_cut_under_load_both_serve_within_their_shares_then_share_again
         assert!(status.success(), "{status:?}");
     }
 }
+
+/// The benchmark of BENCHMARKS.md ("One allowance shared by two instances"), not a
+/// check: `cargo test --release -p business-connector --test coordination --
+/// --ignored --nocapture storm_benchmark`. 100 logins at once against a simulator
+/// taking 100 ms a call and 5 at once: one instance with the whole allowance
+/// (coordination off), one with coordination on, two with coordination on (50 each).
+#[actix_web::test]
+#[ignore = "a benchmark: run by hand, numbers in BENCHMARKS.md"]
+async fn storm_benchmark() {
+    const RUNS: usize = 7;
+    const LOGINS: usize = 100;
+    let Some(database) = PostgresDatabase::create("storm_benchmark") else {
+        return;
+    };
+    let sim = sim_with_latency(LOGINS * RUNS * 3 + 1, 100);
+    let directory = tempfile::tempdir().expect("temp dir");
+    let start = |name: &str, coordination: bool| {
+        let path = write_config(
+            directory.path(),
+            &format!("{name}.toml"),
+            &gateway_config(&sim, &database.url, name, coordination),
+        );
+        Running::start(&["--config", path.to_str().unwrap()])
+    };
+    let client = reqwest::Client::new();
+    let mut next_device = 1;
+    let mut results: Vec<(&str, Vec<Duration>, u64)> = Vec::new();
+    for scenario in [
+        "one instance, coordination off",
+        "one instance, coordination on",
+        "two instances, coordination on",
+    ] {
+        let gateways = match scenario {
+            "one instance, coordination off" => vec![start("solo-off", false)],
+            "one instance, coordination on" => vec![start("solo-on", true)],
+            _ => vec![start("pair-a", true), start("pair-b", true)],
+        };
+        let mut times = Vec::new();
+        let mut busy = 0;
+        for _ in 0..RUNS {
+            sim.reset_stats();
+            let share = LOGINS / gateways.len();
+            let started = Instant::now();
+            let storms = gateways
+                .iter()
+                .enumerate()
+                .map(|(i, gateway)| storm(&client, gateway, next_device + i * share, share));
+            let answers = futures_util::future::join_all(storms).await;
+            times.push(started.elapsed());
+            next_device += LOGINS;
+            for answers in &answers {
+                all_succeeded(answers);
+            }
+            let stats = sim.stats();
+            assert!(stats.max_concurrent_calls <= 5, "{}", summary(&stats));
+            busy += stats.busy_answers;
+        }
+        times.sort();
+        results.push((scenario, times, busy));
+        for gateway in gateways {
+            let (status, _) = gateway.stop(STOP);
+            assert!(status.success(), "{status:?}");
+        }
+    }
+    let baseline = results[0].1[RUNS / 2].as_secs_f64();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("| scenario | median | min | max | ratio to one instance (off) | code 26 |");
+    eprintln!("|---|---|---|---|---|---|");
+    for (scenario, times, busy) in &results {
+        let median = times[RUNS / 2].as_secs_f64();
+        eprintln!(
+            "| {scenario} | {median:.3} s | {:.3} s | {:.3} s | {:.3} | {busy} |",
+            times[0].as_secs_f64(),
+            times[RUNS - 1].as_secs_f64(),
+            median / baseline
+        );
+    }
+    eprintln!("load average: {load}");
+}
