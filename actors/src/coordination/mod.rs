@@ -176,12 +176,17 @@ impl ClusterGate {
                             self.lock().not_leased();
                             let bound =
                                 RECHECK.min(deadline.saturating_duration_since(Instant::now()));
-                            match freed {
-                                Some(freed) => {
-                                    let _ = tokio::time::timeout(bound, freed).await;
+                            // A slot freed by a peer (its NOTIFY) or by this instance
+                            // (its release is queued to the store thread ahead of the
+                            // next ask, so asking at once finds it free).
+                            let freed = async {
+                                match freed {
+                                    Some(freed) => freed.await,
+                                    None => std::future::pending().await,
                                 }
-                                None => tokio::time::sleep(bound).await,
-                            }
+                            };
+                            let either = futures_util::future::select(Box::pin(freed), local_end);
+                            let _ = tokio::time::timeout(bound, either).await;
                             continue;
                         }
                     }

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, Config, NoTls};
+use postgres::{Client, Config, NoTls, Statement};
 use tokio::sync::{oneshot, Notify};
 
 use crate::backoff::ExpBackoff;
@@ -58,7 +58,60 @@ CREATE TABLE IF NOT EXISTS bc_coordination_rate (
     cluster TEXT        PRIMARY KEY,
     tat     TIMESTAMPTZ NOT NULL
 );
+-- One grant in one round trip: a free slot (skipping rows others hold locked), then the
+-- rate token (GCRA: tat is the theoretical arrival time of the next call); a refused
+-- token takes no slot. Returns the slot, or NULL and how long until a token (0 when
+-- every slot is taken).
+CREATE OR REPLACE FUNCTION bc_coordination_acquire(
+    p_cluster TEXT, p_max_slot INTEGER, p_holder TEXT, p_lease_ms FLOAT8,
+    p_interval_us FLOAT8, p_tolerance_us FLOAT8)
+RETURNS TABLE (o_slot INTEGER, o_wait_us FLOAT8) LANGUAGE plpgsql AS $$
+DECLARE
+    v_now   TIMESTAMPTZ := clock_timestamp();
+    v_slot  INTEGER;
+    v_tat   TIMESTAMPTZ;
+    v_ahead FLOAT8;
+BEGIN
+    SELECT s.slot INTO v_slot FROM bc_coordination_slots s
+     WHERE s.cluster = p_cluster AND s.slot <= p_max_slot
+       AND (s.holder IS NULL OR s.lease_until <= v_now)
+     ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED;
+    IF v_slot IS NULL THEN
+        RETURN QUERY SELECT NULL::INTEGER, 0::FLOAT8;
+        RETURN;
+    END IF;
+    IF p_interval_us > 0 THEN
+        SELECT r.tat INTO v_tat FROM bc_coordination_rate r
+         WHERE r.cluster = p_cluster FOR UPDATE;
+        v_ahead := EXTRACT(EPOCH FROM (v_tat - v_now)) * 1e6;
+        IF v_ahead > p_tolerance_us THEN
+            RETURN QUERY SELECT NULL::INTEGER, v_ahead - p_tolerance_us;
+            RETURN;
+        END IF;
+        UPDATE bc_coordination_rate r
+           SET tat = GREATEST(v_tat, v_now) + p_interval_us * interval '1 microsecond'
+         WHERE r.cluster = p_cluster;
+    END IF;
+    UPDATE bc_coordination_slots s
+       SET holder = p_holder, lease_until = v_now + p_lease_ms * interval '1 millisecond'
+     WHERE s.cluster = p_cluster AND s.slot = v_slot;
+    RETURN QUERY SELECT v_slot, 0::FLOAT8;
+END $$;
 ";
+
+const ACQUIRE: &str =
+    "SELECT o_slot, o_wait_us FROM bc_coordination_acquire($1, $2, $3, $4, $5, $6)";
+const RELEASE: &str = "WITH freed AS (
+         UPDATE bc_coordination_slots SET holder = NULL, lease_until = NULL
+         WHERE cluster = $1 AND slot = $2 AND holder = $3 RETURNING 1)
+     SELECT pg_notify($4, $1) FROM freed";
+
+/// A live connection and its statements, prepared once (one round trip per grant).
+struct Connection {
+    client: Client,
+    acquire: Statement,
+    release: Statement,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -236,7 +289,7 @@ fn instance_id() -> String {
 
 struct Driver {
     config: Config,
-    client: Option<Client>,
+    client: Option<Connection>,
     clusters: HashMap<Arc<str>, ClusterShape>,
     instance: String,
     shared: Arc<Shared>,
@@ -280,7 +333,7 @@ impl Driver {
         }
     }
 
-    fn open(&self) -> Result<Client, postgres::Error> {
+    fn open(&self) -> Result<Connection, postgres::Error> {
         let mut client = self.config.connect(NoTls)?;
         let mut transaction = client.transaction()?;
         transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])?;
@@ -300,7 +353,13 @@ impl Driver {
         }
         transaction.commit()?;
         client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
-        Ok(client)
+        let acquire = client.prepare(ACQUIRE)?;
+        let release = client.prepare(RELEASE)?;
+        Ok(Connection {
+            client,
+            acquire,
+            release,
+        })
     }
 
     fn down(&mut self, error: &postgres::Error) {
@@ -344,10 +403,10 @@ impl Driver {
             return Answer::Unreachable;
         };
         let holder = self.holder(grant);
-        let Some(client) = self.client.as_mut() else {
+        let Some(connection) = self.client.as_mut() else {
             return Answer::Unreachable;
         };
-        match try_acquire(client, &shape, &holder, grant) {
+        match try_acquire(connection, &shape, &holder, grant) {
             Ok(answer) => answer,
             Err(error) => {
                 self.down(&error);
@@ -358,14 +417,11 @@ impl Driver {
 
     fn release(&mut self, cluster: &str, lease: Lease) {
         let holder = self.holder(lease.grant);
-        let Some(client) = self.client.as_mut() else {
+        let Some(connection) = self.client.as_mut() else {
             return; // The lease expires by itself.
         };
-        let released = client.execute(
-            "WITH freed AS (
-                 UPDATE bc_coordination_slots SET holder = NULL, lease_until = NULL
-                 WHERE cluster = $1 AND slot = $2 AND holder = $3 RETURNING 1)
-             SELECT pg_notify($4, $1) FROM freed",
+        let released = connection.client.execute(
+            &connection.release,
             &[&cluster, &lease.slot, &holder, &CHANNEL],
         );
         if let Err(error) = released {
@@ -374,9 +430,10 @@ impl Driver {
     }
 
     fn read_notifications(&mut self) {
-        let Some(client) = self.client.as_mut() else {
+        let Some(connection) = self.client.as_mut() else {
             return;
         };
+        let client = &mut connection.client;
         let mut woken = Vec::new();
         let mut failed = None;
         {
@@ -404,56 +461,42 @@ impl Driver {
     }
 }
 
-/// One grant, in one transaction: a free slot (skipping rows others hold locked), then
-/// the rate token; either refusal rolls back so nothing is taken.
+/// One grant: `bc_coordination_acquire` in one round trip.
 fn try_acquire(
-    client: &mut Client,
+    connection: &mut Connection,
     shape: &ClusterShape,
     holder: &str,
     grant: u64,
 ) -> Result<Answer, postgres::Error> {
     let code: &str = &shape.code;
     let max_slot = i32::try_from(shape.max_concurrent).unwrap_or(i32::MAX);
-    let mut transaction = client.transaction()?;
-    let Some(row) = transaction.query_opt(
-        "SELECT slot FROM bc_coordination_slots
-         WHERE cluster = $1 AND slot <= $2
-           AND (holder IS NULL OR lease_until <= clock_timestamp())
-         ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED",
-        &[&code, &max_slot],
-    )?
-    else {
-        return Ok(Answer::Full);
-    };
-    let slot: i32 = row.get(0);
-    if let Some(rate) = shape.rate {
-        let interval_us = 1e6 / f64::from(rate.per_second.get());
-        let tolerance_us = interval_us * f64::from(rate.burst.get() - 1);
-        let ahead_us: f64 = transaction
-            .query_one(
-                "SELECT (EXTRACT(EPOCH FROM (tat - clock_timestamp())) * 1e6)::float8
-                 FROM bc_coordination_rate WHERE cluster = $1 FOR UPDATE",
-                &[&code],
-            )?
-            .get(0);
-        if ahead_us > tolerance_us {
-            let wait = Duration::from_micros((ahead_us - tolerance_us).ceil() as u64);
-            return Ok(Answer::RateLimited(wait.max(Duration::from_millis(1))));
+    let (interval_us, tolerance_us) = match shape.rate {
+        Some(rate) => {
+            let interval_us = 1e6 / f64::from(rate.per_second.get());
+            (interval_us, interval_us * f64::from(rate.burst.get() - 1))
         }
-        transaction.execute(
-            "UPDATE bc_coordination_rate
-             SET tat = GREATEST(tat, clock_timestamp()) + $2 * interval '1 microsecond'
-             WHERE cluster = $1",
-            &[&code, &interval_us],
-        )?;
-    }
+        None => (0.0, 0.0),
+    };
     let lease_ms = shape.lease.as_secs_f64() * 1e3;
-    transaction.execute(
-        "UPDATE bc_coordination_slots
-         SET holder = $3, lease_until = clock_timestamp() + $4 * interval '1 millisecond'
-         WHERE cluster = $1 AND slot = $2",
-        &[&code, &slot, &holder, &lease_ms],
+    let row = connection.client.query_one(
+        &connection.acquire,
+        &[
+            &code,
+            &max_slot,
+            &holder,
+            &lease_ms,
+            &interval_us,
+            &tolerance_us,
+        ],
     )?;
-    transaction.commit()?;
-    Ok(Answer::Leased(Lease { slot, grant }))
+    let slot: Option<i32> = row.get(0);
+    let wait_us: f64 = row.get::<_, Option<f64>>(1).unwrap_or(0.0);
+    Ok(match slot {
+        Some(slot) => Answer::Leased(Lease { slot, grant }),
+        None if wait_us > 0.0 => {
+            let wait = Duration::from_micros(wait_us.ceil() as u64);
+            Answer::RateLimited(wait.max(Duration::from_millis(1)))
+        }
+        None => Answer::Full,
+    })
 }
