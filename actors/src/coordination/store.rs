@@ -40,7 +40,7 @@ const STATEMENT_TIMEOUT_OPTION: &str = "-c statement_timeout=1000";
 /// Reconnect attempts while the store is down.
 const RECONNECT: ExpBackoff = ExpBackoff::new(Duration::from_millis(100), Duration::from_secs(1));
 /// While someone waits for a slot: how often the thread reads notifications.
-const NOTIFICATION_TICK: Duration = Duration::from_millis(5);
+const NOTIFICATION_TICK: Duration = Duration::from_millis(1);
 /// With nobody waiting: how long the thread sleeps between looks at its mail.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 const SCHEMA_LOCK_KEY: i64 = 0x4243_434F_4F52; // "BCCOOR"
