@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,8 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(2);
 const STATEMENT_TIMEOUT_OPTION: &str = "-c statement_timeout=1000";
 /// Reconnect attempts while the store is down.
 const RECONNECT: ExpBackoff = ExpBackoff::new(Duration::from_millis(100), Duration::from_secs(1));
-/// While someone waits for a slot: how often the thread reads notifications.
+/// While someone waits for a slot: the longest the thread waits on the socket for a
+/// notification before it looks at its commands again.
 const NOTIFICATION_TICK: Duration = Duration::from_millis(1);
 /// With nobody waiting: how long the thread sleeps between looks at its mail.
 const IDLE_TICK: Duration = Duration::from_secs(1);
@@ -303,21 +304,34 @@ impl Driver {
             if self.client.is_none() && Instant::now() >= self.retry_at {
                 self.connect();
             }
-            let tick = if self.client.is_none() {
-                self.retry_at
+            let waiting = self.shared.waiting.load(Ordering::Relaxed) > 0;
+            if self.client.is_some() && waiting {
+                // Someone waits for a slot: the commands at hand, then up to one tick
+                // on the socket for a NOTIFY.
+                loop {
+                    match inbox.try_recv() {
+                        Ok(command) => self.handle(command),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => return,
+                    }
+                }
+                self.read_notifications(NOTIFICATION_TICK);
+                continue;
+            }
+            let tick = match self.client {
+                None => self
+                    .retry_at
                     .saturating_duration_since(Instant::now())
-                    .min(IDLE_TICK)
-            } else if self.shared.waiting.load(Ordering::Relaxed) > 0 {
-                NOTIFICATION_TICK
-            } else {
-                IDLE_TICK
+                    .min(IDLE_TICK),
+                Some(_) => IDLE_TICK,
             };
             match inbox.recv_timeout(tick) {
                 Ok(command) => self.handle(command),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            self.read_notifications();
+            // Nobody waits: only drain what has arrived.
+            self.read_notifications(Duration::ZERO);
         }
     }
 
@@ -429,7 +443,10 @@ impl Driver {
         }
     }
 
-    fn read_notifications(&mut self) {
+    /// Wakes the waiters of every cluster named in a NOTIFY that arrived, waiting up
+    /// to `wait` for one. (The non-blocking `iter` only returns notifications already
+    /// buffered; `timeout_iter` reads the socket.)
+    fn read_notifications(&mut self, wait: Duration) {
         let Some(connection) = self.client.as_mut() else {
             return;
         };
@@ -438,7 +455,7 @@ impl Driver {
         let mut failed = None;
         {
             let mut notifications = client.notifications();
-            let mut pending = notifications.iter();
+            let mut pending = notifications.timeout_iter(wait);
             loop {
                 match pending.next() {
                     Ok(Some(notification)) => woken.push(notification.payload().to_string()),
