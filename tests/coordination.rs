@@ -496,3 +496,53 @@ async fn storm_benchmark() {
     }
     eprintln!("load average: {load}");
 }
+
+#[actix_web::test]
+async fn every_slot_held_elsewhere_no_call_goes_out_and_the_caller_gets_1004() {
+    let test = "every_slot_held_elsewhere_no_call_goes_out_and_the_caller_gets_1004";
+    let Some(database) = PostgresDatabase::create(test) else {
+        return;
+    };
+    let sim = sim_with_latency(4, 10);
+    let directory = tempfile::tempdir().expect("temp dir");
+    let text = gateway_config(&sim, &database.url, "gw", true)
+        .replace("drain_ms = 0\n", "drain_ms = 0\ndeadline_ms = 1500\n");
+    let config = write_config(directory.path(), "gw.toml", &text);
+    let gateway = Running::start(&["--config", config.to_str().unwrap()]);
+    let client = reqwest::Client::new();
+    eventually!(
+        "coordination is up",
+        Duration::from_secs(10),
+        metric(&metrics_of(&client, &gateway).await, "bc_coordination_up") == 1.0
+    );
+    // Another instance holds all five slots for a minute.
+    let url = database.url.clone();
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        let held = c
+            .execute(
+                "UPDATE bc_coordination_slots SET holder = 'elsewhere',
+                 lease_until = clock_timestamp() + interval '1 minute'",
+                &[],
+            )
+            .expect("hold the slots");
+        assert_eq!(held, 5);
+    })
+    .join()
+    .expect("slots held");
+    sim.reset_stats();
+    let answer = login(&client, &gateway, 1).await;
+    assert_eq!(answer.code, Some(1004), "{}", answer.body);
+    assert_eq!(sim.stats().calls_total, 0, "nothing went to CUCM");
+    let text = metrics_of(&client, &gateway).await;
+    assert_eq!(
+        metric(
+            &text,
+            "bc_coordination_grants_total{cluster=\"EU\",outcome=\"expired\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    let (status, _) = gateway.stop(STOP);
+    assert!(status.success(), "{status:?}");
+}

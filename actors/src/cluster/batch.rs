@@ -45,10 +45,7 @@ impl ClusterActor {
             let grant = match &gate {
                 Some(gate) => match gate.grant(deadline).await {
                     Some(grant) => Some(grant),
-                    None => {
-                        let refused = Err(CallError::Unavailable(super::NO_GRANT.into()));
-                        return (devices, refused, Duration::ZERO, None);
-                    }
+                    None => return (devices, None, Duration::ZERO, None),
                 },
                 None => None,
             };
@@ -60,7 +57,7 @@ impl ClusterActor {
                     deadline,
                 )
                 .await;
-            (devices, result, call_started.elapsed(), grant)
+            (devices, Some(result), call_started.elapsed(), grant)
         };
         ctx.spawn(
             call.into_actor(self)
@@ -73,11 +70,21 @@ impl ClusterActor {
     fn finish_batch(
         &mut self,
         devices: Vec<DeviceName>,
-        result: Result<Answered, CallError>,
+        result: Option<Result<Answered, CallError>>,
         took: Duration,
         grant: Option<Grant>,
         ctx: &mut Context<Self>,
     ) {
+        let Some(result) = result else {
+            // Never sent: no slot of the shared allowance before the deadline.
+            self.scheduler
+                .batch_ended(CallEnd::NoAnswer, Instant::now());
+            for device in devices {
+                self.member_done(device, false, super::not_granted(), ctx);
+            }
+            self.pump(ctx);
+            return;
+        };
         let busy = rules::is_busy(&result);
         let end = if result.is_ok() {
             CallEnd::Answered { took, busy }

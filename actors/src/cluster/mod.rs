@@ -213,17 +213,7 @@ impl ClusterActor {
             let grant = match &gate {
                 Some(gate) => match gate.grant(deadline).await {
                     Some(grant) => Some(grant),
-                    None => {
-                        let exchange = dispatch::not_sent(&operation, &stage, NO_GRANT);
-                        return (
-                            operation,
-                            stage,
-                            exchange,
-                            Duration::ZERO,
-                            call_timeout,
-                            None,
-                        );
-                    }
+                    None => return (operation, stage, None, Duration::ZERO, call_timeout, None),
                 },
                 None => None,
             };
@@ -232,14 +222,8 @@ impl ClusterActor {
             let budget = call_timeout.min(deadline.saturating_duration_since(call_started));
             let exchange =
                 dispatch::exchange(&em, &emapp, &operation, &stage, &credentials, deadline).await;
-            (
-                operation,
-                stage,
-                exchange,
-                call_started.elapsed(),
-                budget,
-                grant,
-            )
+            let took = call_started.elapsed();
+            (operation, stage, Some(exchange), took, budget, grant)
         };
         ctx.spawn(call.into_actor(self).map(
             move |(operation, stage, exchange, took, budget, grant), actor, ctx| {
@@ -267,6 +251,17 @@ impl ClusterActor {
             budget,
             grant,
         } = call;
+        let Some(exchange) = exchange else {
+            // Never sent: no slot of the shared allowance before the deadline.
+            let jitter = rand::rng().random_range(0.0..1.0);
+            let now = Instant::now();
+            let completion = self
+                .scheduler
+                .complete(&key, CallEnd::NoAnswer, now, jitter);
+            self.settle(key, completion, not_granted(), ctx);
+            self.pump(ctx);
+            return;
+        };
         let end = dispatch::call_end(&exchange, took, budget);
         self.give_back(grant, end);
         let busy = matches!(end, CallEnd::Answered { busy: true, .. });
@@ -321,7 +316,8 @@ struct EndedCall {
     key: QueueKey,
     operation: Operation,
     stage: Stage,
-    exchange: Exchange,
+    /// `None`: the call was never sent (no coordination grant before the deadline).
+    exchange: Option<Exchange>,
     took: Duration,
     /// How long the EM client could take: a failure that took this long timed out.
     budget: Duration,
@@ -329,8 +325,14 @@ struct EndedCall {
     grant: Option<Grant>,
 }
 
-/// What a call that never got a coordination grant before its deadline answers.
-const NO_GRANT: &str = "no CUCM slot of the shared allowance was free before the deadline";
+/// What a call that never got a coordination grant before its deadline means: 1004,
+/// like any operation the allowance could not serve in time.
+fn not_granted() -> Interpretation {
+    Interpretation::refused(OpError::Overloaded {
+        reason: "no CUCM slot of the shared allowance was free before the deadline",
+        retry_after: Duration::from_secs(1),
+    })
+}
 
 impl ClusterActor {
     /// A call's coordination grant goes back (a timed-out call's lease runs out instead).

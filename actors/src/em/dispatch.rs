@@ -21,16 +21,6 @@ pub enum CallEnd {
     TimedOut,
 }
 
-/// The failure of a call that was never sent (`reason` says why), of the kind the
-/// step's rules expect.
-pub fn not_sent(operation: &Operation, stage: &Stage, reason: &str) -> Exchange {
-    let error = CallError::Unavailable(reason.to_string());
-    match plan(operation, stage) {
-        Plan::EmAppLogin => Exchange::EmApp(Err(error)),
-        _ => Exchange::Em(Err(error)),
-    }
-}
-
 /// Makes the call `operation` needs at `stage`, never past `deadline`.
 pub async fn exchange(
     em: &EmClient,
