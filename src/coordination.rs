@@ -93,4 +93,37 @@ mod tests {
         assert_eq!(zero.validate(None).unwrap_err().0, "coordination.instances");
         assert!(CoordinationSettings::default().validate(None).is_ok());
     }
+
+    const CLUSTER: &str =
+        "[[cluster]]\ncode = \"EU\"\nnodes = [\"http://127.0.0.1:1/emservice\"]\n";
+
+    #[test]
+    fn the_config_file_names_the_key_and_refuses_unknown_ones() {
+        let parse = |text: &str| crate::config::Config::parse(&format!("{text}\n{CLUSTER}"));
+        let error = parse("[coordination]\nenabled = true")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("coordination.enabled"), "{error}");
+        assert!(error.contains("[history] url"), "{error}");
+        let error = parse("[coordination]\nenabeld = true")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("enabeld"), "{error}");
+        let config = parse(
+            "[history]\nurl = \"postgres://bc@db/bc\"\n[coordination]\nenabled = true\ninstances = 2",
+        )
+        .expect("valid");
+        assert_eq!(
+            config.coordination,
+            CoordinationSettings {
+                enabled: true,
+                instances: 2
+            }
+        );
+        assert_eq!(
+            parse("").expect("valid").coordination,
+            CoordinationSettings::default(),
+            "off by default"
+        );
+    }
 }
