@@ -27,8 +27,9 @@ pub use gate::{Allowance, Ask, Gate};
 pub use store::{Answer, ClusterShape, Lease, StoreClient, StoreError};
 
 /// A grant request the store thread does not answer within this counts as unreachable
-/// (a grant takes about a millisecond; a connect attempt or a cut network much longer).
-const STORE_PATIENCE: Duration = Duration::from_millis(250);
+/// (a grant takes about a millisecond; a cut network much longer). Not shorter: an
+/// instance that falls back while its peers still share can add its share to theirs.
+const STORE_PATIENCE: Duration = Duration::from_secs(1);
 /// A waiter for a shared slot looks again after this even without a notification: a
 /// dead instance's lease expires without one.
 const RECHECK: Duration = Duration::from_millis(100);

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,10 @@ const RECONNECT: ExpBackoff = ExpBackoff::new(Duration::from_millis(100), Durati
 const NOTIFICATION_TICK: Duration = Duration::from_millis(1);
 /// With nobody waiting: how long the thread sleeps between looks at its mail.
 const IDLE_TICK: Duration = Duration::from_secs(1);
+/// Commands waiting for the store thread. Each is a call waiting for its grant or
+/// giving one back, so the local slot caps keep it far below this; beyond it a grant
+/// is answered "unreachable" and a lease left to expire.
+const COMMAND_CAPACITY: usize = 4096;
 const SCHEMA_LOCK_KEY: i64 = 0x4243_434F_4F52; // "BCCOOR"
 const CHANNEL: &str = "bc_coordination";
 
@@ -166,7 +170,7 @@ enum Command {
 /// The actors' side of the store thread. Cheap to clone.
 #[derive(Clone)]
 pub struct StoreClient {
-    commands: Sender<Command>,
+    commands: SyncSender<Command>,
     shared: Arc<Shared>,
 }
 
@@ -213,7 +217,7 @@ impl StoreClient {
             up_gauge,
         });
         shared.up_gauge.set(0);
-        let (commands, inbox) = mpsc::channel();
+        let (commands, inbox) = mpsc::sync_channel(COMMAND_CAPACITY);
         let instance = instance_id();
         let driver = Driver {
             config,
@@ -244,7 +248,7 @@ impl StoreClient {
             grant,
             reply,
         };
-        if self.commands.send(command).is_err() {
+        if self.commands.try_send(command).is_err() {
             return Answer::Unreachable;
         }
         match tokio::time::timeout(patience, answer).await {
@@ -256,7 +260,7 @@ impl StoreClient {
 
     /// Gives a slot back (no answer awaited: an unreachable store lets it expire).
     pub fn release(&self, cluster: &Arc<str>, lease: Lease) {
-        let _ = self.commands.send(Command::Release {
+        let _ = self.commands.try_send(Command::Release {
             cluster: cluster.clone(),
             lease,
         });
