@@ -30,6 +30,9 @@ use crate::shaper::Rate;
 
 /// How often an instance in fallback looks for the store again.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// A call that timed out still counts this long: CUCM may still be working on it, and
+/// its lease (the call's timeout + 1 s) runs about this much longer.
+pub const TIMED_OUT_HOLD: Duration = Duration::from_secs(1);
 
 /// One cluster's allowance and how it is split when the store is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +93,8 @@ pub struct Gate<C: Clock> {
     mode: Mode,
     /// Calls of this instance from their ask (store asks included) to their end.
     active: usize,
+    /// Until when calls that timed out still count in `active`.
+    timed_out: Vec<Instant>,
     local_limiter: Option<Limiter<C>>,
     clock: C,
 }
@@ -115,6 +120,7 @@ impl<C: Clock + Clone> Gate<C> {
             allowance,
             mode: Mode::Shared,
             active: 0,
+            timed_out: Vec::new(),
             local_limiter,
             clock,
         }
@@ -152,6 +158,9 @@ impl<C: Clock + Clone> Gate<C> {
 
     /// What to do for the next call.
     pub fn ask(&mut self, now: Instant) -> Ask {
+        let before = self.timed_out.len();
+        self.timed_out.retain(|until| *until > now);
+        self.active = self.active.saturating_sub(before - self.timed_out.len());
         match self.mode {
             Mode::Shared => self.ask_store(),
             Mode::Returning { until } if now >= until => {
@@ -215,9 +224,14 @@ impl<C: Clock + Clone> Gate<C> {
         }
     }
 
-    /// A granted call is over (however it was granted).
-    pub fn ended(&mut self) {
-        self.active = self.active.saturating_sub(1);
+    /// A granted call is over (however it was granted). One that timed out still
+    /// counts for [`TIMED_OUT_HOLD`].
+    pub fn ended(&mut self, timed_out: bool, now: Instant) {
+        if timed_out {
+            self.timed_out.push(now + TIMED_OUT_HOLD);
+        } else {
+            self.active = self.active.saturating_sub(1);
+        }
     }
 }
 
@@ -279,7 +293,7 @@ mod tests {
         assert_eq!(g.ask(now), Ask::Local);
         assert_eq!(g.ask(now), Ask::Local);
         assert_eq!(g.ask(now), Ask::Wait(None), "5 / 2 instances = 2 slots");
-        g.ended();
+        g.ended(false, now);
         assert_eq!(g.ask(now), Ask::Local);
     }
 
@@ -292,14 +306,14 @@ mod tests {
         }
         g.unreachable(now);
         assert_eq!(g.ask(now), Ask::Wait(None));
-        g.ended();
-        g.ended();
+        g.ended(false, now);
+        g.ended(false, now);
         assert_eq!(
             g.ask(now),
             Ask::Wait(None),
             "still 2 running: the share is full"
         );
-        g.ended();
+        g.ended(false, now);
         assert_eq!(g.ask(now), Ask::Local);
         assert_eq!(g.ask(now), Ask::Wait(None));
     }
@@ -341,7 +355,7 @@ mod tests {
         assert!(g.is_shared());
         // The two local calls still run: nothing more until one ends.
         assert_eq!(g.ask(back), Ask::Wait(None));
-        g.ended();
+        g.ended(false, now);
         assert_eq!(g.ask(back), Ask::Store);
         assert_eq!(g.ask(back), Ask::Wait(None), "still within the local share");
         let after_hold = back + PROBE_INTERVAL + LEASE;
@@ -374,6 +388,18 @@ mod tests {
         g.unreachable(now + Duration::from_millis(10));
         assert!(matches!(g.mode(), Mode::Fallback { .. }));
         assert_eq!(g.ask(now), Ask::Local);
+    }
+
+    #[test]
+    fn a_timed_out_call_still_counts_a_while() {
+        let (mut g, _) = gate(allowance(2, None, 2));
+        let now = Instant::now();
+        g.unreachable(now);
+        assert_eq!(g.ask(now), Ask::Local);
+        g.ended(true, now);
+        assert_eq!(g.ask(now), Ask::Wait(None), "CUCM may still be on it");
+        let later = now + TIMED_OUT_HOLD;
+        assert_eq!(g.ask(later), Ask::Local);
     }
 
     #[test]

@@ -203,7 +203,7 @@ impl ClusterGate {
     /// The call is over. A timed-out call's lease is kept until it expires: CUCM may
     /// still be working on it.
     pub fn ended(&self, grant: Grant, timed_out: bool) {
-        self.lock().ended();
+        self.lock().ended(timed_out, Instant::now());
         if let Grant::Shared(lease) = grant {
             if !timed_out {
                 self.store.release(&self.code, lease);
