@@ -422,7 +422,8 @@ async fn postgres_cut_under_load_both_serve_within_their_shares_then_share_again
 /// check: `cargo test --release -p business-connector --test coordination --
 /// --ignored --nocapture storm_benchmark`. 100 logins at once against a simulator
 /// taking 100 ms a call and 5 at once: one instance with the whole allowance
-/// (coordination off), one with coordination on, two with coordination on (50 each).
+/// (coordination off), one with coordination on, two with coordination on (50 each),
+/// two without coordination with 2 slots each (today's static split).
 #[actix_web::test]
 #[ignore = "a benchmark: run by hand, numbers in BENCHMARKS.md"]
 async fn storm_benchmark() {
@@ -431,14 +432,14 @@ async fn storm_benchmark() {
     let Some(database) = PostgresDatabase::create("storm_benchmark") else {
         return;
     };
-    let sim = sim_with_latency(LOGINS * RUNS * 3 + 1, 100);
+    let sim = sim_with_latency(LOGINS * RUNS * 4 + 1, 100);
     let directory = tempfile::tempdir().expect("temp dir");
-    let start = |name: &str, coordination: bool| {
-        let path = write_config(
-            directory.path(),
-            &format!("{name}.toml"),
-            &gateway_config(&sim, &database.url, name, coordination),
+    let start = |name: &str, coordination: bool, max_concurrent: usize| {
+        let text = gateway_config(&sim, &database.url, name, coordination).replace(
+            "max_concurrent = 5",
+            &format!("max_concurrent = {max_concurrent}"),
         );
+        let path = write_config(directory.path(), &format!("{name}.toml"), &text);
         Running::start(&["--config", path.to_str().unwrap()])
     };
     let client = reqwest::Client::new();
@@ -448,11 +449,15 @@ async fn storm_benchmark() {
         "one instance, coordination off",
         "one instance, coordination on",
         "two instances, coordination on",
+        "two instances, 2 + 2 slots, coordination off",
     ] {
         let gateways = match scenario {
-            "one instance, coordination off" => vec![start("solo-off", false)],
-            "one instance, coordination on" => vec![start("solo-on", true)],
-            _ => vec![start("pair-a", true), start("pair-b", true)],
+            "one instance, coordination off" => vec![start("solo-off", false, 5)],
+            "one instance, coordination on" => vec![start("solo-on", true, 5)],
+            "two instances, coordination on" => {
+                vec![start("pair-a", true, 5), start("pair-b", true, 5)]
+            }
+            _ => vec![start("static-a", false, 2), start("static-b", false, 2)],
         };
         let mut times = Vec::new();
         let mut busy = 0;
