@@ -33,6 +33,9 @@ const STORE_PATIENCE: Duration = Duration::from_secs(1);
 /// A waiter for a shared slot looks again after this even without a notification: a
 /// dead instance's lease expires without one.
 const RECHECK: Duration = Duration::from_millis(100);
+/// A grant still missing this close to the deadline is given up: the call could hardly
+/// finish, and the caller is answered "overloaded" before its own wait ends.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 
 /// The coordination of one cluster: what its actor awaits before each CUCM call.
 #[derive(Clone)]
@@ -100,11 +103,12 @@ impl ClusterGate {
         self.gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits for permission to call CUCM, until `deadline` at most (then `None`: the
-    /// call must not go out). Never fails because the store is down.
+    /// Waits for permission to call CUCM, until shortly before `deadline` at most
+    /// (then `None`: the call must not go out). Never fails because the store is down.
     pub async fn grant(&self, deadline: Instant) -> Option<Grant> {
         let started = Instant::now();
-        let grant = self.wait_for_grant(deadline).await;
+        let give_up = deadline.checked_sub(DEADLINE_MARGIN).unwrap_or(deadline);
+        let grant = self.wait_for_grant(give_up).await;
         self.metrics.wait.observe(started.elapsed().as_secs_f64());
         match grant {
             Some(Grant::Shared(_)) => self.metrics.shared.inc(),
