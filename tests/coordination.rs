@@ -270,9 +270,9 @@ async fn the_survivor_of_a_sigkill_has_all_five_slots_within_timeout_plus_one_se
         let _ = task.await;
     }
     let all_five_after = all_five_after.expect("the survivor never reached 5 calls at once");
-    // A margin for this machine's scheduling and one call's latency.
+    // A margin for a loaded 2-core CI machine (measured: about 85 ms past the lease).
     assert!(
-        all_five_after <= lease + Duration::from_millis(500),
+        all_five_after <= lease + Duration::from_secs(1),
         "all five slots after {all_five_after:?} (lease {lease:?})"
     );
     let stats = sim.stats();

@@ -222,7 +222,7 @@ impl Metrics {
             )?,
             coordination_grants: counter(
                 "bc_coordination_grants_total",
-                "Grants for CUCM calls with coordination on, by outcome: shared (a slot leased in PostgreSQL), local (this instance's share while PostgreSQL is unreachable), expired (the deadline passed first; the call was not made).",
+                "Grants for CUCM calls with coordination on, by outcome: shared (a slot leased in PostgreSQL), local (this instance's share while PostgreSQL is unreachable), expired (no slot until shortly before the deadline; the caller got 1004 and no call was made).",
                 &["cluster", "outcome"],
             )?,
             registry,
