@@ -61,6 +61,9 @@ WORKERS = 8  # load threads, each owning DEVICES_PER_WORKER devices
 DEVICES_PER_WORKER = 4
 TOTAL_BUDGET_S = 300  # the whole run; every phase also has its own bounds
 PG_URL = os.environ.get("BC_TEST_POSTGRES_URL")
+# BC_COORDINATION=1 (needs BC_TEST_POSTGRES_URL): the instances share CUCM's whole
+# allowance through PostgreSQL ([coordination]) instead of 1/N each.
+COORDINATION = os.environ.get("BC_COORDINATION") == "1"
 PG_STATE_FILE = os.environ.get("BC_PG_STATE_FILE")
 PG_OUTAGE_S = 5
 OUTAGE_FIRST_DEVICE = 1000
@@ -321,7 +324,10 @@ class Lab:
 
     def gateway_config(self, index):
         # Each instance gets 1/N of what CUCM allows: together they stay
-        # within CUCM's gate of SIM_MAX_CONCURRENT calls and SIM_RATE calls/s.
+        # within CUCM's gate of SIM_MAX_CONCURRENT calls and SIM_RATE calls/s. With
+        # coordination they share the whole of it.
+        share = 1 if COORDINATION else INSTANCES
+        coordination = f"[coordination]\nenabled = true\ninstances = {INSTANCES}\n" if COORDINATION else ""
         path = os.path.join(self.workdir, f"gw{index + 1}.toml")
         with open(path, "w") as f:
             f.write(
@@ -335,11 +341,12 @@ shutdown_grace_ms = 5000
 {self.history_store(index)}
 instance = "{instance_name(index)}"
 
+{coordination}
 [[cluster]]
 code = "{CLUSTER}"
 nodes = ["{self.sim_url}"]
-max_concurrent = {SIM_MAX_CONCURRENT // INSTANCES}
-max_requests_per_second = {SIM_RATE // INSTANCES}
+max_concurrent = {SIM_MAX_CONCURRENT // share}
+max_requests_per_second = {SIM_RATE // share}
 burst = 5
 timeout_ms = 10000
 """
@@ -905,6 +912,9 @@ def main():
         if not (path and os.access(path, os.X_OK)):
             print(f"FAIL: {what} not found at {path} (see deploy/README.md)", file=sys.stderr)
             return 2
+    if COORDINATION and not PG_URL:
+        print("FAIL: BC_COORDINATION=1 needs BC_TEST_POSTGRES_URL", file=sys.stderr)
+        return 2
     workdir = tempfile.mkdtemp(prefix="bc-loopback-")
     results = Results()
     ok = False

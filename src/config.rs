@@ -90,6 +90,9 @@ pub struct Config {
     /// `[dashboard]`: who may see the dashboard and the history.
     #[serde(default)]
     pub dashboard: crate::dashboard::DashboardSettings,
+    /// `[coordination]`: one CUCM allowance shared by every instance (off by default).
+    #[serde(default)]
+    pub coordination: crate::coordination::CoordinationSettings,
 }
 
 mod defaults {
@@ -164,6 +167,7 @@ impl Config {
             // the history tests turn it on with a file of their own.
             history: crate::history_api::HistorySettings::disabled(),
             dashboard: crate::dashboard::DashboardSettings::default(),
+            coordination: crate::coordination::CoordinationSettings::default(),
         }
     }
 
@@ -221,6 +225,9 @@ impl Config {
             .map_err(|(key, message)| (None, key, message))?;
         self.dashboard
             .validate()
+            .map_err(|(key, message)| (None, key, message))?;
+        self.coordination
+            .validate(self.history.url.as_deref())
             .map_err(|(key, message)| (None, key, message))?;
         if let Some(default) = &self.default_cluster {
             if !codes.contains(&default.trim().to_ascii_uppercase()) {

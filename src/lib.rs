@@ -4,6 +4,7 @@
 pub mod access;
 pub mod config;
 pub mod connections;
+pub mod coordination;
 pub mod dashboard;
 pub mod demo;
 pub mod history_api;

@@ -38,6 +38,8 @@ pub enum ServerError {
     History(#[from] HistoryApiError),
     #[error("dashboard: {0}")]
     Dashboard(#[from] DashboardError),
+    #[error("{0}")]
+    Coordination(#[from] actors::coordination::StoreError),
 }
 
 /// Set once shutdown has begun; `/readyz` then answers 503 whatever the clusters say.
@@ -104,11 +106,16 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Started, Ser
         metrics.clone(),
     )?);
     let access = Arc::new(Access::new(&config.access, &metrics)?);
+    let coordination =
+        config
+            .coordination
+            .start(config.history.url.as_deref(), &config.clusters, &metrics)?;
     let router = Router::launch(
         &config.clusters,
         config.default_cluster.as_deref(),
         config.discovery_ttl(),
         metrics.clone(),
+        coordination.as_ref(),
     )?;
     let connections = Arc::new(ConnectionGuard::new(&config.access, &metrics)?);
     let state = web::Data::new(AppState {

@@ -13,6 +13,7 @@ pub mod backoff;
 pub mod cache;
 pub mod cluster;
 pub mod config;
+pub mod coordination;
 pub mod device_queue;
 pub mod discovery;
 pub mod em;

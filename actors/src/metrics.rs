@@ -48,6 +48,10 @@ pub struct Metrics {
     pub discovery: IntCounterVec,
     pub pin_logins: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub coordination_enabled: IntGauge,
+    pub coordination_up: IntGauge,
+    pub coordination_wait: HistogramVec,
+    pub coordination_grants: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -80,6 +84,12 @@ impl Metrics {
                 registry.register(Box::new(metric.clone()))?;
                 Ok(metric)
             };
+
+        let plain_gauge = |name: &str, help: &str| -> Result<IntGauge, MetricsError> {
+            let metric = IntGauge::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
 
         let metrics = Self {
             requests: counter(
@@ -197,6 +207,24 @@ impl Metrics {
                 "Always 1; the version label says which build is running.",
                 &["version"],
             )?,
+            coordination_enabled: plain_gauge(
+                "bc_coordination_enabled",
+                "1 when the instances share each cluster's allowance through PostgreSQL ([coordination] enabled), else 0.",
+            )?,
+            coordination_up: plain_gauge(
+                "bc_coordination_up",
+                "1 while coordination is on and its PostgreSQL answers; 0 while it cannot be reached (each instance then uses its own share: max_concurrent / instances) or coordination is off.",
+            )?,
+            coordination_wait: histogram(
+                "bc_coordination_wait_seconds",
+                "Time a CUCM call waited for its grant (a shared slot and rate token, or a local one while PostgreSQL is unreachable).",
+                &["cluster"],
+            )?,
+            coordination_grants: counter(
+                "bc_coordination_grants_total",
+                "Grants for CUCM calls with coordination on, by outcome: shared (a slot leased in PostgreSQL), local (this instance's share while PostgreSQL is unreachable), expired (no slot until shortly before the deadline; the caller got 1004 and no call was made).",
+                &["cluster", "outcome"],
+            )?,
             registry,
         };
         metrics
@@ -272,6 +300,13 @@ impl ClusterMetrics {
             .set(max_concurrent as i64);
         // Exists from the start, so the dashboard's PIN login panel shows zeros.
         metrics.pin_logins.with_label_values(&[cluster, "0"]);
+        // Likewise the coordination panels (zeros with coordination off).
+        metrics.coordination_wait.with_label_values(c);
+        for outcome in ["shared", "local", "expired"] {
+            metrics
+                .coordination_grants
+                .with_label_values(&[cluster, outcome]);
+        }
         Self {
             queue_depth: metrics.queue_depth.with_label_values(c),
             queue_wait: metrics.queue_wait.with_label_values(c),

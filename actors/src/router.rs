@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{ClusterActor, ClusterError, ClusterHandle};
 use crate::config::ClusterConfig;
+use crate::coordination::Coordination;
 use crate::discovery::{conclude, Conclusion, DeviceDirectory};
 use crate::em::code;
 use crate::fair_line::ClientId;
@@ -61,11 +62,12 @@ impl Router {
         default_cluster: Option<&str>,
         discovery_ttl: Duration,
         metrics: Arc<Metrics>,
+        coordination: Option<&Coordination>,
     ) -> Result<Self, ClusterError> {
         let mut handles = HashMap::new();
         let mut order = Vec::new();
         for config in clusters {
-            let handle = ClusterActor::launch(config, metrics.clone())?;
+            let handle = ClusterActor::launch(config, metrics.clone(), coordination)?;
             order.push(config.normalized_code());
             handles.insert(config.normalized_code(), handle);
         }

@@ -33,7 +33,7 @@ async fn operations_on_one_device_keep_arrival_order_while_devices_overlap() {
     let mut config = ClusterConfig::new("EU", vec![sim.url()]);
     config.max_requests_per_second = 0;
     config.cache_ttl_ms = 0;
-    let cluster = ClusterActor::launch(&config, Arc::new(Metrics::new().unwrap())).unwrap();
+    let cluster = ClusterActor::launch(&config, Arc::new(Metrics::new().unwrap()), None).unwrap();
     let credentials = Credentials::new("bcapp", "bcsecret");
     let deadline = Instant::now() + Duration::from_secs(30);
 

@@ -9,6 +9,7 @@ use actix::prelude::*;
 use rand::Rng;
 
 use super::ClusterActor;
+use crate::coordination::Grant;
 use crate::em::dispatch::CallEnd;
 use crate::em::rules::{self, BatchAnswer, Interpretation};
 use crate::em::{Answered, CallError, EmRequest};
@@ -39,8 +40,16 @@ impl ClusterActor {
             .filter_map(|m| m.operation.device().cloned())
             .collect();
         let em = self.em.clone();
-        let call_started = Instant::now();
+        let gate = self.gate.clone();
         let call = async move {
+            let grant = match &gate {
+                Some(gate) => match gate.grant(deadline).await {
+                    Some(grant) => Some(grant),
+                    None => return (devices, None, Duration::ZERO, None),
+                },
+                None => None,
+            };
+            let call_started = Instant::now();
             let result = em
                 .call(
                     EmRequest::DeviceUserQuery { devices: &devices },
@@ -48,12 +57,12 @@ impl ClusterActor {
                     deadline,
                 )
                 .await;
-            (devices, result)
+            (devices, Some(result), call_started.elapsed(), grant)
         };
         ctx.spawn(
             call.into_actor(self)
-                .map(move |(devices, result), actor, ctx| {
-                    actor.finish_batch(devices, result, call_started.elapsed(), ctx);
+                .map(move |(devices, result, took, grant), actor, ctx| {
+                    actor.finish_batch(devices, result, took, grant, ctx);
                 }),
         );
     }
@@ -61,16 +70,28 @@ impl ClusterActor {
     fn finish_batch(
         &mut self,
         devices: Vec<DeviceName>,
-        result: Result<Answered, CallError>,
+        result: Option<Result<Answered, CallError>>,
         took: Duration,
+        grant: Option<Grant>,
         ctx: &mut Context<Self>,
     ) {
+        let Some(result) = result else {
+            // Never sent: no slot of the shared allowance before the deadline.
+            self.scheduler
+                .batch_ended(CallEnd::NoAnswer, Instant::now());
+            for device in devices {
+                self.member_done(device, false, super::not_granted(), ctx);
+            }
+            self.pump(ctx);
+            return;
+        };
         let busy = rules::is_busy(&result);
         let end = if result.is_ok() {
             CallEnd::Answered { took, busy }
         } else {
             CallEnd::NoAnswer
         };
+        self.give_back(grant, end);
         self.scheduler.batch_ended(end, Instant::now());
         if busy {
             // Each member backs off (and may batch again when it retries); one that

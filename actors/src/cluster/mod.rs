@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::cache::LoggedInCache;
 use crate::config::ClusterConfig;
+use crate::coordination::{ClusterGate, Coordination, Grant};
 use crate::device_queue::PendingOp;
 use crate::em::dispatch::{self, CallEnd};
 use crate::em::rules::{self, CacheEffect, Exchange, Interpretation};
@@ -60,6 +61,8 @@ pub struct ClusterActor {
     call_timeout: Duration,
     /// The gateway is stopping: nothing new starts, newcomers are answered 1004.
     closed: bool,
+    /// With `[coordination]`: the grant each CUCM call awaits first.
+    gate: Option<ClusterGate>,
 }
 
 impl ClusterActor {
@@ -67,6 +70,7 @@ impl ClusterActor {
     pub fn launch(
         config: &ClusterConfig,
         metrics: Arc<Metrics>,
+        coordination: Option<&Coordination>,
     ) -> Result<ClusterHandle, ClusterError> {
         let code: Arc<str> = Arc::from(config.normalized_code());
         let settings = config.client_settings();
@@ -93,6 +97,7 @@ impl ClusterActor {
                 .hold_slots_after_timeout(config.timeout())
                 .with_batching(config.max_devices_per_query),
             call_timeout: config.timeout(),
+            gate: coordination.map(|c| c.gate_for(config, &metrics)),
             rate_wake_up: None,
             metrics: cluster_metrics.clone(),
             closed: false,
@@ -215,30 +220,38 @@ impl ClusterActor {
             stage,
             ..
         } = started;
-        let call_started = Instant::now();
-        // The EM client gives up after this long: a failure that took it is a timeout.
-        let budget = self
-            .call_timeout
-            .min(deadline.saturating_duration_since(call_started));
+        let gate = self.gate.clone();
+        let call_timeout = self.call_timeout;
         let call = async move {
+            let grant = match &gate {
+                Some(gate) => match gate.grant(deadline).await {
+                    Some(grant) => Some(grant),
+                    None => return (operation, stage, None, Duration::ZERO, call_timeout, None),
+                },
+                None => None,
+            };
+            let call_started = Instant::now();
+            // The EM client gives up after this long: a failure that took it is a timeout.
+            let budget = call_timeout.min(deadline.saturating_duration_since(call_started));
             let exchange =
                 dispatch::exchange(&em, &emapp, &operation, &stage, &credentials, deadline).await;
-            (operation, stage, exchange)
+            let took = call_started.elapsed();
+            (operation, stage, Some(exchange), took, budget, grant)
         };
-        ctx.spawn(
-            call.into_actor(self)
-                .map(move |(operation, stage, exchange), actor, ctx| {
-                    let call = EndedCall {
-                        key,
-                        operation,
-                        stage,
-                        exchange,
-                        took: call_started.elapsed(),
-                        budget,
-                    };
-                    actor.finish(call, ctx);
-                }),
-        );
+        ctx.spawn(call.into_actor(self).map(
+            move |(operation, stage, exchange, took, budget, grant), actor, ctx| {
+                let call = EndedCall {
+                    key,
+                    operation,
+                    stage,
+                    exchange,
+                    took,
+                    budget,
+                    grant,
+                };
+                actor.finish(call, ctx);
+            },
+        ));
     }
 
     fn finish(&mut self, call: EndedCall, ctx: &mut Context<Self>) {
@@ -249,8 +262,21 @@ impl ClusterActor {
             exchange,
             took,
             budget,
+            grant,
         } = call;
+        let Some(exchange) = exchange else {
+            // Never sent: no slot of the shared allowance before the deadline.
+            let jitter = rand::rng().random_range(0.0..1.0);
+            let now = Instant::now();
+            let completion = self
+                .scheduler
+                .complete(&key, CallEnd::NoAnswer, now, jitter);
+            self.settle(key, completion, not_granted(), ctx);
+            self.pump(ctx);
+            return;
+        };
         let end = dispatch::call_end(&exchange, took, budget);
+        self.give_back(grant, end);
         let busy = matches!(end, CallEnd::Answered { busy: true, .. });
         // A busy answer is the scheduler's to retry; anything else is judged now.
         let verdict = (!busy).then(|| steps::judge(&operation, &stage, exchange.clone()));
@@ -303,13 +329,32 @@ struct EndedCall {
     key: QueueKey,
     operation: Operation,
     stage: Stage,
-    exchange: Exchange,
+    /// `None`: the call was never sent (no coordination grant before the deadline).
+    exchange: Option<Exchange>,
     took: Duration,
     /// How long the EM client could take: a failure that took this long timed out.
     budget: Duration,
+    /// The coordination grant the call had, to give back.
+    grant: Option<Grant>,
+}
+
+/// What a call that never got a coordination grant before its deadline means: 1004,
+/// like any operation the allowance could not serve in time.
+fn not_granted() -> Interpretation {
+    Interpretation::refused(OpError::Overloaded {
+        reason: "no CUCM slot of the shared allowance was free before the deadline",
+        retry_after: Duration::from_secs(1),
+    })
 }
 
 impl ClusterActor {
+    /// A call's coordination grant goes back (a timed-out call's lease runs out instead).
+    fn give_back(&self, grant: Option<Grant>, end: CallEnd) {
+        if let (Some(gate), Some(grant)) = (&self.gate, grant) {
+            gate.ended(grant, matches!(end, CallEnd::TimedOut));
+        }
+    }
+
     /// An operation is over: the cache learns, every waiter gets the answer.
     fn conclude(&mut self, op: PendingOp, meaning: Interpretation) {
         if meaning.credentials_accepted {
