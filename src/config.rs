@@ -84,10 +84,15 @@ pub struct Config {
     pub clusters: Vec<ClusterConfig>,
     /// `[history]`: what is recorded where.
     #[serde(default)]
-    pub history: crate::history_api::HistorySettings,
+    pub history: history::HistoryConfig,
     /// `[dashboard]`: who may see the dashboard and the history.
     #[serde(default)]
     pub dashboard: crate::dashboard::DashboardSettings,
+    /// Test seam: a history opened by the caller, used instead of opening `[history]`.
+    /// Never set from a config file.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub opened_history: Option<crate::history_setup::OpenedHistory>,
 }
 
 mod defaults {
@@ -161,8 +166,9 @@ impl Config {
             clusters: vec![cluster],
             // Off: tests run side by side and must not share one file; the demo and
             // the history tests turn it on with a file of their own.
-            history: crate::history_api::HistorySettings::disabled(),
+            history: history::HistoryConfig::disabled(),
             dashboard: crate::dashboard::DashboardSettings::default(),
+            opened_history: None,
         }
     }
 

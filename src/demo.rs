@@ -25,7 +25,7 @@ pub fn start(listen: SocketAddr) -> Result<(SimHandle, Config), sim::SimError> {
     config.listen = listen;
     // The demo records too, in the temp dir: a demo run should not leave a database in
     // whatever directory it was started from.
-    config.history = crate::history_api::HistorySettings::sqlite(
+    config.history = history::HistoryConfig::sqlite(
         std::env::temp_dir().join("business-connector-demo-history.sqlite"),
     );
     Ok((simulator, config))

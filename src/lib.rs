@@ -5,7 +5,7 @@ pub mod access;
 pub mod config;
 pub mod dashboard;
 pub mod demo;
-pub mod history_api;
+pub mod history_setup;
 pub mod northbound;
 pub mod openapi;
 pub mod server;

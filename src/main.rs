@@ -124,7 +124,7 @@ fn hash_password() -> anyhow::Result<()> {
     let password = line.strip_suffix('\n').unwrap_or(&line);
     let password = password.strip_suffix('\r').unwrap_or(password);
     anyhow::ensure!(!password.is_empty(), "empty password on stdin");
-    let hash = history::password::hash_password(password)?;
+    let hash = business_connector::dashboard::password::hash_password(password)?;
     println!("{hash}");
     Ok(())
 }

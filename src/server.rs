@@ -19,7 +19,7 @@ use actors::{Metrics, Router};
 use crate::access::{Access, AccessGuard};
 use crate::config::Config;
 use crate::dashboard::{self, Admin, DashboardError};
-use crate::history_api::{self, HistoryApiError};
+use crate::history_setup::{self, HistorySetupError};
 use crate::northbound::handlers::{self, AppState};
 use crate::tls::{self, TlsError};
 
@@ -34,7 +34,7 @@ pub enum ServerError {
     #[error("{0}")]
     Tls(#[from] TlsError),
     #[error("history: {0}")]
-    History(#[from] HistoryApiError),
+    History(#[from] HistorySetupError),
     #[error("dashboard: {0}")]
     Dashboard(#[from] DashboardError),
 }
@@ -63,7 +63,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::new()?);
-    let history = history_api::open(&config.history, metrics.registry())?;
+    let history = history_setup::open(
+        &config.history,
+        config.opened_history.as_ref(),
+        metrics.registry(),
+    )?;
     let admin = web::Data::new(Admin::new(
         &config.dashboard,
         &config.history,
@@ -146,7 +150,7 @@ pub async fn run(
     let served = server.await;
     sampler.abort();
     // After the last request: flush what is queued (SIGTERM must not lose records).
-    history_api::close(history).await;
+    history_setup::close(history).await;
     served?;
     Ok(())
 }

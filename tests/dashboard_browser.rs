@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use actors::ClusterConfig;
 use business_connector::config::Config;
-use business_connector::history_api::HistorySettings;
 use common::*;
 
 /// Longest one Chromium run may take before it is killed and the test fails.
@@ -99,7 +98,7 @@ async fn the_dashboard_renders_the_cluster_and_a_fresh_login_in_chromium() {
     let mut cluster = ClusterConfig::new("EU", vec![sim.url()]);
     cluster.max_requests_per_second = 0;
     let mut config = Config::single_cluster(cluster);
-    config.history = HistorySettings::sqlite(dir.path().join("history.sqlite"));
+    config.history = history::HistoryConfig::sqlite(dir.path().join("history.sqlite"));
     let gateway = Gateway::start(config).await;
 
     let dev = device(7);

@@ -1,10 +1,17 @@
 //! The [`History`] handle: recording off the request path, queries, shutdown.
 //!
-//! `record` puts the record on a bounded queue and returns at once; a full queue drops the
-//! record and counts it (`bc_history_dropped_total`): recording never slows or fails a
-//! request. One writer thread empties the queue every `WRITE_INTERVAL`, or sooner when
-//! the queue is half full, and writes what it took in transactions of up to
-//! `BATCH_MAX_RECORDS`. It is never woken per record: on a busy gateway a wake-up per
+//! `record` puts the record on one of two bounded queues, its [`Lane`], and returns at
+//! once. The kept lane holds every record the history must not lose (a login or logout,
+//! a getuserdevices, anything CUCM answered): their volume is bounded by CUCM's own rate,
+//! so that lane fills only when the database stops answering. The best-effort lane holds
+//! getloggedinuser answers that never reached CUCM (cache hits, recorded only with
+//! `record_cache_hits`, and refusals): the most frequent requests by far, which a
+//! saturated machine may drop. A flood on one lane never takes the other's room, and the
+//! writer empties the kept lane before each best-effort batch. A full lane drops the
+//! record and counts it (`bc_history_dropped_total{lane}`): recording never slows or
+//! fails a request. One writer thread, at the normal CPU priority, empties the queues
+//! every `WRITE_INTERVAL`, or sooner when a lane is half full, and writes what it took in
+//! transactions of up to `BATCH_MAX_RECORDS`. It is never woken per record: on a busy gateway a wake-up per
 //! record (a futex call and a context switch, often on the core that serves requests)
 //! cost more than the insert itself. It purges records older than `retention_days` in
 //! small chunks. Queries use their own connection, so they never wait for the writer.
@@ -15,13 +22,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use prometheus::{IntCounter, Registry};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::config::HistoryConfig;
 use crate::filter::Filter;
 use crate::postgres::PostgresStore;
-use crate::priority::{self, WriterPriority};
-use crate::record::{truncate_at_char_boundary, Record, UtcMillis, MAX_FIELD_BYTES};
+use crate::record::{
+    truncate_at_char_boundary, Operation, Record, Source, UtcMillis, MAX_FIELD_BYTES,
+};
 use crate::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
@@ -57,12 +65,51 @@ pub enum HistoryError {
     Stopped,
 }
 
+/// Which queue a record waits on, and so whether a saturated machine may drop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Never dropped while the store works: logins and logouts (force and PIN logins
+    /// included), getuserdevices, and every request CUCM answered. CUCM's own rate
+    /// bounds how many there are.
+    Kept,
+    /// A getloggedinuser that never reached CUCM: a cache hit (recorded only with
+    /// `record_cache_hits`) or a refusal. Dropped, and counted, when its lane is full.
+    BestEffort,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Kept, Lane::BestEffort];
+
+    /// The lane a record of `operation` answered by `source` goes to.
+    pub fn of(operation: Operation, source: Source) -> Lane {
+        match (operation, source) {
+            (Operation::GetLoggedInUser, Source::Cache | Source::Gateway) => Lane::BestEffort,
+            _ => Lane::Kept,
+        }
+    }
+
+    /// The `lane` label of `bc_history_dropped_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Kept => "kept",
+            Lane::BestEffort => "best_effort",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Lane::Kept => 0,
+            Lane::BestEffort => 1,
+        }
+    }
+}
+
 /// The history's series, made by the caller so they live in the gateway's registry.
 #[derive(Clone, Debug)]
 pub struct HistoryMetrics {
-    /// `bc_history_dropped_total`: records not written (queue full, writer stopped, or
-    /// their batch failed).
-    pub dropped: IntCounter,
+    /// `bc_history_dropped_total{lane}`: records not written (lane full, writer stopped,
+    /// or their batch failed), by [`Lane`]. Both series exist from the start.
+    pub dropped: IntCounterVec,
     /// `bc_history_written_total`: records committed to the database.
     pub written: IntCounter,
 }
@@ -71,30 +118,60 @@ impl HistoryMetrics {
     /// Create both counters and register them in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let metrics = Self::unregistered()?;
-        registry.register(Box::new(metrics.dropped.clone()))?;
-        registry.register(Box::new(metrics.written.clone()))?;
+        metrics.register_in(registry)?;
         Ok(metrics)
+    }
+
+    /// Register these (existing) counters in `registry` too.
+    pub fn register_in(&self, registry: &Registry) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(self.dropped.clone()))?;
+        registry.register(Box::new(self.written.clone()))?;
+        Ok(())
     }
 
     /// Both counters, in no registry (tests, tools).
     pub fn unregistered() -> Result<Self, prometheus::Error> {
-        Ok(Self {
-            dropped: IntCounter::new(
+        let dropped = IntCounterVec::new(
+            Opts::new(
                 "bc_history_dropped_total",
-                "History records dropped: queue full, writer stopped, or a failed write",
-            )?,
+                "History records dropped: lane full, writer stopped, or a failed write; \
+                 lane=kept should stay 0 while the database works",
+            ),
+            &["lane"],
+        )?;
+        for lane in Lane::ALL {
+            dropped.with_label_values(&[lane.as_str()]);
+        }
+        Ok(Self {
+            dropped,
             written: IntCounter::new(
                 "bc_history_written_total",
                 "History records written to the database",
             )?,
         })
     }
+
+    /// Records of `lane` dropped so far.
+    pub fn dropped_from(&self, lane: Lane) -> u64 {
+        self.dropped.with_label_values(&[lane.as_str()]).get()
+    }
+
+    /// Records dropped so far, both lanes.
+    pub fn dropped_total(&self) -> u64 {
+        Lane::ALL.iter().map(|lane| self.dropped_from(*lane)).sum()
+    }
+
+    fn count_dropped(&self, lane: Lane, count: u64) {
+        self.dropped
+            .with_label_values(&[lane.as_str()])
+            .inc_by(count);
+    }
 }
 
 /// What wakes the writer. Records travel on their own queue, which the writer only
 /// empties (never waits on), so recording a request wakes no thread.
 enum Control {
-    /// The record queue is half full: write now rather than at the next interval.
+    /// A record lane is half full: write now rather than at the next interval.
     Write,
     /// Write everything queued before this, then acknowledge.
     Flush(SyncSender<()>),
@@ -117,12 +194,15 @@ pub struct WriterPause {
 
 /// The gateway's history. Share it (`Arc<History>`); every method takes `&self`.
 pub struct History {
-    records: SyncSender<Record>,
+    /// One queue per [`Lane`], in `Lane::index` order.
+    lanes: [SyncSender<Record>; 2],
     control: SyncSender<Control>,
-    /// Records on the queue, counted before they are sent (so never below the truth).
-    queued: Arc<AtomicUsize>,
-    /// At this many queued records the writer is woken early.
+    /// Records on each lane, counted before they are sent (so never below the truth).
+    queued: Arc<[AtomicUsize; 2]>,
+    /// At this many queued records in one lane the writer is woken early.
     write_early_at: usize,
+    /// `[history] record_cache_hits`.
+    record_cache_hits: bool,
     reader: Mutex<Box<dyn Store>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     metrics: HistoryMetrics,
@@ -188,17 +268,17 @@ impl History {
         // sync_channel(0) would be a rendezvous: every record dropped, the writer never
         // waiting on this queue.
         let capacity = config.queue_capacity.max(1);
-        let (records, record_queue) = mpsc::sync_channel(capacity);
+        let (kept, kept_queue) = mpsc::sync_channel(capacity);
+        let (best_effort, best_effort_queue) = mpsc::sync_channel(capacity);
         let (control, control_queue) = mpsc::sync_channel(CONTROL_CAPACITY);
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
         let writer = Writer {
             store: writer_store,
-            records: record_queue,
+            lanes: [kept_queue, best_effort_queue],
             control: control_queue,
             queued: queued.clone(),
             batch: Vec::new(),
             write_interval,
-            priority: config.writer_priority,
             metrics: metrics.clone(),
             retention_days: config.retention_days,
             failure_warning: RateLimitedWarning::new(WARNING_INTERVAL),
@@ -207,13 +287,14 @@ impl History {
             .name("history-writer".to_string())
             .spawn(move || writer.run())
             .map_err(HistoryError::Spawn)?;
-        let mut instance = config.instance.clone();
+        let mut instance = config.instance_name();
         truncate_at_char_boundary(&mut instance, MAX_FIELD_BYTES);
         Ok(History {
-            records,
+            lanes: [kept, best_effort],
             control,
             queued,
             write_early_at: (capacity / 2).max(1),
+            record_cache_hits: config.record_cache_hits,
             reader: Mutex::new(reader),
             writer: Mutex::new(Some(handle)),
             metrics,
@@ -222,16 +303,30 @@ impl History {
         })
     }
 
-    /// Queue `record` for writing. Never blocks and never fails: when the queue is full
-    /// (or the writer has stopped) the record is dropped and counted. Strings are cut to
-    /// their bounds and `instance` is set to this instance's name.
+    /// Whether a request of `operation` answered by `source` is recorded: everything but
+    /// a getloggedinuser answered from the cache, unless `record_cache_hits`. Ask before
+    /// building a record, so that an unrecorded cache hit costs nothing.
+    pub fn wants(&self, operation: Operation, source: Source) -> bool {
+        self.record_cache_hits
+            || !(operation == Operation::GetLoggedInUser && source == Source::Cache)
+    }
+
+    /// Queue `record` for writing on its [`Lane`]. Never blocks and never fails: when the
+    /// lane is full (or the writer has stopped) the record is dropped and counted. A
+    /// record [`wants`](Self::wants) refuses is ignored. Strings are cut to their bounds
+    /// and `instance` is set to this instance's name.
     pub fn record(&self, mut record: Record) {
+        if !self.wants(record.operation, record.source) {
+            return;
+        }
+        let lane = Lane::of(record.operation, record.source);
         record.instance.clone_from(&self.instance);
         record.bound();
-        let queued = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
-        let why = match self.records.try_send(record) {
+        let queued = &self.queued[lane.index()];
+        let now_queued = queued.fetch_add(1, Ordering::Relaxed) + 1;
+        let why = match self.lanes[lane.index()].try_send(record) {
             Ok(()) => {
-                if queued == self.write_early_at {
+                if now_queued == self.write_early_at {
                     // Best effort: a full control queue already holds a reason to wake.
                     let _ = self.control.try_send(Control::Write);
                 }
@@ -240,12 +335,13 @@ impl History {
             Err(TrySendError::Full(_)) => "queue full",
             Err(TrySendError::Disconnected(_)) => "writer stopped",
         };
-        self.queued.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.dropped.inc();
+        queued.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.count_dropped(lane, 1);
         if self.drop_warning.due() {
             tracing::warn!(
                 reason = why,
-                dropped_total = self.metrics.dropped.get(),
+                lane = lane.as_str(),
+                dropped_total = self.metrics.dropped_total(),
                 "history record dropped (further drops are counted, logged at most every {}s)",
                 WARNING_INTERVAL.as_secs()
             );
@@ -356,14 +452,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Writer {
     store: Box<dyn Store>,
-    records: Receiver<Record>,
+    /// One queue per [`Lane`], in `Lane::index` order.
+    lanes: [Receiver<Record>; 2],
     control: Receiver<Control>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<[AtomicUsize; 2]>,
     /// Reused between writes.
     batch: Vec<Record>,
     /// `WRITE_INTERVAL`, or longer in tests.
     write_interval: Duration,
-    priority: WriterPriority,
     metrics: HistoryMetrics,
     retention_days: u32,
     failure_warning: RateLimitedWarning,
@@ -371,13 +467,6 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
-        if let Err(error) = priority::apply_to_current_thread(self.priority) {
-            tracing::warn!(
-                %error,
-                priority = %self.priority,
-                "history writer keeps the normal CPU priority"
-            );
-        }
         let mut next_write = Instant::now() + self.write_interval;
         let mut next_purge = (self.retention_days > 0).then(Instant::now);
         loop {
@@ -409,11 +498,6 @@ impl Writer {
                     let _ = resume.recv();
                 }
                 Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
-                    if self.priority == WriterPriority::Idle {
-                        if let Err(error) = priority::restore_normal_on_current_thread() {
-                            tracing::debug!(%error, "the final history flush runs at idle priority");
-                        }
-                    }
                     self.write_queued();
                     return;
                 }
@@ -422,32 +506,61 @@ impl Writer {
         }
     }
 
-    /// Write what is on the record queue now, in transactions of at most
-    /// `BATCH_MAX_RECORDS`. Only what was queued on entry (and what arrives meanwhile, up
-    /// to the last transaction): a flood faster than the database must not keep the
-    /// writer from its control messages (a flush or shutdown waiting) for ever.
+    /// Write what is on the lanes now, in transactions of at most `BATCH_MAX_RECORDS`:
+    /// the kept lane is emptied before every best-effort batch, so a flood of cache hits
+    /// delays a login record by one batch at most. Only what was queued on entry: a flood
+    /// faster than the database must not keep the writer from its control messages (a
+    /// flush or shutdown waiting) for ever.
     fn write_queued(&mut self) {
-        let mut batch = std::mem::take(&mut self.batch);
-        let mut budget = self.queued.load(Ordering::Relaxed).max(1);
+        let mut best_effort_budget = self.queued_in(Lane::BestEffort).max(1);
         loop {
-            while batch.len() < BATCH_MAX_RECORDS {
-                match self.records.try_recv() {
-                    Ok(record) => batch.push(record),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
-            }
-            self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
-            let full = batch.len() >= BATCH_MAX_RECORDS;
-            budget = budget.saturating_sub(batch.len());
-            self.write(&mut batch);
-            if !full || budget == 0 {
+            self.write_all_queued(Lane::Kept);
+            let taken =
+                self.write_one_batch(Lane::BestEffort, best_effort_budget.min(BATCH_MAX_RECORDS));
+            best_effort_budget = best_effort_budget.saturating_sub(taken);
+            if taken == 0 || best_effort_budget == 0 {
                 break;
             }
         }
-        self.batch = batch;
+        // What came to the kept lane during the last best-effort batch.
+        self.write_all_queued(Lane::Kept);
     }
 
-    fn write(&mut self, batch: &mut Vec<Record>) {
+    /// Write what `lane` holds now, in as many batches as it takes.
+    fn write_all_queued(&mut self, lane: Lane) {
+        let mut budget = self.queued_in(lane).max(1);
+        while budget > 0 {
+            let taken = self.write_one_batch(lane, budget.min(BATCH_MAX_RECORDS));
+            if taken == 0 {
+                break;
+            }
+            budget = budget.saturating_sub(taken);
+        }
+    }
+
+    fn queued_in(&self, lane: Lane) -> usize {
+        self.queued[lane.index()].load(Ordering::Relaxed)
+    }
+
+    /// Take up to `max` records from `lane` and write them in one transaction; returns
+    /// how many were taken.
+    fn write_one_batch(&mut self, lane: Lane, max: usize) -> usize {
+        let mut batch = std::mem::take(&mut self.batch);
+        let queue = &self.lanes[lane.index()];
+        while batch.len() < max {
+            match queue.try_recv() {
+                Ok(record) => batch.push(record),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let taken = batch.len();
+        self.queued[lane.index()].fetch_sub(taken, Ordering::Relaxed);
+        self.write(lane, &mut batch);
+        self.batch = batch;
+        taken
+    }
+
+    fn write(&mut self, lane: Lane, batch: &mut Vec<Record>) {
         if batch.is_empty() {
             return;
         }
@@ -455,7 +568,7 @@ impl Writer {
         match self.store.write_batch(batch) {
             Ok(()) => self.metrics.written.inc_by(count),
             Err(error) => {
-                self.metrics.dropped.inc_by(count);
+                self.metrics.count_dropped(lane, count);
                 if self.failure_warning.due() {
                     tracing::warn!(
                         %error,
@@ -564,26 +677,41 @@ mod tests {
         )
         .expect("history");
         for _ in 0..50 {
-            history.record(Record::new(
-                crate::record::Operation::GetLoggedInUser,
-                0,
-                crate::record::Source::Cache,
-            ));
+            history.record(Record::new(Operation::Login, 0, Source::Cucm));
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while metrics.written.get() < 50 && Instant::now() < deadline {
             std::thread::sleep(POLL_STEP);
         }
         assert_eq!(metrics.written.get(), 50);
-        assert_eq!(metrics.dropped.get(), 0);
+        assert_eq!(metrics.dropped_total(), 0);
         history.shutdown(Duration::from_secs(5)).expect("shutdown");
+    }
+
+    #[test]
+    fn only_getloggedinuser_that_never_reached_cucm_is_best_effort() {
+        for operation in Operation::ALL {
+            for source in Source::ALL {
+                let expected = if operation == Operation::GetLoggedInUser && source != Source::Cucm
+                {
+                    Lane::BestEffort
+                } else {
+                    Lane::Kept
+                };
+                assert_eq!(
+                    Lane::of(operation, source),
+                    expected,
+                    "{operation} {source}"
+                );
+            }
+        }
     }
 
     #[test]
     fn metrics_register_under_their_names() {
         let registry = Registry::new();
         let metrics = HistoryMetrics::register(&registry).expect("register");
-        metrics.dropped.inc();
+        metrics.count_dropped(Lane::Kept, 1);
         let names: Vec<String> = registry
             .gather()
             .iter()
@@ -596,6 +724,17 @@ mod tests {
         assert!(
             names.contains(&"bc_history_written_total".to_string()),
             "{names:?}"
+        );
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .expect("encode");
+        assert!(
+            text.contains("bc_history_dropped_total{lane=\"best_effort\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bc_history_dropped_total{lane=\"kept\"} 1"),
+            "{text}"
         );
     }
 }

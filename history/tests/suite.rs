@@ -32,7 +32,7 @@ impl Fixture {
         let directory = tempfile::tempdir().expect("temp dir");
         let mut config = HistoryConfig {
             path: directory.path().join("history.sqlite"),
-            instance: "gw-test".to_string(),
+            instance: Some("gw-test".to_string()),
             // Test records are stamped "now"; tests that purge set their own retention.
             retention_days: 0,
             ..HistoryConfig::default()
@@ -182,7 +182,7 @@ fn records_round_trip(fixture: &Fixture) {
         app: Some("bcapp".into()),
         instance: "ignored: History sets its own".into(),
     };
-    let mut minimal = Record::new(Operation::GetLoggedInUser, -1, Source::Cache);
+    let mut minimal = Record::new(Operation::GetLoggedInUser, -1, Source::Cucm);
     minimal.time = UtcMillis::now();
     history.record(full.clone());
     history.record(minimal.clone());
@@ -199,6 +199,110 @@ fn records_round_trip(fixture: &Fixture) {
         ..minimal
     };
     assert_eq!(found, vec![expected_minimal, expected_full]);
+    history.shutdown(FLUSH).expect("shutdown");
+}
+
+fn cache_hit(device: &str) -> Record {
+    let mut record = Record::new(Operation::GetLoggedInUser, 0, Source::Cache);
+    record.cluster = Some("FLOOD".into());
+    record.device = Some(device.into());
+    record
+}
+
+fn cache_hits_are_recorded_only_when_asked(fixture: &Fixture) {
+    let (history, metrics) = fixture.open();
+    assert!(!history.wants(Operation::GetLoggedInUser, Source::Cache));
+    assert!(history.wants(Operation::GetLoggedInUser, Source::Cucm));
+    assert!(history.wants(Operation::GetLoggedInUser, Source::Gateway));
+    history.record(cache_hit("HIT"));
+    history.record(record("MISS", "u", UtcMillis::now()));
+    history.flush(FLUSH).expect("flush");
+    assert_eq!(devices(&query(&history, "")), ["MISS"]);
+    assert_eq!(metrics.dropped_total(), 0, "not recording is not dropping");
+    history.shutdown(FLUSH).expect("shutdown");
+
+    let config = HistoryConfig {
+        record_cache_hits: true,
+        ..fixture.config.clone()
+    };
+    let (history, _) = fixture.open_with(&config);
+    assert!(history.wants(Operation::GetLoggedInUser, Source::Cache));
+    history.record(cache_hit("HIT"));
+    history.flush(FLUSH).expect("flush");
+    let found = query(&history, "device=HIT");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].source, Source::Cache);
+    history.shutdown(FLUSH).expect("shutdown");
+}
+
+/// Threads recording cache hits as fast as they can (more threads than cores: the CPU is
+/// saturated and the best-effort lane overflows), while a storm of logins and logouts is
+/// recorded: every login and logout is written, only cache hits are dropped. With one
+/// shared queue the flood takes every free slot and most of the storm is lost.
+fn a_saturating_cache_hit_flood_never_drops_a_change_record(fixture: &Fixture) {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    const STORM: usize = 1_000;
+    let config = HistoryConfig {
+        record_cache_hits: true,
+        queue_capacity: 1_000,
+        ..fixture.config.clone()
+    };
+    let (history, metrics) = fixture.open_with(&config);
+    let history = Arc::new(history);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
+    let flood: Vec<_> = (0..flooders)
+        .map(|thread| {
+            let (history, stop) = (history.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut sent = 0_u64;
+                while !stop.load(Ordering::Relaxed) {
+                    history.record(cache_hit(&format!("F{thread}")));
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    // Until the flood has overflowed its lane: the storm then meets a saturated writer.
+    let give_up = Instant::now() + FLUSH;
+    while metrics.dropped_from(history::Lane::BestEffort) == 0 && Instant::now() < give_up {
+        std::thread::yield_now();
+    }
+    for index in 0..STORM {
+        let mut login = record(&format!("S{index}"), "u", UtcMillis::now());
+        login.cluster = Some("STORM".into());
+        history.record(login);
+        let mut logout = Record::new(Operation::Logout, 0, Source::Cucm);
+        logout.cluster = Some("STORM".into());
+        logout.device = Some(format!("S{index}"));
+        history.record(logout);
+        if index % 100 == 99 {
+            // A storm, not one burst: CUCM answers a few thousand changes a second.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flooded: u64 = flood
+        .into_iter()
+        .map(|thread| thread.join().expect("flood thread"))
+        .sum();
+    history.flush(FLUSH).expect("flush");
+
+    assert!(
+        metrics.dropped_from(history::Lane::BestEffort) > 0,
+        "the flood ({flooded} cache hits) saturated its lane"
+    );
+    assert_eq!(metrics.dropped_from(history::Lane::Kept), 0);
+    assert_eq!(
+        query(&history, "cluster=STORM&operation=login&limit=1000").len(),
+        STORM
+    );
+    assert_eq!(
+        query(&history, "cluster=STORM&operation=logout&limit=1000").len(),
+        STORM
+    );
     history.shutdown(FLUSH).expect("shutdown");
 }
 
@@ -408,7 +512,7 @@ fn full_queue_drops_and_counts_without_blocking(fixture: &Fixture) {
     // 1,000 calls with a stalled writer: each returns at once (a blocking `record` would
     // never return here, the writer being parked).
     assert!(elapsed < Duration::from_secs(1), "record took {elapsed:?}");
-    assert_eq!(metrics.dropped.get(), 990);
+    assert_eq!(metrics.dropped_total(), 990);
 
     // Queries have their own connection: they still answer while the writer is stalled.
     assert_eq!(devices(&query(&history, "")), ["BEFORE"]);
@@ -427,10 +531,10 @@ fn shutdown_writes_everything_queued(fixture: &Fixture) {
     }
     history.shutdown(FLUSH).expect("shutdown");
     assert_eq!(metrics.written.get(), 1_000);
-    assert_eq!(metrics.dropped.get(), 0);
+    assert_eq!(metrics.dropped_total(), 0);
     // After shutdown, recording is counted as dropped, never an error or a block.
     history.record(record("LATE", "u", UtcMillis::now()));
-    assert_eq!(metrics.dropped.get(), 1);
+    assert_eq!(metrics.dropped_total(), 1);
     history
         .shutdown(FLUSH)
         .expect("a second shutdown is a no-op");
@@ -457,11 +561,11 @@ fn reopening_keeps_the_history(fixture: &Fixture) {
 
 fn instances_share_one_database(fixture: &Fixture) {
     let first_config = HistoryConfig {
-        instance: "gw1".into(),
+        instance: Some("gw1".into()),
         ..fixture.config.clone()
     };
     let second_config = HistoryConfig {
-        instance: "gw2".into(),
+        instance: Some("gw2".into()),
         ..fixture.config.clone()
     };
     let (first, _) = fixture.open_with(&first_config);
@@ -507,6 +611,8 @@ macro_rules! backends {
 
 backends!(
     records_round_trip,
+    cache_hits_are_recorded_only_when_asked,
+    a_saturating_cache_hit_flood_never_drops_a_change_record,
     strings_are_bounded_on_the_way_in,
     every_filter_selects_its_records,
     newest_first_and_limit,

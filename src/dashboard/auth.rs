@@ -76,7 +76,7 @@ pub fn validate_users(users: &[DashboardUser]) -> Result<(), (&'static str, Stri
                 format!("{:?} is listed twice", user.name),
             ));
         }
-        if !history::password::is_valid_hash(&user.password_hash) {
+        if !super::password::is_valid_hash(&user.password_hash) {
             return Err((
                 "dashboard.users.password_hash",
                 format!(
@@ -145,7 +145,7 @@ impl Auth {
         // it says), so a wrong name costs the same time as a wrong password.
         let known = self.users.iter().find(|user| user.name == name);
         let hash = known.unwrap_or(&self.users[0]).password_hash.clone();
-        let matched = web::block(move || history::password::verify_password(&password, &hash))
+        let matched = web::block(move || super::password::verify_password(&password, &hash))
             .await
             .unwrap_or(false);
         if matched && known.is_some() {
@@ -260,7 +260,7 @@ mod tests {
 
     #[test]
     fn users_are_validated() {
-        let hash = history::password::hash_password("x").expect("hash");
+        let hash = crate::dashboard::password::hash_password("x").expect("hash");
         assert!(validate_users(&[user("ops", &hash)]).is_ok());
         let cases = [
             (vec![user("", &hash)], "dashboard.users.name"),

@@ -1,6 +1,7 @@
 //! The administrators' side: `GET /dashboard` (one page, its script and
 //! style embedded in the binary), `GET /api/status` (the page's per-cluster panel, see
-//! `status`), and the access check shared with `GET /api/history` (see `auth`).
+//! `status`), `GET /api/history` (the recorded requests), and who may see them (`auth`,
+//! with the password hashes of `password`).
 //!
 //! The page is static: every value it shows comes from `/api/status` and `/api/history`
 //! and is inserted with `textContent`, never as HTML. The Content-Security-Policy allows
@@ -8,14 +9,15 @@
 //! run.
 
 pub mod auth;
+pub mod password;
 pub mod status;
 
 use std::sync::Arc;
 
-use actix_web::http::header;
+use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actors::Metrics;
-use history::History;
+use history::{parse_filter, to_csv, to_json, Format, History, HistoryConfig};
 use serde::Deserialize;
 
 pub use auth::DashboardUser;
@@ -61,11 +63,11 @@ pub struct Admin {
 impl Admin {
     pub fn new(
         settings: &DashboardSettings,
-        history_settings: &crate::history_api::HistorySettings,
+        history_config: &HistoryConfig,
         history: Option<Arc<History>>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, DashboardError> {
-        let backend = match (&history, &history_settings.url) {
+        let backend = match (&history, &history_config.url) {
             (None, _) => "off",
             (Some(_), Some(_)) => "postgres",
             (Some(_), None) => "sqlite",
@@ -74,7 +76,7 @@ impl Admin {
             auth: auth::Auth::new(settings.users.clone(), metrics.registry())?,
             history,
             sampler: status::Sampler::default(),
-            instance: history_settings.history_config().instance,
+            instance: history_config.instance_name(),
             metrics,
             backend,
         })
@@ -98,15 +100,14 @@ pub fn start_sampler(admin: web::Data<Admin>) -> actix_web::rt::task::JoinHandle
     })
 }
 
-/// The routes of this module and `/api/history`; registered before the `/api/*`
-/// catch-all so they win.
+/// The routes of this module; registered before the `/api/*` catch-all so they win.
 pub fn routes(config: &mut web::ServiceConfig) {
     config
         .route("/dashboard", web::get().to(page))
         .route("/dashboard/page.js", web::get().to(script))
         .route("/dashboard/page.css", web::get().to(style))
         .route("/api/status", web::get().to(status))
-        .route("/api/history", web::get().to(crate::history_api::get));
+        .route("/api/history", web::get().to(history_query));
 }
 
 async fn page(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
@@ -150,4 +151,55 @@ async fn status(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(document)
+}
+
+/// `GET /api/history?device=&user=&cluster=&operation=&code=&since=&until=&limit=&format=`
+async fn history_query(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    if let Err(refused) = admin.authorize(&request).await {
+        return refused;
+    }
+    let Some(history) = admin.history.clone() else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "history is disabled ([history] enabled = false)\n".to_string(),
+        );
+    };
+    let filter = match parse_filter(request.query_string()) {
+        Ok(filter) => filter,
+        // The message names the parameter (FilterError's contract).
+        Err(error) => return text(StatusCode::BAD_REQUEST, format!("{error}\n")),
+    };
+    let format = filter.format;
+    let records = match web::block(move || history.query(&filter)).await {
+        Ok(Ok(records)) => records,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "history query failed");
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the history database could not be read\n".to_string(),
+            );
+        }
+        Err(error) => {
+            tracing::warn!(%error, "history query task failed");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "history query failed\n".to_string(),
+            );
+        }
+    };
+    let (content_type, body) = match format {
+        Format::Json => ("application/json", to_json(&records)),
+        Format::Csv => ("text/csv; charset=utf-8", to_csv(&records)),
+    };
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, content_type))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(body)
+}
+
+fn text(status: StatusCode, body: String) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("text/plain; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(body)
 }
