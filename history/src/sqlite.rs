@@ -105,6 +105,9 @@ impl SqliteStore {
         if found < 1 {
             transaction.execute_batch(SCHEMA_V1)?;
         }
+        // Version 2 writes fractional `duration_ms`: the column's INTEGER affinity keeps
+        // a non-integral REAL as it is, so there is nothing to change in the file; the
+        // version tells an older gateway (which reads integers) that it cannot read it.
         // Later versions add their steps here, each guarded by `found < N`.
         transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         transaction.commit()?;

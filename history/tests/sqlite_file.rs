@@ -139,7 +139,7 @@ fn no_secret_reaches_the_database_file() {
         user: Some("ALMUSER01".into()),
         code: 1007,
         text: format!("PIN rejected by the home cluster {VISIBLE_MARKER}"),
-        duration_ms: 80,
+        duration_us: 80_000,
         source: Source::Cucm,
         node: Some("https://cucm-eu-1:8443".into()),
         client: Some("10.0.0.7".into()),

@@ -1,10 +1,11 @@
 //! The northbound side: the Business Connector 1.4 API over HTTP.
 //!
-//! `request` reads the XML message and path and validates it; `response` renders
+//! `code_meaning` says what each answer code means (OpenAPI, dashboard); `request` reads the XML message and path and validates it; `response` renders
 //! answers and maps every failure to its code in one place; `record` is what one
 //! request was and how it was answered (metrics and the log line are written from it);
 //! `handlers` wires them to actix-web and the cluster actors.
 
+pub mod code_meaning;
 pub mod handlers;
 pub mod json;
 pub mod record;

@@ -144,7 +144,7 @@ impl RequestRecord {
         record.device.clone_from(&self.device);
         record.user.clone_from(&self.user);
         record.text.clone_from(&self.text);
-        record.duration_ms = u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX);
+        record.duration_us = u64::try_from(self.duration.as_micros()).unwrap_or(u64::MAX);
         record.node = self.node.as_deref().map(str::to_string);
         record.client.clone_from(&self.client);
         record.app.clone_from(&self.app);
