@@ -578,3 +578,85 @@ async fn without_users_only_loopback_clients_are_served() {
     }
     gateway.shutdown().await;
 }
+
+/// On a terminal, `hash-password` prompts twice and never echoes what is typed: run it
+/// on a pseudo-terminal, type each line after its prompt as a person would, and read
+/// everything the terminal shows.
+#[cfg(unix)]
+#[test]
+fn hash_password_on_a_terminal_does_not_echo() {
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const SECRET: &str = "EchoMarker4711";
+    let (mut leader, follower) = {
+        let (mut leader, mut follower) = (0, 0);
+        // SAFETY: out-parameters for two new descriptors; null name/termios/winsize.
+        let made = unsafe {
+            libc::openpty(
+                &mut leader,
+                &mut follower,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(made, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: openpty just opened both; each is owned once from here on.
+        unsafe {
+            (
+                std::fs::File::from(OwnedFd::from_raw_fd(leader)),
+                OwnedFd::from_raw_fd(follower),
+            )
+        }
+    };
+    let child = Command::new(BINARY)
+        .arg("hash-password")
+        .stdin(Stdio::from(follower.try_clone().expect("dup")))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(follower))
+        .spawn()
+        .expect("the binary starts");
+    // What the terminal shows, read on a thread (reading the leader blocks).
+    let mut reader = leader.try_clone().expect("dup leader");
+    let (chunks, received) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buffer = [0_u8; 256];
+        // Ends with EIO once the child (the last holder of the follower) exits.
+        while let Ok(count) = reader.read(&mut buffer) {
+            if count == 0 || chunks.send(buffer[..count].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut terminal = String::new();
+    let shown_until = |needle: &str, terminal: &mut String| {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while !terminal.contains(needle) {
+            let left = give_up.saturating_duration_since(Instant::now());
+            let chunk = received
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {needle:?} on the terminal: {terminal:?}"));
+            terminal.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    shown_until("Password: ", &mut terminal);
+    leader
+        .write_all(format!("{SECRET}\n").as_bytes())
+        .expect("type");
+    shown_until("Again: ", &mut terminal);
+    leader
+        .write_all(format!("{SECRET}\n").as_bytes())
+        .expect("type");
+    let output = child.wait_with_output().expect("hash-password exits");
+    // Whatever else reached the terminal before the child exited.
+    while let Ok(chunk) = received.recv_timeout(Duration::from_millis(200)) {
+        terminal.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(output.status.success(), "{output:?} {terminal:?}");
+    let hash = String::from_utf8(output.stdout).expect("UTF-8");
+    assert!(
+        business_connector::dashboard::password::verify_password(SECRET, hash.trim()),
+        "{hash}"
+    );
+    assert!(!terminal.contains(SECRET), "echoed: {terminal:?}");
+}
