@@ -274,7 +274,7 @@ async function refreshChanges() {
     const before = changes.slice(index + 1).find((older) => older.device === change.device);
     if (before && before.operation === "login") change.user = before.user;
   });
-  const columns = ["time", "change", "device", "user", "app", "client"];
+  const columns = ["time", "change", "device", "user", "app"];
   document.querySelector("#changes tbody").replaceChildren(...changes.map((e) => requestRow(e, columns)));
 }
 
