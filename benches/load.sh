@@ -641,7 +641,8 @@ record_cache_hits = true")
                 written=${written_peak[$scenario]}
                 kept=${kept_peak[$scenario]}
                 share="$((writer_ticks[$scenario] * 100 / (cpu_ticks[$scenario] > 0 ? cpu_ticks[$scenario] : 1)))%"
-                per_record=$(jq -n "${writer_ticks[$scenario]} * $tick_us / ($written + 0.001) * 100 | round / 100")
+                [ "$written" -gt 0 ] &&
+                    per_record=$(jq -n "${writer_ticks[$scenario]} * $tick_us / $written * 100 | round / 100")
             fi
             printf '  %-10s %8.0f %6.3f %8.0f %6.3f %8.3f %8.3f %10s %8s %7s %8s   %s\n' "$scenario" \
                 "$(median "$OUT/peak.jsonl" "$scenario" rps)" \
