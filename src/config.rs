@@ -86,13 +86,18 @@ pub struct Config {
     pub clusters: Vec<ClusterConfig>,
     /// `[history]`: what is recorded where.
     #[serde(default)]
-    pub history: crate::history_api::HistorySettings,
+    pub history: history::HistoryConfig,
     /// `[dashboard]`: who may see the dashboard and the history.
     #[serde(default)]
     pub dashboard: crate::dashboard::DashboardSettings,
     /// `[coordination]`: one CUCM allowance shared by every instance (off by default).
     #[serde(default)]
     pub coordination: crate::coordination::CoordinationSettings,
+    /// Test seam: a history opened by the caller, used instead of opening `[history]`.
+    /// Never set from a config file.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub opened_history: Option<crate::history_setup::OpenedHistory>,
 }
 
 mod defaults {
@@ -165,9 +170,10 @@ impl Config {
             clusters: vec![cluster],
             // Off: tests run side by side and must not share one file; the demo and
             // the history tests turn it on with a file of their own.
-            history: crate::history_api::HistorySettings::disabled(),
+            history: history::HistoryConfig::disabled(),
             dashboard: crate::dashboard::DashboardSettings::default(),
             coordination: crate::coordination::CoordinationSettings::default(),
+            opened_history: None,
         }
     }
 

@@ -25,7 +25,7 @@ pub fn start(listen: SocketAddr) -> Result<(SimHandle, Config), sim::SimError> {
     config.listen = listen;
     // The demo records too, in the temp dir: a demo run should not leave a database in
     // whatever directory it was started from.
-    config.history = crate::history_api::HistorySettings::sqlite(
+    config.history = history::HistoryConfig::sqlite(
         std::env::temp_dir().join("business-connector-demo-history.sqlite"),
     );
     Ok((simulator, config))
@@ -37,6 +37,7 @@ pub fn curl_examples(gateway: &str) -> String {
     format!(
         "Demo mode: cluster DEMO is a simulated CUCM (devices SEP000000000001..SEP{last_device:012X}, \
          users user1..user{DEMO_USERS}, application user bcapp / bcsecret).\n\
+         Dashboard (request history, per-cluster health): http://{gateway}/dashboard\n\
          Try:\n  \
          curl -s http://{gateway}/api/getversioninfo\n  \
          curl -s --data-urlencode 'xml=<request>{creds}</request>' http://{gateway}/api/login/SEP000000000001/user1\n  \

@@ -7,7 +7,7 @@ pub mod connections;
 pub mod coordination;
 pub mod dashboard;
 pub mod demo;
-pub mod history_api;
+pub mod history_setup;
 pub mod northbound;
 pub mod openapi;
 pub mod preflight;

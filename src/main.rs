@@ -30,8 +30,9 @@ struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// Read a password (one line) from stdin and print its Argon2 hash for
-    /// `[dashboard] users = [{ name = "…", password_hash = "…" }]`.
+    /// Read a password and print its Argon2 hash for `[dashboard] users = [{ name = "…",
+    /// password_hash = "…" }]`. On a terminal it asks twice without echoing; otherwise it
+    /// reads one line from stdin.
     HashPassword,
 }
 
@@ -119,19 +120,70 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `business-connector hash-password`: the first line of stdin (without its line end)
-/// → a PHC string on stdout. Nothing else is printed there, so `$(…)` captures the hash.
+/// `business-connector hash-password`: a password → a PHC string on stdout. On a
+/// terminal it prompts (on stderr) twice without echo; from a pipe it reads the first
+/// line. Nothing but the hash goes to stdout, so `$(…)` captures it.
 fn hash_password() -> anyhow::Result<()> {
-    let mut line = String::new();
-    std::io::stdin()
-        .read_line(&mut line)
-        .context("reading the password from stdin")?;
-    let password = line.strip_suffix('\n').unwrap_or(&line);
-    let password = password.strip_suffix('\r').unwrap_or(password);
-    anyhow::ensure!(!password.is_empty(), "empty password on stdin");
-    let hash = history::password::hash_password(password)?;
+    use std::io::IsTerminal as _;
+    let password = if std::io::stdin().is_terminal() {
+        let first = read_hidden("Password: ")?;
+        let again = read_hidden("Again: ")?;
+        anyhow::ensure!(first == again, "the two passwords differ");
+        first
+    } else {
+        read_line().context("reading the password from stdin")?
+    };
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    let hash = business_connector::dashboard::password::hash_password(&password)?;
     println!("{hash}");
     Ok(())
+}
+
+/// One line of stdin without its line end.
+fn read_line() -> std::io::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    Ok(password.strip_suffix('\r').unwrap_or(password).to_string())
+}
+
+/// One line from the terminal with its echo off, after `prompt` on stderr (the echo is
+/// restored on every way out, errors included).
+#[cfg(unix)]
+fn read_hidden(prompt: &str) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    /// Puts the terminal's settings back when dropped.
+    struct EchoOff(libc::termios);
+    impl Drop for EchoOff {
+        fn drop(&mut self) {
+            // SAFETY: fd 0 is the terminal tcgetattr read these settings from.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.0) };
+        }
+    }
+    // SAFETY: a zeroed termios is a valid out-parameter; fd 0 is a terminal (checked).
+    let mut settings: libc::termios = unsafe { std::mem::zeroed() };
+    if unsafe { libc::tcgetattr(0, &mut settings) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading the terminal settings");
+    }
+    let restore = EchoOff(settings);
+    settings.c_lflag &= !libc::ECHO;
+    // SAFETY: settings came from tcgetattr on the same fd.
+    if unsafe { libc::tcsetattr(0, libc::TCSANOW, &settings) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("turning the echo off");
+    }
+    // The prompt only once the echo is off: whatever is typed after it stays hidden.
+    eprint!("{prompt}");
+    std::io::stderr().flush()?;
+    let line = read_line().context("reading the password");
+    drop(restore);
+    // The Enter the user typed was not echoed either.
+    eprintln!();
+    line
+}
+
+#[cfg(not(unix))]
+fn read_hidden(prompt: &str) -> anyhow::Result<String> {
+    anyhow::bail!("{prompt}no hidden terminal input on this platform: pipe the password in")
 }
 
 /// Logs go through a background thread that writes them in batches: the request path

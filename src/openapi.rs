@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use actix_web::HttpResponse;
 use serde_json::{json, Map, Value};
 
+use crate::northbound::code_meaning;
 use crate::northbound::request::Call;
 
 /// Every call with a request message, and the path segments its path form takes
@@ -43,18 +44,6 @@ const CALLS: [(Call, &str, &[&str], usize); 4] = [
     ),
 ];
 
-const CODES: &str = "`code` is the contract, `text` is for people. 0 success. CUCM's EM codes \
-pass through (1 parse error, 3 invalid application user, 4 policy, 6 database, 10 lacks proxy \
-rights, 11 device does not exist, 12 device profile not found, 18 another user logged in, 19 no \
-user logged in, 22 device logon disabled, 23 user not found, 25 user logged in elsewhere, 26 busy \
-(never while the deadline allows a retry), 28 untrusted IP, 31-47 EMCC), and the EM application's \
-201-216 from a PIN login. The gateway's own: 404 deviceName missing; 1001 cluster not found; 1002 \
-invalid request (malformed XML or JSON, missing userID, invalid value; body too large: HTTP 413; \
-body not arrived within client_timeout_ms: HTTP 408); \
-1003 CUCM unavailable; 1004 overloaded (HTTP 503 with Retry-After); 1005 invalid CUCM response; \
-1006 credentials missing; 1007 PIN rejected; 1008 CUCM failure without a usable code; 1009 \
-forbidden (HTTP 403); 1010 too many requests (HTTP 429); 1011 device in several clusters.";
-
 fn field_description(name: &str) -> &'static str {
     match name {
         "deviceName" => "Device name: 1-50 of A-Z a-z 0-9 . _ - (upper-cased by the gateway).",
@@ -72,6 +61,7 @@ fn field_description(name: &str) -> &'static str {
 }
 
 fn schemas() -> Value {
+    let codes = code_meaning::describe_all();
     let string = |name: &str| json!({ "type": "string", "description": field_description(name) });
     json!({
         "Request": {
@@ -105,7 +95,7 @@ fn schemas() -> Value {
         },
         "Result": {
             "type": "object",
-            "description": format!("The JSON form of <response><result>. {CODES}"),
+            "description": format!("The JSON form of <response><result>. {codes}"),
             "required": ["code", "text"],
             "properties": {
                 "deviceName": {
@@ -121,7 +111,7 @@ fn schemas() -> Value {
                     "items": { "type": "string" },
                     "description": "getuserdevices: the devices the user is logged in on."
                 },
-                "code": { "type": "integer", "minimum": 0, "description": CODES },
+                "code": { "type": "integer", "minimum": 0, "description": codes },
                 "text": { "type": "string" }
             }
         },
@@ -212,6 +202,7 @@ fn operation_suffix(call: &str, path_params: &[&str]) -> String {
 
 /// The whole document.
 pub fn document() -> Value {
+    let codes = code_meaning::describe_all();
     let mut paths = Map::new();
     for (call, summary, fields, required) in CALLS {
         let label = call.label();
@@ -268,7 +259,7 @@ pub fn document() -> Value {
                  application/json); path segments take the place of the same-named fields. \
                  Answers are XML unless the request accepts application/json (before any \
                  XML type) or sent JSON. HTTP status is 200 for every answer with a result \
-                 except 408 and 413 (1002), 503 (1004), 403 (1009), 429 (1010). {CODES}"
+                 except 408 and 413 (1002), 503 (1004), 403 (1009), 429 (1010). {codes}"
             )
         },
         "paths": paths,

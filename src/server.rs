@@ -20,7 +20,7 @@ use crate::access::{Access, AccessGuard};
 use crate::config::Config;
 use crate::connections::{raise_open_files, ConnectionGuard};
 use crate::dashboard::{self, Admin, DashboardError};
-use crate::history_api::{self, HistoryApiError};
+use crate::history_setup::{self, HistorySetupError};
 use crate::northbound::handlers::{self, AppState};
 use crate::tls::{self, TlsError};
 
@@ -35,7 +35,7 @@ pub enum ServerError {
     #[error("{0}")]
     Tls(#[from] TlsError),
     #[error("{0}")]
-    History(#[from] HistoryApiError),
+    History(#[from] HistorySetupError),
     #[error("dashboard: {0}")]
     Dashboard(#[from] DashboardError),
     #[error("{0}")]
@@ -98,7 +98,12 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Started, Ser
     // Files first: nothing else has been started when one of them is missing.
     let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let metrics = Arc::new(Metrics::new()?);
-    let history = history_api::open(&config.history, metrics.registry()).await?;
+    let history = history_setup::open(
+        &config.history,
+        config.opened_history.as_ref(),
+        metrics.registry(),
+    )
+    .await?;
     let admin = web::Data::new(Admin::new(
         &config.dashboard,
         &config.history,
@@ -229,7 +234,7 @@ impl Started {
         let served = server.await;
         sampler.abort();
         // After the last request: flush what is queued (SIGTERM must not lose records).
-        history_api::close(history).await;
+        history_setup::close(history).await;
         served?;
         Ok(())
     }

@@ -134,6 +134,81 @@ async fn demo_mode_serves_an_embedded_cluster() {
         logged.iter().any(|l| l.contains("curl -s")),
         "the demo logs how to call it"
     );
+    let dashboard = running.url("/dashboard");
+    assert!(
+        logged.iter().any(|l| l.contains(&dashboard)),
+        "the demo names its dashboard ({dashboard}): {logged:#?}"
+    );
+}
+
+/// A `[history]` table written for an earlier version (with `writer_priority`) still
+/// starts; the key is named in a warning; changes are recorded, cache hits are not.
+#[actix_web::test]
+async fn an_earlier_history_config_starts_warns_and_records_changes_not_cache_hits() {
+    let sim = simulator(10, |_| {});
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bc.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nworkers = 1\ndrain_ms = 0\n\n[history]\npath = \"{}\"\n\
+             writer_priority = \"idle\"\n\n[[cluster]]\ncode = \"EU\"\nnodes = [\"{}\"]\n\
+             max_requests_per_second = 0\n",
+            dir.path().join("history.sqlite").display(),
+            sim.url()
+        ),
+    )
+    .expect("config written");
+    let running = Running::start(&["--config", path.to_str().expect("UTF-8 path")]);
+    let client = reqwest::Client::new();
+    login(&client, running.url("/api/login/SEP000000000001/user1"))
+        .await
+        .expect(200, 0);
+    let query = running.url(&format!(
+        "/api/getloggedinuser/SEP000000000001?xml={}",
+        form_urlencoded::byte_serialize(format!("<request>{CREDS}</request>").as_bytes())
+            .collect::<String>()
+    ));
+    for _ in 0..3 {
+        let answer = Answer::read(client.get(&query).send().await.expect("query")).await;
+        answer.expect(200, 0);
+    }
+    let history = running.url("/api/history?limit=100");
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    let entries = loop {
+        let text = client
+            .get(&history)
+            .send()
+            .await
+            .expect("history")
+            .text()
+            .await
+            .expect("body");
+        let body: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        let entries = body["entries"].as_array().cloned().unwrap_or_default();
+        if entries.iter().any(|e| e["operation"] == "login") {
+            break entries;
+        }
+        assert!(std::time::Instant::now() < give_up, "no login recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        !entries.iter().any(|e| e["source"] == "cache"),
+        "cache hits are counted, not recorded: {entries:#?}"
+    );
+    // The warning comes before the serving line (the history is opened first).
+    let logged: Vec<String> = running
+        .early_lines
+        .iter()
+        .cloned()
+        .chain(running.lines.try_iter())
+        .collect();
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("history.writer_priority")),
+        "the ignored key is named: {logged:#?}"
+    );
 }
 
 #[actix_web::test]

@@ -363,7 +363,7 @@ fn status_request(addr: &str, client: &str, password: &str) -> (u16, String) {
 #[test]
 fn a_flood_of_wrong_dashboard_passwords_keeps_memory_flat_and_is_refused_early() {
     let sim = simulator(1, |_| {});
-    let hash = history::password::hash_password("right horse").expect("hash");
+    let hash = business_connector::dashboard::password::hash_password("right horse").expect("hash");
     let gw = Binary::start(
         "argon",
         &sim.url(),

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use actors::ClusterConfig;
 use business_connector::config::Config;
 use business_connector::dashboard::DashboardUser;
-use business_connector::history_api::{HistorySettings, OpenedHistory};
+use business_connector::history_setup::OpenedHistory;
 use common::*;
-use history::{History, HistoryConfig, HistoryMetrics};
+use history::{History, HistoryConfig, HistoryMetrics, Lane};
 use serde_json::Value;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_business-connector");
@@ -26,7 +26,7 @@ fn config(sim: &sim::SimHandle, database: &Path) -> Config {
     let mut cluster = ClusterConfig::new("EU", vec![sim.url()]);
     cluster.max_requests_per_second = 0;
     let mut config = Config::single_cluster(cluster);
-    config.history = HistorySettings::sqlite(database);
+    config.history = HistoryConfig::sqlite(database);
     config
 }
 
@@ -78,7 +78,10 @@ async fn wait_for_entries(gateway: &Gateway, query: &str, count: usize) -> Vec<V
 async fn every_request_but_version_is_recorded_with_its_code() {
     let sim = simulator(10, |_| {});
     let dir = tempfile::tempdir().expect("temp dir");
-    let gateway = Gateway::start(config(&sim, &database(&dir))).await;
+    let mut config = config(&sim, &database(&dir));
+    // The getloggedinuser below is a cache hit (see cache_hits_are_counted_not_recorded..).
+    config.history.record_cache_hits = true;
+    let gateway = Gateway::start(config).await;
     let dev = device(1);
 
     gateway.login(&dev, "user1").await.expect(200, 0);
@@ -126,7 +129,7 @@ async fn every_request_but_version_is_recorded_with_its_code() {
         assert_eq!(entry["client"], "127.0.0.1");
         assert!(!entry["instance"].as_str().unwrap_or("").is_empty());
         assert!(entry["time"].as_str().unwrap_or("").ends_with('Z'));
-        assert!(entry["duration_ms"].is_u64());
+        assert!(entry["duration_ms"].as_f64().is_some_and(|ms| ms >= 0.0));
     }
     assert_eq!(login["cluster"], "EU");
     assert_eq!(login["user"], "user1");
@@ -137,6 +140,7 @@ async fn every_request_but_version_is_recorded_with_its_code() {
         query["user"], "user1",
         "getloggedinuser records who it found"
     );
+    assert_eq!(query["source"], "cache");
     assert_eq!(logout["operation"], "logout");
     assert_eq!(no_credentials["source"], "gateway");
     assert!(no_credentials["app"].is_null());
@@ -152,7 +156,9 @@ async fn every_request_but_version_is_recorded_with_its_code() {
 async fn history_filters_limit_csv_and_bad_parameters() {
     let sim = simulator(10, |_| {});
     let dir = tempfile::tempdir().expect("temp dir");
-    let gateway = Gateway::start(config(&sim, &database(&dir))).await;
+    let mut config = config(&sim, &database(&dir));
+    config.history.record_cache_hits = true;
+    let gateway = Gateway::start(config).await;
     for n in 1..=3 {
         gateway.login_seeded(n).await.expect(200, 0);
     }
@@ -291,7 +297,7 @@ async fn history_is_kept_across_shutdown_and_restart() {
 }
 
 #[actix_web::test]
-async fn a_stalled_writer_drops_and_counts_instead_of_blocking_requests() {
+async fn a_stalled_writer_drops_cache_hits_and_counts_instead_of_blocking_requests() {
     let sim = simulator(10, |_| {});
     let dir = tempfile::tempdir().expect("temp dir");
     let path = database(&dir);
@@ -300,35 +306,99 @@ async fn a_stalled_writer_drops_and_counts_instead_of_blocking_requests() {
             &HistoryConfig {
                 path: path.clone(),
                 queue_capacity: 4,
+                record_cache_hits: true,
                 ..HistoryConfig::default()
             },
             HistoryMetrics::unregistered().expect("metrics"),
         )
         .expect("history opens"),
     );
-    let pause = history.pause_writer().expect("writer parks");
     let mut config = config(&sim, &path);
-    config.history.opened = Some(OpenedHistory(history.clone()));
+    config.opened_history = Some(OpenedHistory(history.clone()));
     let gateway = Gateway::start(config).await;
+    // The first answer comes from CUCM, so the rest are cache hits.
+    gateway.query(&device(6)).await.expect(200, 0);
+    history.flush(Duration::from_secs(5)).expect("flush");
+    let pause = history.pause_writer().expect("writer parks");
 
     let started = Instant::now();
     for _ in 0..20 {
         gateway.query(&device(6)).await.expect(200, 0);
     }
-    // 20 answers from the cache or CUCM-sim take milliseconds; blocking on a full queue
-    // would hang here until the pause ends.
+    // 20 answers from the cache take milliseconds; blocking on a full queue would hang
+    // here until the pause ends.
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(history.metrics().dropped.get(), 16);
+    assert_eq!(history.metrics().dropped_from(Lane::BestEffort), 16);
+    // Logins have a lane of their own: the full cache-hit lane takes none of its room.
+    for n in 7..=9 {
+        gateway.login_seeded(n).await.expect(200, 0);
+    }
+    assert_eq!(history.metrics().dropped_from(Lane::Kept), 0);
     let exposition = gateway.metrics().await;
-    assert_eq!(metric(&exposition, "bc_history_dropped_total"), 16.0);
+    assert_eq!(
+        metric(
+            &exposition,
+            "bc_history_dropped_total{lane=\"best_effort\"}"
+        ),
+        16.0
+    );
+    assert_eq!(
+        metric(&exposition, "bc_history_dropped_total{lane=\"kept\"}"),
+        0.0
+    );
 
     drop(pause);
     history.flush(Duration::from_secs(5)).expect("flush");
-    assert_eq!(entries(&gateway, "limit=100").await.len(), 4);
+    assert_eq!(entries(&gateway, "limit=100").await.len(), 1 + 4 + 3);
+    assert_eq!(entries(&gateway, "operation=login").await.len(), 3);
+    gateway.shutdown().await;
+}
+
+#[actix_web::test]
+async fn cache_hits_are_counted_not_recorded_unless_asked() {
+    let sim = simulator(10, |_| {});
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = database(&dir);
+    let gateway = Gateway::start(config(&sim, &path)).await;
+    let dev = device(8);
+    gateway.login(&dev, "user8").await.expect(200, 0);
+    // Asked until three come from the cache (the login may have left the cache cold).
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        gateway.query(&dev).await.expect(200, 0);
+        let exposition = gateway.metrics().await;
+        if metric(&exposition, "bc_cache_hits_total{cluster=\"EU\"}") >= 3.0 {
+            break;
+        }
+        assert!(Instant::now() < give_up, "no cache hits: {exposition}");
+    }
+    gateway.logout(&dev).await.expect(200, 0);
+    let found = wait_for_entries(&gateway, "operation=logout", 1).await;
+    assert_eq!(found.len(), 1);
+    let cached = entries(&gateway, "limit=1000")
+        .await
+        .into_iter()
+        .filter(|entry| entry["source"] == "cache")
+        .count();
+    assert_eq!(cached, 0, "no cache hit is recorded by default");
+    gateway.shutdown().await;
+
+    let mut config = config(&sim, &path);
+    config.history.record_cache_hits = true;
+    let gateway = Gateway::start(config).await;
+    gateway.login(&dev, "user8").await.expect(200, 0);
+    for _ in 0..3 {
+        gateway.query(&dev).await.expect(200, 0);
+    }
+    let found = wait_for_entries(&gateway, "operation=getloggedinuser", 3).await;
+    assert!(
+        found.iter().any(|entry| entry["source"] == "cache"),
+        "record_cache_hits = true records them: {found:#?}"
+    );
     gateway.shutdown().await;
 }
 
@@ -359,11 +429,14 @@ fn hash_with_binary(password: &str) -> String {
 fn hash_password_round_trips_through_the_binary() {
     let hash = hash_with_binary("correct horse battery staple");
     assert!(hash.starts_with("$argon2id$"), "{hash}");
-    assert!(history::password::verify_password(
+    assert!(business_connector::dashboard::password::verify_password(
         "correct horse battery staple",
         &hash
     ));
-    assert!(!history::password::verify_password("correct horse", &hash));
+    assert!(!business_connector::dashboard::password::verify_password(
+        "correct horse",
+        &hash
+    ));
     // What it prints is accepted by the config.
     let text = format!(
         "[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\n\n[dashboard]\nusers = [{{ name = \"ops\", password_hash = \"{hash}\" }}]\n"
@@ -386,7 +459,8 @@ async fn with_users_the_dashboard_needs_http_basic() {
     let mut config = config(&sim, &database(&dir));
     config.dashboard.users = vec![DashboardUser {
         name: "ops".into(),
-        password_hash: history::password::hash_password("s3cret pass").expect("hash"),
+        password_hash: business_connector::dashboard::password::hash_password("s3cret pass")
+            .expect("hash"),
     }];
     let gateway = Gateway::start(config).await;
     let get = |path: &'static str, credentials: Option<(&'static str, &'static str)>| {
@@ -503,4 +577,86 @@ async fn without_users_only_loopback_clients_are_served() {
         }
     }
     gateway.shutdown().await;
+}
+
+/// On a terminal, `hash-password` prompts twice and never echoes what is typed: run it
+/// on a pseudo-terminal, type each line after its prompt as a person would, and read
+/// everything the terminal shows.
+#[cfg(unix)]
+#[test]
+fn hash_password_on_a_terminal_does_not_echo() {
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const SECRET: &str = "EchoMarker4711";
+    let (mut leader, follower) = {
+        let (mut leader, mut follower) = (0, 0);
+        // SAFETY: out-parameters for two new descriptors; null name/termios/winsize.
+        let made = unsafe {
+            libc::openpty(
+                &mut leader,
+                &mut follower,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(made, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: openpty just opened both; each is owned once from here on.
+        unsafe {
+            (
+                std::fs::File::from(OwnedFd::from_raw_fd(leader)),
+                OwnedFd::from_raw_fd(follower),
+            )
+        }
+    };
+    let child = Command::new(BINARY)
+        .arg("hash-password")
+        .stdin(Stdio::from(follower.try_clone().expect("dup")))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(follower))
+        .spawn()
+        .expect("the binary starts");
+    // What the terminal shows, read on a thread (reading the leader blocks).
+    let mut reader = leader.try_clone().expect("dup leader");
+    let (chunks, received) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buffer = [0_u8; 256];
+        // Ends with EIO once the child (the last holder of the follower) exits.
+        while let Ok(count) = reader.read(&mut buffer) {
+            if count == 0 || chunks.send(buffer[..count].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut terminal = String::new();
+    let shown_until = |needle: &str, terminal: &mut String| {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while !terminal.contains(needle) {
+            let left = give_up.saturating_duration_since(Instant::now());
+            let chunk = received
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {needle:?} on the terminal: {terminal:?}"));
+            terminal.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    shown_until("Password: ", &mut terminal);
+    leader
+        .write_all(format!("{SECRET}\n").as_bytes())
+        .expect("type");
+    shown_until("Again: ", &mut terminal);
+    leader
+        .write_all(format!("{SECRET}\n").as_bytes())
+        .expect("type");
+    let output = child.wait_with_output().expect("hash-password exits");
+    // Whatever else reached the terminal before the child exited.
+    while let Ok(chunk) = received.recv_timeout(Duration::from_millis(200)) {
+        terminal.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(output.status.success(), "{output:?} {terminal:?}");
+    let hash = String::from_utf8(output.stdout).expect("UTF-8");
+    assert!(
+        business_connector::dashboard::password::verify_password(SECRET, hash.trim()),
+        "{hash}"
+    );
+    assert!(!terminal.contains(SECRET), "echoed: {terminal:?}");
 }

@@ -151,13 +151,17 @@ async fn a_mixed_workload_shows_in_every_family() {
     }
     // Exported even with recording off (as here), so the history alert always has a
     // series to watch.
-    for name in [
-        "bc_history_dropped_total",
+    for series in [
+        "bc_history_dropped_total{lane=\"kept\"}",
+        "bc_history_dropped_total{lane=\"best_effort\"}",
         "bc_history_written_total",
         "bc_history_store_up",
         "bc_dashboard_auth_failures_total",
     ] {
-        assert!(after.contains(&format!("\n{name} ")), "{name} is exported");
+        assert!(
+            after.contains(&format!("\n{series} ")),
+            "{series} is exported"
+        );
     }
     // Whole seconds in the prometheus crate: present, but zero for a short test.
     assert!(

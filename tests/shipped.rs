@@ -316,7 +316,8 @@ async fn secure_example_tls_client_certificates_access_behind_a_proxy_dashboard_
     )
     .unwrap();
     let file = directory.path().join("history.sqlite");
-    let hash = history::password::hash_password("dashboard-pw").expect("hash");
+    let hash =
+        business_connector::dashboard::password::hash_password("dashboard-pw").expect("hash");
     let text = replace_all(
         SECURE_EXAMPLE.to_string(),
         &[

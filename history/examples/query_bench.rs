@@ -70,7 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         record.device = Some(format!("SEP{device:012X}"));
         record.user = Some(format!("user{user}"));
         record.text = format!("Login successful for user{user} on device SEP{device:012X}");
-        record.duration_ms = random.below(500) as u64;
+        record.duration_us = random.below(500_000) as u64;
         record.node = Some("https://cucm-eu-1:8443/emservice/EMServiceServlet".into());
         record.client = Some("10.20.30.40".into());
         record.app = Some("bcapp".into());

@@ -1,22 +1,31 @@
-//! `[history]` configuration.
+//! `[history]` configuration: the one type the gateway's config file deserializes into
+//! and the history is opened with.
 
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::priority::WriterPriority;
+use serde::Deserialize;
 
 /// The default file, relative to the gateway's working directory.
 pub const DEFAULT_PATH: &str = "business-connector-history.sqlite";
 pub const DEFAULT_RETENTION_DAYS: u32 = 90;
-/// Records waiting for the writer. At ~300 bytes each, 50,000 is about 15 MB. The writer
-/// empties the queue when it is half full, and a write of 25,000 records takes a few
-/// hundred milliseconds while requests keep arriving: at the single-core cache-hit peak
-/// (~40,000 recorded requests/s) 10,000 dropped records, 50,000 did not.
+/// Records waiting for the writer, per lane (see `history`'s `Lane`). At ~300 bytes each,
+/// 50,000 is about 15 MB. The kept lane holds what CUCM's own rate bounds (tens per second
+/// per cluster), so it only fills when the database stops answering; the cache-hit lane
+/// (only with `record_cache_hits`) fills at the cache-hit peak and then drops.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 50_000;
+/// The most records a lane may hold: 1M records is about 300 MB, past which a stalled
+/// database should rather drop than eat the host's memory.
+pub const MAX_QUEUE_CAPACITY: usize = 1_000_000;
+/// The instance name when neither the config nor the host name gives one.
 pub const DEFAULT_INSTANCE: &str = "gateway";
 
-#[derive(Clone, PartialEq, Eq)]
+/// `[history]`: whether, what and where requests are recorded.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {
+    /// Off: nothing is recorded and `/api/history` answers 503 (tests, benchmarks).
+    pub enabled: bool,
     /// The SQLite file, used when `url` is absent.
     pub path: PathBuf,
     /// `postgres://user[:password]@host:port/db`: one database shared by every instance,
@@ -25,23 +34,35 @@ pub struct HistoryConfig {
     /// Records older than this many days are deleted (hourly, by the writer). 0 keeps
     /// everything.
     pub retention_days: u32,
-    /// Records queued for the writer before `record` starts dropping (at least 1).
+    /// Records queued for the writer, per lane, before `record` starts dropping (at least
+    /// 1).
     pub queue_capacity: usize,
-    /// This gateway instance's name, stored in every record it writes.
-    pub instance: String,
-    /// The writer thread's CPU priority (default `Idle`: requests first).
-    pub writer_priority: WriterPriority,
+    /// This gateway instance's name, stored in every record it writes; default the host
+    /// name (see [`HistoryConfig::instance_name`]).
+    pub instance: Option<String>,
+    /// Record every getloggedinuser answered from the cache one by one (default off: they
+    /// are counted per cluster in the metrics and on the dashboard instead). Such records
+    /// may be dropped (counted) when the machine is saturated; no other record is.
+    pub record_cache_hits: bool,
+    /// Accepted and ignored, so that configs written for earlier versions still start:
+    /// the writer always runs at the normal CPU priority now (what it writes is bounded by
+    /// CUCM's rate, and a starved writer would lose logins). The gateway logs a warning
+    /// naming the key; see [`HistoryConfig::deprecated_keys`].
+    #[serde(rename = "writer_priority")]
+    pub deprecated_writer_priority: Option<String>,
 }
 
 impl Default for HistoryConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             path: PathBuf::from(DEFAULT_PATH),
             url: None,
             retention_days: DEFAULT_RETENTION_DAYS,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
-            instance: DEFAULT_INSTANCE.to_string(),
-            writer_priority: WriterPriority::default(),
+            instance: None,
+            record_cache_hits: false,
+            deprecated_writer_priority: None,
         }
     }
 }
@@ -49,13 +70,92 @@ impl Default for HistoryConfig {
 impl fmt::Debug for HistoryConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HistoryConfig")
+            .field("enabled", &self.enabled)
             .field("path", &self.path)
             .field("url", &self.url.as_deref().map(mask_password))
             .field("retention_days", &self.retention_days)
             .field("queue_capacity", &self.queue_capacity)
             .field("instance", &self.instance)
-            .field("writer_priority", &self.writer_priority)
-            .finish()
+            .field("record_cache_hits", &self.record_cache_hits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HistoryConfig {
+    /// Recording off: for tests and benchmarks that do not look at the history, and
+    /// that must not share a file when run side by side.
+    pub fn disabled() -> Self {
+        Self {
+            enabled: false,
+            ..Self::default()
+        }
+    }
+
+    /// On, in the SQLite file `path`.
+    pub fn sqlite(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Errors as (key, message), for the gateway's config check.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(1..=MAX_QUEUE_CAPACITY).contains(&self.queue_capacity) {
+            return Err((
+                "history.queue_capacity",
+                format!("must be 1-{MAX_QUEUE_CAPACITY}"),
+            ));
+        }
+        if self.retention_days > 36_500 {
+            return Err((
+                "history.retention_days",
+                "must be at most 36500 (0 keeps everything)".into(),
+            ));
+        }
+        if let Some(url) = &self.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err((
+                    "history.url",
+                    "must be a postgres://user@host:port/db URL".into(),
+                ));
+            }
+        } else if self.path.as_os_str().is_empty() {
+            return Err(("history.path", "must not be empty".into()));
+        }
+        if let Some(instance) = &self.instance {
+            if instance.trim().is_empty() || instance.len() > 256 {
+                return Err(("history.instance", "must be 1-256 bytes".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// `instance`, else the host name (what operators call the machine), else
+    /// `"gateway"`.
+    pub fn instance_name(&self) -> String {
+        if let Some(instance) = &self.instance {
+            return instance.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|name| name.trim().to_string())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| DEFAULT_INSTANCE.to_string())
+    }
+
+    /// Keys set in the config that no longer do anything, with what to do instead: the
+    /// gateway logs one warning for each at start.
+    pub fn deprecated_keys(&self) -> Vec<(&'static str, &'static str)> {
+        let mut keys = Vec::new();
+        if self.deprecated_writer_priority.is_some() {
+            keys.push((
+                "history.writer_priority",
+                "ignored: the history writer always runs at normal priority; remove the key",
+            ));
+        }
+        keys
     }
 }
 
@@ -184,5 +284,83 @@ mod tests {
         assert_eq!(config.retention_days, 90);
         assert!(config.url.is_none());
         assert!(config.queue_capacity > 0);
+        assert!(config.enabled);
+        assert!(
+            !config.record_cache_hits,
+            "cache hits are counted, not recorded"
+        );
+    }
+
+    fn parse(text: &str) -> Result<HistoryConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn the_table_parses_and_refuses_unknown_keys() {
+        let config = parse(
+            "record_cache_hits = true\nqueue_capacity = 10\ninstance = \"gw1\"\n\
+             url = \"postgres://bc@db/h\"\nretention_days = 7\nenabled = false\n",
+        )
+        .expect("parses");
+        assert!(config.record_cache_hits && !config.enabled);
+        assert_eq!(config.instance_name(), "gw1");
+        assert_eq!(config.url.as_deref(), Some("postgres://bc@db/h"));
+        let error = parse("record_cache_hit = true\n").expect_err("a typo is refused");
+        assert!(error.to_string().contains("record_cache_hit"), "{error}");
+    }
+
+    #[test]
+    fn writer_priority_is_accepted_and_reported_as_ignored() {
+        for value in ["idle", "normal"] {
+            let config = parse(&format!("writer_priority = \"{value}\"\n")).expect("parses");
+            let keys: Vec<&str> = config.deprecated_keys().iter().map(|(k, _)| *k).collect();
+            assert_eq!(keys, ["history.writer_priority"]);
+        }
+        assert!(HistoryConfig::default().deprecated_keys().is_empty());
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let cases = [
+            (
+                HistoryConfig {
+                    queue_capacity: 0,
+                    ..HistoryConfig::default()
+                },
+                "history.queue_capacity",
+            ),
+            (
+                HistoryConfig {
+                    queue_capacity: MAX_QUEUE_CAPACITY + 1,
+                    ..HistoryConfig::default()
+                },
+                "history.queue_capacity",
+            ),
+            (
+                HistoryConfig {
+                    url: Some("mysql://x".into()),
+                    ..HistoryConfig::default()
+                },
+                "history.url",
+            ),
+            (
+                HistoryConfig {
+                    instance: Some(" ".into()),
+                    ..HistoryConfig::default()
+                },
+                "history.instance",
+            ),
+            (
+                HistoryConfig {
+                    retention_days: 40_000,
+                    ..HistoryConfig::default()
+                },
+                "history.retention_days",
+            ),
+        ];
+        for (config, key) in cases {
+            assert_eq!(config.validate().map_err(|(k, _)| k), Err(key));
+        }
+        assert!(HistoryConfig::default().validate().is_ok());
     }
 }

@@ -1,10 +1,17 @@
 //! The [`History`] handle: recording off the request path, queries, shutdown.
 //!
-//! `record` puts the record on a bounded queue and returns at once; a full queue drops the
-//! record and counts it (`bc_history_dropped_total`): recording never slows or fails a
-//! request. One writer thread empties the queue every `WRITE_INTERVAL`, or sooner when
-//! the queue is half full, and writes what it took in transactions of up to
-//! `BATCH_MAX_RECORDS`. It is never woken per record: on a busy gateway a wake-up per
+//! `record` puts the record on one of two bounded queues, its [`Lane`], and returns at
+//! once. The kept lane holds every record the history must not lose (a login or logout,
+//! a getuserdevices, anything CUCM answered): their volume is bounded by CUCM's own rate,
+//! so that lane fills only when the database stops answering. The best-effort lane holds
+//! getloggedinuser answers that never reached CUCM (cache hits, recorded only with
+//! `record_cache_hits`, and refusals): the most frequent requests by far, which a
+//! saturated machine may drop. A flood on one lane never takes the other's room, and the
+//! writer empties the kept lane before each best-effort batch. A full lane drops the
+//! record and counts it (`bc_history_dropped_total{lane}`): recording never slows or
+//! fails a request. One writer thread, at the normal CPU priority, empties the queues
+//! every `WRITE_INTERVAL`, or sooner when a lane is half full, and writes what it took in
+//! transactions of up to `BATCH_MAX_RECORDS`. It is never woken per record: on a busy gateway a wake-up per
 //! record (a futex call and a context switch, often on the core that serves requests)
 //! cost more than the insert itself. It purges records older than `retention_days` in
 //! small chunks. Queries use their own connection, so they never wait for the writer.
@@ -21,14 +28,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::config::HistoryConfig;
 use crate::filter::Filter;
 use crate::link::StoreLink;
 use crate::postgres::PostgresStore;
-use crate::priority::{self, WriterPriority};
-use crate::record::{truncate_at_char_boundary, Record, UtcMillis, MAX_FIELD_BYTES};
+use crate::record::{
+    truncate_at_char_boundary, Operation, Record, Source, UtcMillis, MAX_FIELD_BYTES,
+};
 use crate::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
@@ -69,12 +77,51 @@ pub enum HistoryError {
     StoreDown,
 }
 
+/// Which queue a record waits on, and so whether a saturated machine may drop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Never dropped while the store works: logins and logouts (force and PIN logins
+    /// included), getuserdevices, and every request CUCM answered. CUCM's own rate
+    /// bounds how many there are.
+    Kept,
+    /// A getloggedinuser that never reached CUCM: a cache hit (recorded only with
+    /// `record_cache_hits`) or a refusal. Dropped, and counted, when its lane is full.
+    BestEffort,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Kept, Lane::BestEffort];
+
+    /// The lane a record of `operation` answered by `source` goes to.
+    pub fn of(operation: Operation, source: Source) -> Lane {
+        match (operation, source) {
+            (Operation::GetLoggedInUser, Source::Cache | Source::Gateway) => Lane::BestEffort,
+            _ => Lane::Kept,
+        }
+    }
+
+    /// The `lane` label of `bc_history_dropped_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Kept => "kept",
+            Lane::BestEffort => "best_effort",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Lane::Kept => 0,
+            Lane::BestEffort => 1,
+        }
+    }
+}
+
 /// The history's series, made by the caller so they live in the gateway's registry.
 #[derive(Clone, Debug)]
 pub struct HistoryMetrics {
-    /// `bc_history_dropped_total`: records not written (queue full, writer stopped, or
-    /// their batch failed).
-    pub dropped: IntCounter,
+    /// `bc_history_dropped_total{lane}`: records not written (lane full, writer stopped,
+    /// or their batch failed), by [`Lane`]. Both series exist from the start.
+    pub dropped: IntCounterVec,
     /// `bc_history_written_total`: records committed to the database.
     pub written: IntCounter,
     /// `bc_history_store_up`: 0 while the writer cannot reach the database (records
@@ -87,19 +134,33 @@ impl HistoryMetrics {
     /// Create both counters and register them in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let metrics = Self::unregistered()?;
-        registry.register(Box::new(metrics.dropped.clone()))?;
-        registry.register(Box::new(metrics.written.clone()))?;
-        registry.register(Box::new(metrics.store_up.clone()))?;
+        metrics.register_in(registry)?;
         Ok(metrics)
+    }
+
+    /// Register these (existing) counters in `registry` too.
+    pub fn register_in(&self, registry: &Registry) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(self.dropped.clone()))?;
+        registry.register(Box::new(self.written.clone()))?;
+        registry.register(Box::new(self.store_up.clone()))?;
+        Ok(())
     }
 
     /// Both counters, in no registry (tests, tools).
     pub fn unregistered() -> Result<Self, prometheus::Error> {
-        Ok(Self {
-            dropped: IntCounter::new(
+        let dropped = IntCounterVec::new(
+            Opts::new(
                 "bc_history_dropped_total",
-                "History records dropped: queue full, writer stopped, or a failed write",
-            )?,
+                "History records dropped: lane full, writer stopped, or a failed write; \
+                 lane=kept should stay 0 while the database works",
+            ),
+            &["lane"],
+        )?;
+        for lane in Lane::ALL {
+            dropped.with_label_values(&[lane.as_str()]);
+        }
+        Ok(Self {
+            dropped,
             written: IntCounter::new(
                 "bc_history_written_total",
                 "History records written to the database",
@@ -110,12 +171,28 @@ impl HistoryMetrics {
             )?,
         })
     }
+
+    /// Records of `lane` dropped so far.
+    pub fn dropped_from(&self, lane: Lane) -> u64 {
+        self.dropped.with_label_values(&[lane.as_str()]).get()
+    }
+
+    /// Records dropped so far, both lanes.
+    pub fn dropped_total(&self) -> u64 {
+        Lane::ALL.iter().map(|lane| self.dropped_from(*lane)).sum()
+    }
+
+    fn count_dropped(&self, lane: Lane, count: u64) {
+        self.dropped
+            .with_label_values(&[lane.as_str()])
+            .inc_by(count);
+    }
 }
 
 /// What wakes the writer. Records travel on their own queue, which the writer only
 /// empties (never waits on), so recording a request wakes no thread.
 enum Control {
-    /// The record queue is half full: write now rather than at the next interval.
+    /// A record lane is half full: write now rather than at the next interval.
     Write,
     /// Write everything queued before this, then acknowledge.
     Flush(SyncSender<()>),
@@ -138,12 +215,15 @@ pub struct WriterPause {
 
 /// The gateway's history. Share it (`Arc<History>`); every method takes `&self`.
 pub struct History {
-    records: SyncSender<Record>,
+    /// One queue per [`Lane`], in `Lane::index` order.
+    lanes: [SyncSender<Record>; 2],
     control: SyncSender<Control>,
-    /// Records on the queue, counted before they are sent (so never below the truth).
-    queued: Arc<AtomicUsize>,
-    /// At this many queued records the writer is woken early.
+    /// Records on each lane, counted before they are sent (so never below the truth).
+    queued: Arc<[AtomicUsize; 2]>,
+    /// At this many queued records in one lane the writer is woken early.
     write_early_at: usize,
+    /// `[history] record_cache_hits`.
+    record_cache_hits: bool,
     reader: Mutex<Box<dyn Store>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     metrics: HistoryMetrics,
@@ -216,21 +296,21 @@ impl History {
         // sync_channel(0) would be a rendezvous: every record dropped, the writer never
         // waiting on this queue.
         let capacity = config.queue_capacity.max(1);
-        let (records, record_queue) = mpsc::sync_channel(capacity);
+        let (kept, kept_queue) = mpsc::sync_channel(capacity);
+        let (best_effort, best_effort_queue) = mpsc::sync_channel(capacity);
         let (control, control_queue) = mpsc::sync_channel(CONTROL_CAPACITY);
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
         let (first_connect, first_connect_done) = mpsc::sync_channel(1);
         metrics.store_up.set(0);
         let writer = Writer {
             store: writer_store,
             link: StoreLink::new(Instant::now()),
             first_connect: Some(first_connect),
-            records: record_queue,
+            lanes: [kept_queue, best_effort_queue],
             control: control_queue,
             queued: queued.clone(),
-            batch: Vec::new(),
+            pending: [Vec::new(), Vec::new()],
             write_interval,
-            priority: config.writer_priority,
             metrics: metrics.clone(),
             retention_days: config.retention_days,
             failure_warning: RateLimitedWarning::new(WARNING_INTERVAL),
@@ -240,13 +320,14 @@ impl History {
             .name("history-writer".to_string())
             .spawn(move || writer.run())
             .map_err(HistoryError::Spawn)?;
-        let mut instance = config.instance.clone();
+        let mut instance = config.instance_name();
         truncate_at_char_boundary(&mut instance, MAX_FIELD_BYTES);
         Ok(History {
-            records,
+            lanes: [kept, best_effort],
             control,
             queued,
             write_early_at: (capacity / 2).max(1),
+            record_cache_hits: config.record_cache_hits,
             reader: Mutex::new(reader),
             writer: Mutex::new(Some(handle)),
             metrics,
@@ -269,16 +350,30 @@ impl History {
         self.metrics.store_up.get() == 1
     }
 
-    /// Queue `record` for writing. Never blocks and never fails: when the queue is full
-    /// (or the writer has stopped) the record is dropped and counted. Strings are cut to
-    /// their bounds and `instance` is set to this instance's name.
+    /// Whether a request of `operation` answered by `source` is recorded: everything but
+    /// a getloggedinuser answered from the cache, unless `record_cache_hits`. Ask before
+    /// building a record, so that an unrecorded cache hit costs nothing.
+    pub fn wants(&self, operation: Operation, source: Source) -> bool {
+        self.record_cache_hits
+            || !(operation == Operation::GetLoggedInUser && source == Source::Cache)
+    }
+
+    /// Queue `record` for writing on its [`Lane`]. Never blocks and never fails: when the
+    /// lane is full (or the writer has stopped) the record is dropped and counted. A
+    /// record [`wants`](Self::wants) refuses is ignored. Strings are cut to their bounds
+    /// and `instance` is set to this instance's name.
     pub fn record(&self, mut record: Record) {
+        if !self.wants(record.operation, record.source) {
+            return;
+        }
+        let lane = Lane::of(record.operation, record.source);
         record.instance.clone_from(&self.instance);
         record.bound();
-        let queued = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
-        let why = match self.records.try_send(record) {
+        let queued = &self.queued[lane.index()];
+        let now_queued = queued.fetch_add(1, Ordering::Relaxed) + 1;
+        let why = match self.lanes[lane.index()].try_send(record) {
             Ok(()) => {
-                if queued == self.write_early_at {
+                if now_queued == self.write_early_at {
                     // Best effort: a full control queue already holds a reason to wake.
                     let _ = self.control.try_send(Control::Write);
                 }
@@ -287,12 +382,13 @@ impl History {
             Err(TrySendError::Full(_)) => "queue full",
             Err(TrySendError::Disconnected(_)) => "writer stopped",
         };
-        self.queued.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.dropped.inc();
+        queued.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.count_dropped(lane, 1);
         if self.drop_warning.due() {
             tracing::warn!(
                 reason = why,
-                dropped_total = self.metrics.dropped.get(),
+                lane = lane.as_str(),
+                dropped_total = self.metrics.dropped_total(),
                 "history record dropped (further drops are counted, logged at most every {}s)",
                 WARNING_INTERVAL.as_secs()
             );
@@ -415,15 +511,16 @@ struct Writer {
     link: StoreLink,
     /// Told once the first connect attempt has ended (`History::open` waits for it).
     first_connect: Option<SyncSender<()>>,
-    records: Receiver<Record>,
+    /// One queue per [`Lane`], in `Lane::index` order.
+    lanes: [Receiver<Record>; 2],
     control: Receiver<Control>,
-    queued: Arc<AtomicUsize>,
-    /// Records taken from the queue and not yet written: reused between writes, and
-    /// kept across an outage so the batch that failed is written when the store is back.
-    batch: Vec<Record>,
+    queued: Arc<[AtomicUsize; 2]>,
+    /// Per lane, records taken from its queue and not yet written: reused between
+    /// writes, and kept across an outage so a batch that failed is written when the
+    /// store is back.
+    pending: [Vec<Record>; 2],
     /// `WRITE_INTERVAL`, or longer in tests.
     write_interval: Duration,
-    priority: WriterPriority,
     metrics: HistoryMetrics,
     retention_days: u32,
     failure_warning: RateLimitedWarning,
@@ -433,13 +530,6 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
-        if let Err(error) = priority::apply_to_current_thread(self.priority) {
-            tracing::warn!(
-                %error,
-                priority = %self.priority,
-                "history writer keeps the normal CPU priority"
-            );
-        }
         self.try_connect();
         if let Some(done) = self.first_connect.take() {
             let _ = done.send(());
@@ -478,11 +568,6 @@ impl Writer {
                     let _ = resume.recv();
                 }
                 Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
-                    if self.priority == WriterPriority::Idle {
-                        if let Err(error) = priority::restore_normal_on_current_thread() {
-                            tracing::debug!(%error, "the final history flush runs at idle priority");
-                        }
-                    }
                     self.final_write();
                     return;
                 }
@@ -504,7 +589,9 @@ impl Writer {
             Ok(()) => {
                 if let Some(down_for) = self.link.connected(Instant::now()) {
                     self.metrics.store_up.set(1);
-                    let waiting = self.queued.load(Ordering::Relaxed) + self.batch.len();
+                    let waiting = self.queued_in(Lane::Kept)
+                        + self.queued_in(Lane::BestEffort)
+                        + self.pending.iter().map(Vec::len).sum::<usize>();
                     if waiting > 0 || down_for > FIRST_CONNECT_WAIT {
                         tracing::info!(
                             down_ms = u64::try_from(down_for.as_millis()).unwrap_or(u64::MAX),
@@ -530,46 +617,84 @@ impl Writer {
                 %error,
                 queue_capacity = self.capacity,
                 retry_in_ms = u64::try_from(retry_in).unwrap_or(u64::MAX),
-                "history database unreachable: records wait in the queue (beyond its \
+                "history database unreachable: records wait in their queues (beyond their \
                  capacity they are dropped and counted); reconnecting with back-off"
             );
         }
     }
 
-    /// Write what is on the record queue now, in transactions of at most
-    /// `BATCH_MAX_RECORDS`. Only what was queued on entry (and what arrives meanwhile, up
-    /// to the last transaction): a flood faster than the database must not keep the
-    /// writer from its control messages (a flush or shutdown waiting) for ever. While
-    /// the store is down nothing is taken: the records wait on the queue.
+    /// Write what is on the lanes now, in transactions of at most `BATCH_MAX_RECORDS`:
+    /// the kept lane is emptied before every best-effort batch, so a flood of cache hits
+    /// delays a login record by one batch at most. Only what was queued on entry: a flood
+    /// faster than the database must not keep the writer from its control messages (a
+    /// flush or shutdown waiting) for ever. While the store is down nothing is taken:
+    /// the records wait on their lanes.
     fn write_queued(&mut self) {
-        let mut budget = self.queued.load(Ordering::Relaxed).max(1);
+        if !self.connected() {
+            return;
+        }
+        let mut best_effort_budget = self.queued_in(Lane::BestEffort).max(1);
         loop {
-            if !self.connected() {
+            if !self.write_all_queued(Lane::Kept) {
                 return;
             }
-            let mut batch = std::mem::take(&mut self.batch);
-            while batch.len() < BATCH_MAX_RECORDS {
-                match self.records.try_recv() {
-                    Ok(record) => {
-                        self.queued.fetch_sub(1, Ordering::Relaxed);
-                        budget = budget.saturating_sub(1);
-                        batch.push(record);
-                    }
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
-            }
-            let full = batch.len() >= BATCH_MAX_RECORDS;
-            let written = self.write(&mut batch);
-            self.batch = batch;
-            if !written || !full || budget == 0 {
+            let Some(taken) =
+                self.write_one_batch(Lane::BestEffort, best_effort_budget.min(BATCH_MAX_RECORDS))
+            else {
                 return;
+            };
+            best_effort_budget = best_effort_budget.saturating_sub(taken);
+            if taken == 0 || best_effort_budget == 0 {
+                break;
             }
         }
+        // What came to the kept lane during the last best-effort batch.
+        self.write_all_queued(Lane::Kept);
+    }
+
+    /// Write what `lane` holds now, in as many batches as it takes; false when the
+    /// store went down meanwhile.
+    fn write_all_queued(&mut self, lane: Lane) -> bool {
+        let mut budget = self.queued_in(lane).max(1);
+        while budget > 0 {
+            match self.write_one_batch(lane, budget.min(BATCH_MAX_RECORDS)) {
+                None => return false,
+                Some(0) => break,
+                Some(taken) => budget = budget.saturating_sub(taken),
+            }
+        }
+        true
+    }
+
+    fn queued_in(&self, lane: Lane) -> usize {
+        self.queued[lane.index()].load(Ordering::Relaxed)
+    }
+
+    /// Take up to `max` records from `lane` (after those of it that waited for the
+    /// store) and write them in one transaction; returns how many were taken from the
+    /// queue, or None when the store turned out to be down (the batch waits for it).
+    fn write_one_batch(&mut self, lane: Lane, max: usize) -> Option<usize> {
+        let mut batch = std::mem::take(&mut self.pending[lane.index()]);
+        let queue = &self.lanes[lane.index()];
+        let mut taken = 0;
+        while batch.len() < max {
+            match queue.try_recv() {
+                Ok(record) => {
+                    batch.push(record);
+                    taken += 1;
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        self.queued[lane.index()].fetch_sub(taken, Ordering::Relaxed);
+        let written = self.write(lane, &mut batch);
+        self.pending[lane.index()] = batch;
+        written.then_some(taken)
     }
 
     /// Write `batch`; false when the store turned out to be down (the batch is kept for
     /// the next attempt). A batch refused for any other reason is dropped and counted.
-    fn write(&mut self, batch: &mut Vec<Record>) -> bool {
+    fn write(&mut self, lane: Lane, batch: &mut Vec<Record>) -> bool {
         if batch.is_empty() {
             return true;
         }
@@ -584,7 +709,7 @@ impl Writer {
                 return false;
             }
             Err(error) => {
-                self.metrics.dropped.inc_by(count);
+                self.metrics.count_dropped(lane, count);
                 if self.failure_warning.due() {
                     tracing::warn!(
                         %error,
@@ -607,14 +732,17 @@ impl Writer {
             self.try_connect();
         }
         self.write_queued();
-        let mut lost = self.batch.len();
-        self.batch.clear();
-        while self.records.try_recv().is_ok() {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            lost += 1;
+        let mut lost = 0;
+        for lane in Lane::ALL {
+            let mut lost_here = std::mem::take(&mut self.pending[lane.index()]).len();
+            while self.lanes[lane.index()].try_recv().is_ok() {
+                self.queued[lane.index()].fetch_sub(1, Ordering::Relaxed);
+                lost_here += 1;
+            }
+            self.metrics.count_dropped(lane, lost_here as u64);
+            lost += lost_here;
         }
         if lost > 0 {
-            self.metrics.dropped.inc_by(lost as u64);
             let reason = if self.link.is_up() {
                 "more were queued than one final write takes"
             } else {
@@ -722,18 +850,14 @@ mod tests {
         )
         .expect("history");
         for _ in 0..50 {
-            history.record(Record::new(
-                crate::record::Operation::GetLoggedInUser,
-                0,
-                crate::record::Source::Cache,
-            ));
+            history.record(Record::new(Operation::Login, 0, Source::Cucm));
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while metrics.written.get() < 50 && Instant::now() < deadline {
             std::thread::sleep(POLL_STEP);
         }
         assert_eq!(metrics.written.get(), 50);
-        assert_eq!(metrics.dropped.get(), 0);
+        assert_eq!(metrics.dropped_total(), 0);
         history.shutdown(Duration::from_secs(5)).expect("shutdown");
     }
 
@@ -807,7 +931,7 @@ mod tests {
             history.record(record());
         }
         history.flush(Duration::from_secs(5)).expect("flush");
-        assert_eq!((metrics.written.get(), metrics.dropped.get()), (0, 0));
+        assert_eq!((metrics.written.get(), metrics.dropped_total()), (0, 0));
         assert!(matches!(
             history.query(&Filter::default()),
             Err(HistoryError::StoreDown)
@@ -828,7 +952,7 @@ mod tests {
         wait_for("the batch that failed is written", || {
             metrics.written.get() == 15
         });
-        assert_eq!(metrics.dropped.get(), 0);
+        assert_eq!(metrics.dropped_total(), 0);
         assert_eq!(rows.load(Ordering::SeqCst), 15);
         history.shutdown(Duration::from_secs(5)).expect("shutdown");
     }
@@ -857,14 +981,33 @@ mod tests {
             ));
         }
         history.shutdown(Duration::from_secs(5)).expect("shutdown");
-        assert_eq!((metrics.written.get(), metrics.dropped.get()), (0, 3));
+        assert_eq!((metrics.written.get(), metrics.dropped_total()), (0, 3));
+    }
+
+    #[test]
+    fn only_getloggedinuser_that_never_reached_cucm_is_best_effort() {
+        for operation in Operation::ALL {
+            for source in Source::ALL {
+                let expected = if operation == Operation::GetLoggedInUser && source != Source::Cucm
+                {
+                    Lane::BestEffort
+                } else {
+                    Lane::Kept
+                };
+                assert_eq!(
+                    Lane::of(operation, source),
+                    expected,
+                    "{operation} {source}"
+                );
+            }
+        }
     }
 
     #[test]
     fn metrics_register_under_their_names() {
         let registry = Registry::new();
         let metrics = HistoryMetrics::register(&registry).expect("register");
-        metrics.dropped.inc();
+        metrics.count_dropped(Lane::Kept, 1);
         let names: Vec<String> = registry
             .gather()
             .iter()
@@ -877,6 +1020,17 @@ mod tests {
         assert!(
             names.contains(&"bc_history_written_total".to_string()),
             "{names:?}"
+        );
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .expect("encode");
+        assert!(
+            text.contains("bc_history_dropped_total{lane=\"best_effort\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bc_history_dropped_total{lane=\"kept\"} 1"),
+            "{text}"
         );
     }
 }

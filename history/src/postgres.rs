@@ -67,6 +67,8 @@ CREATE INDEX IF NOT EXISTS history_user_time    ON history (user_id, time_ms, id
 CREATE INDEX IF NOT EXISTS history_cluster_time ON history (cluster, time_ms, id);
 ";
 
+const SCHEMA_V2: &str = "ALTER TABLE history ALTER COLUMN duration_ms TYPE DOUBLE PRECISION";
+
 /// How a connection is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {
@@ -195,6 +197,10 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
     if found < 1 {
         transaction.batch_execute(SCHEMA_V1)?;
     }
+    if found < 2 {
+        // Fractions of a millisecond (existing whole milliseconds convert exactly).
+        transaction.batch_execute(SCHEMA_V2)?;
+    }
     // Later versions add their steps here, each guarded by `found < N`.
     if found < SCHEMA_VERSION {
         transaction.execute("DELETE FROM history_schema", &[])?;
@@ -261,7 +267,7 @@ impl PostgresStore {
         let users: Vec<Option<&str>> = records.iter().map(|r| r.user.as_deref()).collect();
         let codes: Vec<i64> = records.iter().map(|record| record.code).collect();
         let texts: Vec<&str> = records.iter().map(|record| record.text.as_str()).collect();
-        let durations: Vec<i64> = records.iter().map(stored_duration).collect();
+        let durations: Vec<f64> = records.iter().map(stored_duration).collect();
         let sources: Vec<&str> = records.iter().map(|r| r.source.as_str()).collect();
         let nodes: Vec<Option<&str>> = records.iter().map(|r| r.node.as_deref()).collect();
         let clients: Vec<Option<&str>> = records.iter().map(|r| r.client.as_deref()).collect();
@@ -273,7 +279,7 @@ impl PostgresStore {
             &format!(
                 "INSERT INTO history ({COLUMNS}) SELECT * FROM UNNEST(\
                  $1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], \
-                 $7::TEXT[], $8::BIGINT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[], \
+                 $7::TEXT[], $8::DOUBLE PRECISION[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[], \
                  $13::TEXT[])"
             ),
             &[

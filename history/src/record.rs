@@ -179,7 +179,9 @@ pub struct Record {
     pub user: Option<String>,
     pub code: i64,
     pub text: String,
-    pub duration_ms: u64,
+    /// How long the answer took, in microseconds (shown as `duration_ms` with three
+    /// decimals).
+    pub duration_us: u64,
     pub source: Source,
     pub node: Option<String>,
     pub client: Option<String>,
@@ -199,7 +201,7 @@ impl Record {
             user: None,
             code,
             text: String::new(),
-            duration_ms: 0,
+            duration_us: 0,
             source,
             node: None,
             client: None,

@@ -3,6 +3,7 @@
 //! Field names and order are the contract's: `time`, `operation`, `cluster`, `device`,
 //! `user`, `code`, `text`, `duration_ms`, `source`, `node`, `client`, `app`, plus
 //! `instance`. An absent optional field is JSON `null` and an empty CSV cell.
+//! `duration_ms` is a number of milliseconds to the microsecond (`0.412`, `12`, `12.5`).
 //!
 //! **CSV formula injection.** A spreadsheet opening the CSV would evaluate a cell that
 //! starts with `=`, `+`, `-` or `@` (or a tab or carriage return, which some spreadsheets
@@ -36,6 +37,19 @@ pub const FIELD_NAMES: [&str; 13] = [
 enum Cell<'a> {
     Text(Option<&'a str>),
     Number(i128),
+    /// Microseconds, written as milliseconds.
+    Millis(u64),
+}
+
+/// `micros` as milliseconds with up to three decimals, no trailing zeros.
+fn write_millis(out: &mut String, micros: u64) {
+    let (whole, fraction) = (micros / 1000, micros % 1000);
+    let _ = write!(out, "{whole}");
+    if fraction > 0 {
+        let digits = format!("{fraction:03}");
+        out.push('.');
+        out.push_str(digits.trim_end_matches('0'));
+    }
 }
 
 /// `time` is the record's time already rendered (the caller owns that string).
@@ -48,7 +62,7 @@ fn cells<'a>(record: &'a Record, time: &'a str) -> [Cell<'a>; 13] {
         Cell::Text(record.user.as_deref()),
         Cell::Number(i128::from(record.code)),
         Cell::Text(Some(&record.text)),
-        Cell::Number(i128::from(record.duration_ms)),
+        Cell::Millis(record.duration_us),
         Cell::Text(Some(record.source.as_str())),
         Cell::Text(record.node.as_deref()),
         Cell::Text(record.client.as_deref()),
@@ -79,6 +93,7 @@ pub fn to_json(records: &[Record]) -> String {
                 Cell::Number(number) => {
                     let _ = write!(out, "{number}");
                 }
+                Cell::Millis(micros) => write_millis(&mut out, micros),
             }
         }
         out.push('}');
@@ -114,6 +129,7 @@ pub fn to_csv(records: &[Record]) -> String {
                 Cell::Number(number) => {
                     let _ = write!(out, "{number}");
                 }
+                Cell::Millis(micros) => write_millis(&mut out, micros),
             }
         }
         out.push_str("\r\n");
@@ -146,6 +162,30 @@ mod tests {
     use super::*;
     use crate::record::{Operation, Source, UtcMillis};
 
+    #[test]
+    fn durations_are_milliseconds_to_the_microsecond() {
+        for (micros, shown) in [
+            (0, "0"),
+            (412, "0.412"),
+            (12_000, "12"),
+            (12_500, "12.5"),
+            (1_050, "1.05"),
+        ] {
+            let mut out = String::new();
+            write_millis(&mut out, micros);
+            assert_eq!(out, shown);
+            let record = Record {
+                duration_us: micros,
+                ..sample()
+            };
+            let json: serde_json::Value = serde_json::from_str(&to_json(&[record])).expect("JSON");
+            assert_eq!(
+                json["entries"][0]["duration_ms"].as_f64(),
+                Some(micros as f64 / 1000.0)
+            );
+        }
+    }
+
     fn sample() -> Record {
         Record {
             time: UtcMillis(1_714_553_700_123),
@@ -155,7 +195,7 @@ mod tests {
             user: Some("ALMUSER01".into()),
             code: 0,
             text: "Login successful".into(),
-            duration_ms: 42,
+            duration_us: 42_000,
             source: Source::Cucm,
             node: Some("https://cucm-eu-1:8443".into()),
             client: Some("10.0.0.7".into()),

@@ -22,6 +22,16 @@ use crate::store::{
 /// wait applies to them too: a read transaction that later upgrades to a write would get
 /// `SQLITE_BUSY` at once, busy_timeout or not.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between two tries of an open that found the file locked.
+const OPEN_RETRY: Duration = Duration::from_millis(20);
+
+/// SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock now.
+fn is_locked(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
 /// The writer's page cache, in KiB (SQLite's negative `cache_size`). Every batch adds
 /// entries all over the device and user indexes; with SQLite's default 2 MiB those pages
 /// are read back from the file again and again, and the writer took ~30 % more CPU per
@@ -66,7 +76,26 @@ impl std::fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     /// Open (creating if needed) the file for writing, in WAL mode, with the schema.
+    ///
+    /// Two processes opening one new file at the same instant (a rolling restart) race
+    /// for the switch to WAL and the schema; SQLite answers the loser "locked" at once,
+    /// without its busy handler (waiting could deadlock), so the open is tried again
+    /// until `BUSY_TIMEOUT`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let give_up = std::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match Self::open_once(path) {
+                Err(StoreError::Sqlite(error))
+                    if is_locked(&error) && std::time::Instant::now() < give_up =>
+                {
+                    std::thread::sleep(OPEN_RETRY);
+                }
+                opened => return opened,
+            }
+        }
+    }
+
+    fn open_once(path: &Path) -> Result<Self, StoreError> {
         let connection = Connection::open(path)?;
         connection.busy_timeout(BUSY_TIMEOUT)?;
         // journal_mode answers with the mode now in force; WAL persists in the file.
@@ -125,6 +154,9 @@ impl SqliteStore {
         if found < 1 {
             transaction.execute_batch(SCHEMA_V1)?;
         }
+        // Version 2 writes fractional `duration_ms`: the column's INTEGER affinity keeps
+        // a non-integral REAL as it is, so there is nothing to change in the file; the
+        // version tells an older gateway (which reads integers) that it cannot read it.
         // Later versions add their steps here, each guarded by `found < N`.
         transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         transaction.commit()?;

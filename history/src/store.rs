@@ -88,8 +88,8 @@ pub trait Store: Send {
 }
 
 /// The schema version this code writes (SQLite `user_version`, PostgreSQL
-/// `history_schema.version`).
-pub const SCHEMA_VERSION: i64 = 1;
+/// `history_schema.version`). 2: `duration_ms` holds fractions of a millisecond.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Columns in insert/select order.
 pub(crate) const COLUMNS: &str = "time_ms, operation, cluster, device, user_id, code, text, \
@@ -173,7 +173,7 @@ pub(crate) struct RawRow {
     pub user: Option<String>,
     pub code: i64,
     pub text: String,
-    pub duration_ms: i64,
+    pub duration_ms: f64,
     pub source: String,
     pub node: Option<String>,
     pub client: Option<String>,
@@ -192,7 +192,7 @@ impl TryFrom<RawRow> for Record {
             user: row.user,
             code: row.code,
             text: row.text,
-            duration_ms: u64::try_from(row.duration_ms).unwrap_or(0),
+            duration_us: duration_us_from_stored(row.duration_ms),
             source: row.source.parse::<Source>()?,
             node: row.node,
             client: row.client,
@@ -202,9 +202,22 @@ impl TryFrom<RawRow> for Record {
     }
 }
 
-/// `duration_ms` as the databases store it (signed 64-bit); no request lasts 2^63 ms.
-pub(crate) fn stored_duration(record: &Record) -> i64 {
-    i64::try_from(record.duration_ms).unwrap_or(i64::MAX)
+/// `duration_ms` as the databases store it since schema version 2: milliseconds as a
+/// double, to the microsecond (version 1 stored whole milliseconds, which read back the
+/// same way).
+pub(crate) fn stored_duration(record: &Record) -> f64 {
+    record.duration_us as f64 / 1000.0
+}
+
+/// The stored milliseconds back to microseconds (negative or NaN: 0).
+fn duration_us_from_stored(milliseconds: f64) -> u64 {
+    let micros = (milliseconds * 1000.0).round();
+    if micros.is_nan() || micros <= 0.0 {
+        0
+    } else {
+        // Saturates at u64::MAX, which no request reaches.
+        micros as u64
+    }
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ impl Fixture {
         let directory = tempfile::tempdir().expect("temp dir");
         let mut config = HistoryConfig {
             path: directory.path().join("history.sqlite"),
-            instance: "gw-test".to_string(),
+            instance: Some("gw-test".to_string()),
             // Test records are stamped "now"; tests that purge set their own retention.
             retention_days: 0,
             ..HistoryConfig::default()
@@ -154,7 +154,7 @@ fn record(device: &str, user: &str, time: UtcMillis) -> Record {
     record.device = Some(device.into());
     record.user = Some(user.into());
     record.text = format!("Login successful for {user} on device {device}");
-    record.duration_ms = 12;
+    record.duration_us = 12_345;
     record.node = Some("https://cucm-eu-1:8443/emservice/EMServiceServlet".into());
     record.client = Some("10.1.2.3".into());
     record.app = Some("bcapp".into());
@@ -190,14 +190,14 @@ fn records_round_trip(fixture: &Fixture) {
         user: Some("multi.user@example.com".into()),
         code: 1003,
         text: "CUCM unavailable: «every node» failed, \"quoted\", 'single', \\ ; DROP TABLE history; --".into(),
-        duration_ms: 5_001,
+        duration_us: 5_001_250,
         source: Source::Gateway,
         node: Some("https://cucm-eu-2:8443".into()),
         client: Some("2001:db8::7".into()),
         app: Some("bcapp".into()),
         instance: "ignored: History sets its own".into(),
     };
-    let mut minimal = Record::new(Operation::GetLoggedInUser, -1, Source::Cache);
+    let mut minimal = Record::new(Operation::GetLoggedInUser, -1, Source::Cucm);
     minimal.time = UtcMillis::now();
     history.record(full.clone());
     history.record(minimal.clone());
@@ -214,6 +214,163 @@ fn records_round_trip(fixture: &Fixture) {
         ..minimal
     };
     assert_eq!(found, vec![expected_minimal, expected_full]);
+    history.shutdown(FLUSH).expect("shutdown");
+}
+
+/// The table as schema version 1 made it (whole-millisecond durations), with one row;
+/// `{id}` is the backend's key column.
+const VERSION_1_TABLE: &str = "CREATE TABLE history (
+    {id}, time_ms BIGINT NOT NULL, operation TEXT NOT NULL, cluster TEXT,
+    device TEXT, user_id TEXT, code BIGINT NOT NULL, text TEXT NOT NULL,
+    duration_ms BIGINT NOT NULL, source TEXT NOT NULL, node TEXT, client TEXT, app TEXT,
+    instance TEXT NOT NULL);
+    INSERT INTO history (time_ms, operation, device, code, text, duration_ms, source,
+        instance) VALUES (1000, 'login', 'OLD', 0, 'ok', 7, 'cucm', 'gw-old');";
+
+fn a_version_1_database_keeps_working(fixture: &Fixture) {
+    match &fixture.config.url {
+        None => {
+            let connection = rusqlite::Connection::open(fixture.sqlite_path()).expect("file");
+            connection
+                .execute_batch(&format!(
+                    "{} PRAGMA user_version = 1;",
+                    VERSION_1_TABLE.replace("{id}", "id INTEGER PRIMARY KEY")
+                ))
+                .expect("a version 1 file");
+        }
+        Some(url) => {
+            let mut client = ::postgres::Client::connect(url, ::postgres::NoTls).expect("db");
+            client
+                .batch_execute(&format!(
+                    "{} CREATE TABLE history_schema (version BIGINT NOT NULL);
+                     INSERT INTO history_schema VALUES (1);",
+                    VERSION_1_TABLE.replace("{id}", "id BIGINT GENERATED ALWAYS AS IDENTITY")
+                ))
+                .expect("a version 1 database");
+        }
+    }
+    let (history, metrics) = fixture.open();
+    let mut new = record("NEW", "u", UtcMillis::now());
+    new.duration_us = 412;
+    history.record(new);
+    history.flush(FLUSH).expect("flush");
+    assert_eq!(metrics.dropped_total(), 0);
+    let found = query(&history, "");
+    assert_eq!(devices(&found), ["NEW", "OLD"]);
+    assert_eq!(
+        found[0].duration_us, 412,
+        "a fraction of a millisecond is kept"
+    );
+    assert_eq!(
+        found[1].duration_us, 7_000,
+        "old whole milliseconds read back"
+    );
+    history.shutdown(FLUSH).expect("shutdown");
+}
+
+fn cache_hit(device: &str) -> Record {
+    let mut record = Record::new(Operation::GetLoggedInUser, 0, Source::Cache);
+    record.cluster = Some("FLOOD".into());
+    record.device = Some(device.into());
+    record
+}
+
+fn cache_hits_are_recorded_only_when_asked(fixture: &Fixture) {
+    let (history, metrics) = fixture.open();
+    assert!(!history.wants(Operation::GetLoggedInUser, Source::Cache));
+    assert!(history.wants(Operation::GetLoggedInUser, Source::Cucm));
+    assert!(history.wants(Operation::GetLoggedInUser, Source::Gateway));
+    history.record(cache_hit("HIT"));
+    history.record(record("MISS", "u", UtcMillis::now()));
+    history.flush(FLUSH).expect("flush");
+    assert_eq!(devices(&query(&history, "")), ["MISS"]);
+    assert_eq!(metrics.dropped_total(), 0, "not recording is not dropping");
+    history.shutdown(FLUSH).expect("shutdown");
+
+    let config = HistoryConfig {
+        record_cache_hits: true,
+        ..fixture.config.clone()
+    };
+    let (history, _) = fixture.open_with(&config);
+    assert!(history.wants(Operation::GetLoggedInUser, Source::Cache));
+    history.record(cache_hit("HIT"));
+    history.flush(FLUSH).expect("flush");
+    let found = query(&history, "device=HIT");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].source, Source::Cache);
+    history.shutdown(FLUSH).expect("shutdown");
+}
+
+/// Threads recording cache hits as fast as they can (more threads than cores: the CPU is
+/// saturated and the best-effort lane overflows), while a storm of logins and logouts is
+/// recorded: every login and logout is written, only cache hits are dropped. With one
+/// shared queue the flood takes every free slot and most of the storm is lost.
+fn a_saturating_cache_hit_flood_never_drops_a_change_record(fixture: &Fixture) {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    const STORM: usize = 1_000;
+    let config = HistoryConfig {
+        record_cache_hits: true,
+        queue_capacity: 1_000,
+        ..fixture.config.clone()
+    };
+    let (history, metrics) = fixture.open_with(&config);
+    let history = Arc::new(history);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
+    let flood: Vec<_> = (0..flooders)
+        .map(|thread| {
+            let (history, stop) = (history.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut sent = 0_u64;
+                while !stop.load(Ordering::Relaxed) {
+                    history.record(cache_hit(&format!("F{thread}")));
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    // Until the flood has overflowed its lane: the storm then meets a saturated writer.
+    let give_up = Instant::now() + FLUSH;
+    while metrics.dropped_from(history::Lane::BestEffort) == 0 && Instant::now() < give_up {
+        std::thread::yield_now();
+    }
+    for index in 0..STORM {
+        let mut login = record(&format!("S{index}"), "u", UtcMillis::now());
+        login.cluster = Some("STORM".into());
+        history.record(login);
+        let mut logout = Record::new(Operation::Logout, 0, Source::Cucm);
+        logout.cluster = Some("STORM".into());
+        logout.device = Some(format!("S{index}"));
+        history.record(logout);
+        if index % 50 == 49 {
+            // 2,000 changes a second: a storm far above what CUCM lets through (tens a
+            // second per cluster), yet twice the lane's room in a second, so the writer
+            // must keep writing them while the flood saturates the CPU.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flooded: u64 = flood
+        .into_iter()
+        .map(|thread| thread.join().expect("flood thread"))
+        .sum();
+    history.flush(FLUSH).expect("flush");
+
+    assert!(
+        metrics.dropped_from(history::Lane::BestEffort) > 0,
+        "the flood ({flooded} cache hits) saturated its lane"
+    );
+    assert_eq!(metrics.dropped_from(history::Lane::Kept), 0);
+    assert_eq!(
+        query(&history, "cluster=STORM&operation=login&limit=1000").len(),
+        STORM
+    );
+    assert_eq!(
+        query(&history, "cluster=STORM&operation=logout&limit=1000").len(),
+        STORM
+    );
     history.shutdown(FLUSH).expect("shutdown");
 }
 
@@ -423,7 +580,7 @@ fn full_queue_drops_and_counts_without_blocking(fixture: &Fixture) {
     // 1,000 calls with a stalled writer: each returns at once (a blocking `record` would
     // never return here, the writer being parked).
     assert!(elapsed < Duration::from_secs(1), "record took {elapsed:?}");
-    assert_eq!(metrics.dropped.get(), 990);
+    assert_eq!(metrics.dropped_total(), 990);
 
     // Queries have their own connection: they still answer while the writer is stalled.
     assert_eq!(devices(&query(&history, "")), ["BEFORE"]);
@@ -442,10 +599,10 @@ fn shutdown_writes_everything_queued(fixture: &Fixture) {
     }
     history.shutdown(FLUSH).expect("shutdown");
     assert_eq!(metrics.written.get(), 1_000);
-    assert_eq!(metrics.dropped.get(), 0);
+    assert_eq!(metrics.dropped_total(), 0);
     // After shutdown, recording is counted as dropped, never an error or a block.
     history.record(record("LATE", "u", UtcMillis::now()));
-    assert_eq!(metrics.dropped.get(), 1);
+    assert_eq!(metrics.dropped_total(), 1);
     history
         .shutdown(FLUSH)
         .expect("a second shutdown is a no-op");
@@ -472,11 +629,11 @@ fn reopening_keeps_the_history(fixture: &Fixture) {
 
 fn instances_share_one_database(fixture: &Fixture) {
     let first_config = HistoryConfig {
-        instance: "gw1".into(),
+        instance: Some("gw1".into()),
         ..fixture.config.clone()
     };
     let second_config = HistoryConfig {
-        instance: "gw2".into(),
+        instance: Some("gw2".into()),
         ..fixture.config.clone()
     };
     let (first, _) = fixture.open_with(&first_config);
@@ -522,6 +679,9 @@ macro_rules! backends {
 
 backends!(
     records_round_trip,
+    a_version_1_database_keeps_working,
+    cache_hits_are_recorded_only_when_asked,
+    a_saturating_cache_hit_flood_never_drops_a_change_record,
     strings_are_bounded_on_the_way_in,
     every_filter_selects_its_records,
     newest_first_and_limit,
@@ -590,7 +750,7 @@ fn postgres_instances_starting_together_on_an_empty_database_all_come_up() {
                 .map(|n| {
                     let barrier = &barrier;
                     let config = HistoryConfig {
-                        instance: format!("gw{n}"),
+                        instance: Some(format!("gw{n}")),
                         ..fixture.config.clone()
                     };
                     let fixture = &fixture;
@@ -650,7 +810,7 @@ fn an_unreachable_postgres_does_not_fail_open_and_records_wait() {
         .flush(FLUSH)
         .expect("flush returns while the store is down");
     assert_eq!(
-        metrics.dropped.get(),
+        metrics.dropped_total(),
         0,
         "records wait, they are not dropped"
     );
@@ -660,7 +820,7 @@ fn an_unreachable_postgres_does_not_fail_open_and_records_wait() {
     ));
     history.shutdown(FLUSH).expect("shutdown");
     assert_eq!(
-        metrics.dropped.get(),
+        metrics.dropped_total(),
         3,
         "what never reached the store is counted"
     );

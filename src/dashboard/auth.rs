@@ -97,7 +97,7 @@ pub fn validate_users(users: &[DashboardUser]) -> Result<(), (&'static str, Stri
                 format!("{:?} is listed twice", user.name),
             ));
         }
-        if !history::password::is_valid_hash(&user.password_hash) {
+        if !super::password::is_valid_hash(&user.password_hash) {
             return Err((
                 "dashboard.users.password_hash",
                 format!(
@@ -144,7 +144,7 @@ impl Auth {
         let verifier = match users.is_empty() {
             true => None,
             false => Some(Verifier::start(VERIFIER_THREADS, || {
-                let mut checker = history::password::Checker::default();
+                let mut checker = super::password::Checker::default();
                 move |password: &str, hash: &str| checker.verify(password, hash)
             })?),
         };
@@ -346,7 +346,7 @@ mod tests {
 
     #[test]
     fn users_are_validated() {
-        let hash = history::password::hash_password("x").expect("hash");
+        let hash = crate::dashboard::password::hash_password("x").expect("hash");
         assert!(validate_users(&[user("ops", &hash)]).is_ok());
         let cases = [
             (vec![user("", &hash)], "dashboard.users.name"),

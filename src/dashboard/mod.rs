@@ -1,6 +1,7 @@
 //! The administrators' side: `GET /dashboard` (one page, its script and
 //! style embedded in the binary), `GET /api/status` (the page's per-cluster panel, see
-//! `status`), and the access check shared with `GET /api/history` (see `auth`).
+//! `status`), `GET /api/history` (the recorded requests), and who may see them (`auth`,
+//! with the password hashes of `password`).
 //!
 //! The page is static: every value it shows comes from `/api/status` and `/api/history`
 //! and is inserted with `textContent`, never as HTML. The Content-Security-Policy allows
@@ -8,15 +9,16 @@
 //! run.
 
 pub mod auth;
+pub mod password;
 pub mod status;
 mod verifier;
 
 use std::sync::Arc;
 
-use actix_web::http::header;
+use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actors::Metrics;
-use history::History;
+use history::{parse_filter, to_csv, to_json, Format, History, HistoryConfig};
 use serde::Deserialize;
 
 pub use auth::DashboardUser;
@@ -62,11 +64,11 @@ pub struct Admin {
 impl Admin {
     pub fn new(
         settings: &DashboardSettings,
-        history_settings: &crate::history_api::HistorySettings,
+        history_config: &HistoryConfig,
         history: Option<Arc<History>>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, DashboardError> {
-        let backend = match (&history, &history_settings.url) {
+        let backend = match (&history, &history_config.url) {
             (None, _) => "off",
             (Some(_), Some(_)) => "postgres",
             (Some(_), None) => "sqlite",
@@ -75,7 +77,7 @@ impl Admin {
             auth: auth::Auth::new(settings.users.clone(), metrics.registry())?,
             history,
             sampler: status::Sampler::default(),
-            instance: history_settings.history_config().instance,
+            instance: history_config.instance_name(),
             metrics,
             backend,
         })
@@ -99,7 +101,7 @@ pub fn start_sampler(admin: web::Data<Admin>) -> actix_web::rt::task::JoinHandle
     })
 }
 
-/// The routes of this module and `/api/history`; registered before the `/api/*`
+/// The routes of this module, `/api/history` among them; registered before the `/api/*`
 /// catch-all so they win. Resources, not bare routes: another method answers 405 with
 /// `Allow: GET` instead of falling through to the catch-all's 404.
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -108,7 +110,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(web::resource("/dashboard/page.js").route(web::get().to(script)))
         .service(web::resource("/dashboard/page.css").route(web::get().to(style)))
         .service(web::resource("/api/status").route(web::get().to(status)))
-        .service(web::resource("/api/history").route(web::get().to(crate::history_api::get)));
+        .service(web::resource("/api/history").route(web::get().to(history_query)));
 }
 
 async fn page(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
@@ -152,4 +154,61 @@ async fn status(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(document)
+}
+
+/// `GET /api/history?device=&user=&cluster=&operation=&code=&since=&until=&limit=&format=`
+async fn history_query(request: HttpRequest, admin: web::Data<Admin>) -> HttpResponse {
+    if let Err(refused) = admin.authorize(&request).await {
+        return refused;
+    }
+    let Some(history) = admin.history.clone() else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "history is disabled ([history] enabled = false)\n".to_string(),
+        );
+    };
+    let filter = match parse_filter(request.query_string()) {
+        Ok(filter) => filter,
+        // The message names the parameter (FilterError's contract).
+        Err(error) => return text(StatusCode::BAD_REQUEST, format!("{error}\n")),
+    };
+    let format = filter.format;
+    let records = match web::block(move || history.query(&filter)).await {
+        Ok(Ok(records)) => records,
+        Ok(Err(history::HistoryError::StoreDown)) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the history database is unreachable; records wait until it is back\n".to_string(),
+            );
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "history query failed");
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the history database could not be read\n".to_string(),
+            );
+        }
+        Err(error) => {
+            tracing::warn!(%error, "history query task failed");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "history query failed\n".to_string(),
+            );
+        }
+    };
+    let (content_type, body) = match format {
+        Format::Json => ("application/json", to_json(&records)),
+        Format::Csv => ("text/csv; charset=utf-8", to_csv(&records)),
+    };
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, content_type))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(body)
+}
+
+fn text(status: StatusCode, body: String) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("text/plain; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(body)
 }

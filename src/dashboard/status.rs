@@ -9,24 +9,32 @@
 //! into minutes, oldest first: each entry compares the snapshots at its two ends (the
 //! newest taken at or before each end; the newest entry ends now), so the minutes tile
 //! the window without counting a request twice. `seconds` is the span actually covered
-//! (short for the oldest minute of a young gateway).
+//! (short for the oldest minute of a young gateway). Each minute also carries its cache
+//! hits (getloggedinuser answered without CUCM; the history records them only with
+//! `record_cache_hits`), and `cache_hits_per_minute` is the newest minute's, scaled to a
+//! full minute. `code_meanings` says what each code means (`northbound::code_meaning`).
 //!
 //! ```json
 //! {"time":"…Z","instance":"gw1","history":"sqlite","window_seconds":300.0,
 //!  "clusters":[{"code":"EU","nodes":[{"node":"cucm-eu-1:8443","up":true}],
 //!               "in_flight":2,"max_concurrent":5,"queue_depth":0,"cache_entries":812,
-//!               "calls_per_second":3.2,"cache_hit_ratio":0.93,"answers":{"0":512,"1004":3},
-//!               "answers_per_minute":[{"ended_seconds_ago":60,"seconds":60,"answers":{"0":300}},
-//!                                     {"ended_seconds_ago":0,"seconds":60,"answers":{"0":212,"1004":3}}]}],
-//!  "unrouted":{"1006":1}}
+//!               "calls_per_second":3.2,"cache_hit_ratio":0.93,"cache_hits_per_minute":4100,
+//!               "answers":{"0":512,"1004":3},
+//!               "answers_per_minute":[{"ended_seconds_ago":60,"seconds":60,"cache_hits":3900,"answers":{"0":300}},
+//!                                     {"ended_seconds_ago":0,"seconds":60,"cache_hits":4100,"answers":{"0":212,"1004":3}}]}],
+//!  "unrouted":{"1006":1},
+//!  "code_meanings":[{"first":0,"last":0,"meaning":"success"},{"first":31,"last":47,"meaning":"EMCC"},…]}
 //! ```
-//! `calls_per_second` and `cache_hit_ratio` are `null` until there is something to divide.
+//! `calls_per_second`, `cache_hit_ratio` and `cache_hits_per_minute` are `null` until
+//! there is something to divide.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
+
+use crate::northbound::code_meaning;
 
 /// How often the sampler snapshots the counters.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -271,10 +279,22 @@ impl Sampler {
                     json!({
                         "ended_seconds_ago": span.ended_ago.as_secs(),
                         "seconds": span.covered.as_secs(),
+                        "cache_hits": count_between(start.cache_hits, end.cache_hits),
                         "answers": difference(&end.answers, &start.answers),
                     })
                 })
                 .collect();
+            // The newest minute, scaled to 60 s (it is shorter on a young gateway).
+            let hits_per_minute = minutes.last().and_then(|span| {
+                let end = span.end.clusters.get(*code).unwrap_or(&zero);
+                let start = span.start.clusters.get(*code).unwrap_or(&zero);
+                let seconds = span.covered.as_secs_f64();
+                (seconds >= 1.0).then(|| {
+                    let hits = count_between(start.cache_hits, end.cache_hits) as f64;
+                    (hits * MINUTE.as_secs_f64() / seconds).round() as u64
+                })
+            });
+            cluster.insert("cache_hits_per_minute".into(), json!(hits_per_minute));
             cluster.insert("answers_per_minute".into(), json!(per_minute));
         }
         json!({
@@ -284,6 +304,7 @@ impl Sampler {
             "window_seconds": window.as_secs(),
             "clusters": clusters.into_values().collect::<Vec<_>>(),
             "unrouted": difference(&current.unrouted, &window_base.unrouted),
+            "code_meanings": code_meanings(),
         })
     }
 }
@@ -341,6 +362,19 @@ fn minute_spans<'a>(
     }
     spans.reverse();
     spans
+}
+
+/// Every documented code's meaning, for the page's "answers by code" and its tables.
+fn code_meanings() -> Value {
+    code_meaning::MEANINGS
+        .iter()
+        .map(|entry| json!({"first": entry.first, "last": entry.last, "meaning": entry.meaning}))
+        .collect()
+}
+
+/// A counter's growth between two snapshots (0 if it went back, as after a restart).
+fn count_between(before: f64, after: f64) -> u64 {
+    (after - before).max(0.0) as u64
 }
 
 /// Per code, how many more now than before (codes with none left out).
@@ -421,12 +455,20 @@ mod tests {
         assert_eq!(status["unrouted"], json!({}));
         assert_eq!(status["window_seconds"], 10);
         assert_eq!(status["instance"], "gw1");
+        // 30 hits in 10 s: 180 a minute.
+        assert_eq!(eu["cache_hits_per_minute"], 180);
+        assert_eq!(eu["answers_per_minute"][0]["cache_hits"], 30);
+        let meanings = status["code_meanings"].as_array().expect("meanings");
+        assert!(meanings
+            .iter()
+            .any(|m| m["first"] == 18 && m["meaning"] == "another user logged in"));
     }
 
     #[test]
     fn without_samples_rates_are_null() {
         let status = Sampler::default().status(BEFORE, "gw", "off");
         assert!(status["clusters"][0]["calls_per_second"].is_null());
+        assert!(status["clusters"][0]["cache_hits_per_minute"].is_null());
         assert_eq!(status["clusters"][0]["cache_hit_ratio"], 0.5);
         assert_eq!(status["unrouted"], json!({"1006": 1}));
     }
@@ -452,8 +494,8 @@ mod tests {
         assert_eq!(
             minutes,
             &json!([
-                {"ended_seconds_ago": 60, "seconds": 60, "answers": {"0": 10}},
-                {"ended_seconds_ago": 0, "seconds": 90, "answers": {"0": 6}},
+                {"ended_seconds_ago": 60, "seconds": 60, "cache_hits": 0, "answers": {"0": 10}},
+                {"ended_seconds_ago": 0, "seconds": 90, "cache_hits": 0, "answers": {"0": 6}},
             ])
         );
         // Together they are the window's total.
@@ -468,7 +510,7 @@ mod tests {
         let status = sampler.status_at(start + Duration::from_secs(20), BEFORE, "gw", "off");
         assert_eq!(
             status["clusters"][0]["answers_per_minute"],
-            json!([{"ended_seconds_ago": 0, "seconds": 20, "answers": {}}])
+            json!([{"ended_seconds_ago": 0, "seconds": 20, "cache_hits": 0, "answers": {}}])
         );
         let empty = Sampler::default().status(BEFORE, "gw", "off");
         assert_eq!(empty["clusters"][0]["answers_per_minute"], json!([]));

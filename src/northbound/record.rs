@@ -13,26 +13,9 @@ use history::History;
 use super::request::Call;
 use super::response::{code_label, ResultDoc};
 
-/// Where an answer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// A CUCM node answered.
-    Cucm,
-    /// The logged-in cache answered.
-    Cache,
-    /// The gateway answered by itself (a refused request, a shed one, CUCM unreachable).
-    Gateway,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Cucm => "cucm",
-            Source::Cache => "cache",
-            Source::Gateway => "gateway",
-        }
-    }
-}
+/// Where an answer came from: the history's own type, so the log line, the metrics and
+/// the record name it alike.
+pub use history::Source;
 
 /// One request, as recorded.
 #[derive(Debug, Clone)]
@@ -86,10 +69,15 @@ impl RequestRecord {
     }
 
     /// Counts it in the request metrics, writes its log line, and queues it for the
-    /// history (never waiting: a full history queue drops and counts).
+    /// history (never waiting: a full history queue drops and counts). A cache hit is
+    /// not built into a record unless the history wants it (`record_cache_hits`): it is
+    /// counted per cluster in the metrics instead.
     pub fn publish(&self, metrics: &Metrics, history: Option<&History>) {
         if let Some(history) = history {
-            if let Some(record) = self.to_history() {
+            let wanted = self
+                .history_operation()
+                .is_some_and(|operation| history.wants(operation, self.source));
+            if let Some(record) = self.to_history().filter(|_| wanted) {
                 history.record(record);
             }
         }
@@ -132,22 +120,22 @@ impl RequestRecord {
 }
 
 impl RequestRecord {
+    /// The history's name of this call; `None` for getversioninfo, never recorded.
+    fn history_operation(&self) -> Option<history::Operation> {
+        match self.call {
+            Call::Version => None,
+            Call::Login => Some(history::Operation::Login),
+            Call::Logout => Some(history::Operation::Logout),
+            Call::GetLoggedInUser => Some(history::Operation::GetLoggedInUser),
+            Call::GetUserDevices => Some(history::Operation::GetUserDevices),
+        }
+    }
+
     /// The history's record of this request; `None` for getversioninfo, which is
     /// not recorded. Only fields the history has: no credential can reach it from here.
     pub fn to_history(&self) -> Option<history::Record> {
-        let operation = match self.call {
-            Call::Version => return None,
-            Call::Login => history::Operation::Login,
-            Call::Logout => history::Operation::Logout,
-            Call::GetLoggedInUser => history::Operation::GetLoggedInUser,
-            Call::GetUserDevices => history::Operation::GetUserDevices,
-        };
-        let source = match self.source {
-            Source::Cucm => history::Source::Cucm,
-            Source::Cache => history::Source::Cache,
-            Source::Gateway => history::Source::Gateway,
-        };
-        let mut record = history::Record::new(operation, i64::from(self.code), source);
+        let operation = self.history_operation()?;
+        let mut record = history::Record::new(operation, i64::from(self.code), self.source);
         // Stamped when the request arrived, so the history's order is arrival order.
         let now = history::UtcMillis::now();
         let elapsed = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(0);
@@ -156,7 +144,7 @@ impl RequestRecord {
         record.device.clone_from(&self.device);
         record.user.clone_from(&self.user);
         record.text.clone_from(&self.text);
-        record.duration_ms = u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX);
+        record.duration_us = u64::try_from(self.duration.as_micros()).unwrap_or(u64::MAX);
         record.node = self.node.as_deref().map(str::to_string);
         record.client.clone_from(&self.client);
         record.app.clone_from(&self.app);
@@ -193,14 +181,5 @@ mod tests {
             "a\\r\\n2026-12-01T00:00:00Z  INFO forged"
         );
         assert_eq!(log_safe("tab\there\u{1b}[31m"), "tab\\there\\u{1b}[31m");
-    }
-
-    #[test]
-    fn sources_have_their_record_names() {
-        let names: Vec<&str> = [Source::Cucm, Source::Cache, Source::Gateway]
-            .iter()
-            .map(|s| s.as_str())
-            .collect();
-        assert_eq!(names, ["cucm", "cache", "gateway"]);
     }
 }
