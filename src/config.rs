@@ -88,6 +88,9 @@ pub struct Config {
     /// `[dashboard]`: who may see the dashboard and the history.
     #[serde(default)]
     pub dashboard: crate::dashboard::DashboardSettings,
+    /// `[watch]`: which devices are kept fresh, and the change events.
+    #[serde(default)]
+    pub watch: crate::watch::WatchConfig,
 }
 
 mod defaults {
@@ -163,6 +166,7 @@ impl Config {
             // the history tests turn it on with a file of their own.
             history: crate::history_api::HistorySettings::disabled(),
             dashboard: crate::dashboard::DashboardSettings::default(),
+            watch: crate::watch::WatchConfig::default(),
         }
     }
 
@@ -219,6 +223,9 @@ impl Config {
             .validate()
             .map_err(|(key, message)| (None, key, message))?;
         self.dashboard
+            .validate()
+            .map_err(|(key, message)| (None, key, message))?;
+        self.watch
             .validate()
             .map_err(|(key, message)| (None, key, message))?;
         if let Some(default) = &self.default_cluster {

@@ -19,9 +19,11 @@ use actors::{Metrics, Router};
 use crate::access::{Access, AccessGuard};
 use crate::config::Config;
 use crate::dashboard::{self, Admin, DashboardError};
+use crate::events_api::{self, Events};
 use crate::history_api::{self, HistoryApiError};
 use crate::northbound::handlers::{self, AppState};
 use crate::tls::{self, TlsError};
+use crate::watch::{self, WatchError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -37,6 +39,8 @@ pub enum ServerError {
     History(#[from] HistoryApiError),
     #[error("dashboard: {0}")]
     Dashboard(#[from] DashboardError),
+    #[error("{0}")]
+    Watch(#[from] WatchError),
 }
 
 /// Set once shutdown has begun; `/readyz` then answers 503 whatever the clusters say.
@@ -70,13 +74,33 @@ pub async fn run(
         history.clone(),
         metrics.clone(),
     )?);
+    let hub = Arc::new(actors::events::EventHub::new(
+        config.watch.event_buffer,
+        &metrics,
+    ));
+    events_api::record_observed(&hub, history.clone());
+    let watched = watch::load(&config.watch, hub.clone())?;
     let sampler = dashboard::start_sampler(admin.clone());
     let router = Router::launch(
         &config.clusters,
         config.default_cluster.as_deref(),
         config.discovery_ttl(),
         metrics.clone(),
+        &watched.watching,
     )?;
+    let router = Arc::new(router);
+    watch::place_always_watched(router.clone(), watched.watching.clone(), watched.always);
+    #[cfg(unix)]
+    watch::reload_on_sighup(
+        config.watch.clone(),
+        router.clone(),
+        watched.watching.clone(),
+    );
+    let (closing, closing_seen) = tokio::sync::watch::channel(false);
+    let events = web::Data::new(Events {
+        hub,
+        closing: closing_seen,
+    });
     let access = Arc::new(Access::new(&config.access, &metrics)?);
     let state = web::Data::new(AppState {
         router,
@@ -101,7 +125,9 @@ pub async fn run(
                 .app_data(state.clone())
                 .app_data(draining.clone())
                 .app_data(admin.clone())
+                .app_data(events.clone())
                 .configure(dashboard::routes)
+                .route("/api/events", web::get().to(events_api::get))
                 .route("/metrics", web::get().to(handlers::metrics))
                 .route("/healthz", web::get().to(handlers::healthz))
                 .route("/readyz", web::get().to(readyz))
@@ -133,6 +159,8 @@ pub async fn run(
     actix_web::rt::spawn(async move {
         shutdown.await;
         draining.0.store(true, Ordering::Relaxed);
+        // Event streams never end by themselves: end them so the drain can finish.
+        let _ = closing.send(true);
         tracing::info!(
             drain_ms = drain.as_millis() as u64,
             "draining: /readyz answers 503, still serving until the balancer stops sending"

@@ -13,7 +13,8 @@ use crate::cache::LoggedInCache;
 use crate::em::code::{self, cucm_message};
 use crate::em::EmClient;
 use crate::metrics::ClusterMetrics;
-use crate::operation::{Credentials, OpError, Operation, Reply};
+use crate::operation::{Credentials, DeviceName, OpError, Operation, Reply};
+use crate::watch::WatchAlways;
 
 /// Ask the cluster to carry out one operation before `deadline`.
 #[derive(Debug)]
@@ -39,6 +40,8 @@ pub struct ClusterHandle {
     pub code: Arc<str>,
     /// The cluster actor's mailbox (bounded: `send` waits when it is full).
     pub(crate) actor: Recipient<Submit>,
+    /// Where the always-watched list of this cluster goes.
+    pub(crate) always_watched: Recipient<WatchAlways>,
     pub(crate) cache: Arc<LoggedInCache>,
     pub(crate) em: Arc<EmClient>,
     pub(crate) metrics: ClusterMetrics,
@@ -115,6 +118,12 @@ impl ClusterHandle {
                 }
             }
         }
+    }
+
+    /// These devices are watched always (a new list replaces the last).
+    pub fn watch_always(&self, devices: Vec<DeviceName>) {
+        // A list is small and rare (start, SIGHUP): the mailbox bound is not at stake.
+        self.always_watched.do_send(WatchAlways(devices));
     }
 
     /// Readiness: at least one node is not being skipped and accepts connections.

@@ -10,7 +10,8 @@
 //! device queues, never from the mailbox.
 //!
 //! [`ClusterHandle`] (`handle.rs`) is what the HTTP layer holds; it knows the actor only
-//! as the recipient of [`Submit`]. Batched queries are wired in `batch.rs`.
+//! as the recipient of [`Submit`] (and of the always-watched list). Batched queries are
+//! wired in `batch.rs`, the occupancy watch (polls, change events) in `watch.rs`.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -27,9 +28,11 @@ use crate::em::dispatch::{self, CallEnd};
 use crate::em::rules::{self, CacheEffect, Exchange, Interpretation};
 use crate::em::steps::{self, Stage, Verdict};
 use crate::em::{EmAppClient, EmClient, EmClientError};
+use crate::events::EventHub;
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::operation::{OpError, Operation, QueueKey, Reply};
 use crate::scheduler::{Completion, Offer, Scheduler, Shed, Started, Step};
+use crate::watch::{WatchSettings, Watching};
 pub use handle::{ClusterHandle, Submit, Ticket};
 
 /// Mailbox bound: `Submit` handling is quick, so this only fills under a pathological
@@ -40,6 +43,7 @@ const CACHE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Batched queries: the same actor, wired in its own file.
 mod batch;
 mod handle;
+mod watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -58,13 +62,26 @@ pub struct ClusterActor {
     metrics: ClusterMetrics,
     /// One CUCM call's timeout (`timeout_ms`).
     call_timeout: Duration,
+    /// `None` when `[watch] enabled = false`.
+    watch: Option<watch::ClusterWatch>,
 }
 
 impl ClusterActor {
-    /// Starts the actor on the current arbiter and returns the handle callers use.
+    /// Starts the actor on the current arbiter and returns the handle callers use
+    /// (without the occupancy watch).
     pub fn launch(
         config: &ClusterConfig,
         metrics: Arc<Metrics>,
+    ) -> Result<ClusterHandle, ClusterError> {
+        let hub = Arc::new(EventHub::new(1, &metrics));
+        Self::launch_watching(config, metrics, &Watching::new(WatchSettings::off(), hub))
+    }
+
+    /// Starts the actor, watching its devices as `watching` says.
+    pub fn launch_watching(
+        config: &ClusterConfig,
+        metrics: Arc<Metrics>,
+        watching: &Watching,
     ) -> Result<ClusterHandle, ClusterError> {
         let code: Arc<str> = Arc::from(config.normalized_code());
         let settings = config.client_settings();
@@ -93,10 +110,15 @@ impl ClusterActor {
             call_timeout: config.timeout(),
             rate_wake_up: None,
             metrics: cluster_metrics.clone(),
+            watch: watch::ClusterWatch::new(
+                watching,
+                config.rate().map(|rate| rate.per_second.get()),
+            ),
         };
         let addr = actor.start();
         Ok(ClusterHandle {
             code,
+            always_watched: addr.clone().recipient(),
             actor: addr.recipient(),
             cache,
             em,
@@ -112,6 +134,7 @@ impl ClusterActor {
             deadline,
         } = msg;
         let key = operation.queue_key();
+        self.watch_requested(&operation);
         if matches!(operation, Operation::Query { .. }) {
             // Nothing pending on the device: a fresh cache entry is the current truth.
             let settled = !self.scheduler.has_pending(&key);
@@ -182,6 +205,7 @@ impl ClusterActor {
                 Step::Blocked => break,
             }
         }
+        self.poll_if_due(ctx);
         self.metrics.queue_depth.set(self.scheduler.queued() as i64);
         self.metrics
             .in_flight
@@ -305,6 +329,7 @@ impl ClusterActor {
         if rules::refuses_credentials(&meaning.result) {
             self.cache.mark_rejected(op.credentials.fingerprint());
         }
+        self.watch_concluded(&op.operation, &op.credentials, &meaning);
         // A user query's answer teaches the cache (keyed by device) nothing.
         if let Some(device) = op.operation.device() {
             match meaning.cache {
@@ -342,6 +367,7 @@ impl Actor for ClusterActor {
             let cache = self.cache.clone();
             ctx.run_interval(CACHE_SWEEP_INTERVAL, move |_, _| cache.sweep());
         }
+        self.start_watch(ctx);
         tracing::debug!(cluster = %self.code, "cluster actor started");
     }
 }
