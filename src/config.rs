@@ -332,6 +332,20 @@ mod tests {
         assert_eq!(config.clusters.len(), 2);
         assert_eq!(config.clusters[0].nodes.len(), 2);
         assert_eq!(config.clusters[0].max_concurrent, 5);
+        assert_eq!(config.watch, crate::watch::WatchConfig::default());
+    }
+
+    #[test]
+    fn a_bad_watch_key_is_named_and_unknown_ones_refused() {
+        let cluster = "[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\n";
+        let error = Config::parse(&format!("[watch]\nrate_share = 1.5\n{cluster}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("rate_share"), "{error}");
+        let error = Config::parse(&format!("[watch]\ninterval = 5\n{cluster}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field `interval`"), "{error}");
     }
 
     #[test]
