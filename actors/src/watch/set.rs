@@ -141,15 +141,20 @@ impl WatchSet {
             }
         }
         let mut refused = 0;
+        let mut always = self.devices.values().filter(|w| w.always).count();
         for device in devices {
             if let Some(watched) = self.devices.get_mut(device) {
-                watched.always = true;
+                if !watched.always {
+                    watched.always = true;
+                    always += 1;
+                }
                 continue;
             }
-            if self.always_count() >= self.cap {
+            if always >= self.cap {
                 refused += 1;
                 continue;
             }
+            always += 1;
             let due = self.slot(now);
             self.due.insert(due, device.clone());
             self.devices.insert(
@@ -166,18 +171,13 @@ impl WatchSet {
         refused
     }
 
-    fn always_count(&self) -> usize {
-        self.devices.values().filter(|w| w.always).count()
-    }
-
     /// Drops the oldest requested, not always-watched devices while over the cap.
     fn enforce_cap(&mut self) -> usize {
         let mut dropped = 0;
         while self.devices.len() > self.cap {
             let oldest = self
                 .requested
-                .iter()
-                .map(|(_, device)| device)
+                .values()
                 .find(|device| self.devices.get(*device).is_some_and(|w| !w.always))
                 .cloned();
             match oldest {
