@@ -363,3 +363,48 @@ async fn a_hundred_watched_devices_at_one_second_cost_a_handful_of_calls() {
     assert_eq!(observed["after"], "user77");
     assert_eq!(observed["before"], Value::Null);
 }
+
+#[actix_web::test]
+async fn refused_poll_credentials_stop_the_polls_until_sighup_brings_good_ones() {
+    let sim = simulator(10, |_| {});
+    let config = format!(
+        "[history]\nenabled = false\n[watch]\ninterval_ms = 1000\ndevices_file = \"{{dir}}/desks.txt\"\napp_id = \"bcapp\"\napp_certificate_file = \"{{dir}}/app.secret\"\n{}",
+        cluster(&sim.url())
+    );
+    let gateway = Running::start(
+        "refused",
+        &config,
+        &[
+            ("desks.txt", &format!("{}\n{}\n", device(1), device(2))),
+            ("app.secret", "not-the-password\n"),
+        ],
+    );
+    let refused = "bc_watch_polls_total{cluster=\"EU\",outcome=\"refused_credentials\"}";
+    let ok = "bc_watch_polls_total{cluster=\"EU\",outcome=\"ok\"}";
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while metric(&metrics(&gateway).await, refused) < 1.0 {
+        assert!(Instant::now() < give_up, "no refused poll");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Polls stopped: over three intervals, no further poll reaches CUCM.
+    sim.reset_stats();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sim.stats().calls_device_user_query, 0);
+    let exposition = metrics(&gateway).await;
+    assert_eq!(metric(&exposition, refused), 1.0, "counted once");
+    assert!(!exposition.contains("not-the-password"));
+
+    // The right password, and SIGHUP: the polls resume.
+    std::fs::write(gateway.dir.join("app.secret"), "bcsecret\n").expect("secret written");
+    // SAFETY: plain kill(2) on our own child's pid.
+    let result = unsafe { libc::kill(gateway.child.id() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(result, 0, "SIGHUP delivered");
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while metric(&metrics(&gateway).await, ok) < 1.0 {
+        assert!(
+            Instant::now() < give_up,
+            "polls did not resume after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
