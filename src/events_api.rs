@@ -157,6 +157,31 @@ pub async fn get(
         .streaming(body)
 }
 
+/// How many changes `GET /api/events/latest` shows (the dashboard's table).
+const LATEST: usize = 20;
+
+/// `GET /api/events/latest`: the newest changes, newest first, as
+/// `{"events":[…]}` (the dashboard's "latest changes").
+pub async fn latest(
+    request: HttpRequest,
+    admin: web::Data<Admin>,
+    events: web::Data<Events>,
+) -> HttpResponse {
+    if let Err(refused) = admin.authorize(&request).await {
+        return refused;
+    }
+    let newest: Vec<serde_json::Value> = events
+        .hub
+        .latest(LATEST)
+        .iter()
+        .rev()
+        .map(|event| event_json(event))
+        .collect();
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(serde_json::json!({ "events": newest }))
+}
+
 /// The next piece of the stream; `None` ends it.
 async fn next_chunk(state: &mut StreamState) -> Option<Bytes> {
     if std::mem::take(&mut state.reset) {

@@ -128,6 +128,7 @@ pub async fn run(
                 .app_data(events.clone())
                 .configure(dashboard::routes)
                 .route("/api/events", web::get().to(events_api::get))
+                .route("/api/events/latest", web::get().to(events_api::latest))
                 .route("/metrics", web::get().to(handlers::metrics))
                 .route("/healthz", web::get().to(handlers::healthz))
                 .route("/readyz", web::get().to(readyz))

@@ -267,6 +267,17 @@ async fn changes_at_the_phone_and_through_the_gateway_arrive_as_events_and_in_th
     assert_eq!(entry["source"], "poll");
     assert_eq!(entry["device"], device(1));
 
+    // The dashboard's latest changes: newest first.
+    let body = reqwest::get(gateway.url("/api/events/latest"))
+        .await
+        .expect("latest reachable")
+        .text()
+        .await
+        .expect("body");
+    let latest: Value = serde_json::from_str(&body).expect("latest JSON");
+    assert_eq!(latest["events"][0]["id"], observed["id"]);
+    assert_eq!(latest["events"][1]["id"], login["id"]);
+
     let exposition = metrics(&gateway).await;
     assert!(metric(&exposition, "bc_events_total{cause=\"request\"}") >= 1.0);
     assert!(metric(&exposition, "bc_events_total{cause=\"observed\"}") >= 1.0);
@@ -406,5 +417,39 @@ async fn refused_poll_credentials_stop_the_polls_until_sighup_brings_good_ones()
             "polls did not resume after SIGHUP"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[actix_web::test]
+async fn the_events_are_for_the_history_readers_only() {
+    let sim = simulator(2, |_| {});
+    let hash = history::password::hash_password("correct horse").expect("hash");
+    let config = format!(
+        "[history]\nenabled = false\n[dashboard]\nusers = [{{ name = \"ops\", password_hash = \"{hash}\" }}]\n{}",
+        cluster(&sim.url())
+    );
+    let gateway = Running::start("access", &config, &[]);
+    let client = reqwest::Client::new();
+    for path in ["/api/events", "/api/events/latest"] {
+        let refused = client
+            .get(gateway.url(path))
+            .send()
+            .await
+            .expect("reachable");
+        assert_eq!(refused.status(), 401, "{path}");
+        let wrong = client
+            .get(gateway.url(path))
+            .basic_auth("ops", Some("wrong"))
+            .send()
+            .await
+            .expect("reachable");
+        assert_eq!(wrong.status(), 401, "{path}");
+        let allowed = client
+            .get(gateway.url(path))
+            .basic_auth("ops", Some("correct horse"))
+            .send()
+            .await
+            .expect("reachable");
+        assert_eq!(allowed.status(), 200, "{path}");
     }
 }

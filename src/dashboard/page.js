@@ -111,6 +111,7 @@ function renderClusters(status) {
     fact("CUCM calls/s", cluster.calls_per_second === null ? "–" : cluster.calls_per_second);
     fact("cache hit ratio", pct(cluster.cache_hit_ratio));
     fact("cached devices", cluster.cache_entries || 0);
+    fact("watched devices", cluster.watched_devices || 0);
     card.append(facts);
     card.append(el("div", "answers by code per minute (oldest left)", "muted"));
     card.append(answersTable(cluster.answers, cluster.answers_per_minute || [], status.window_seconds));
@@ -193,10 +194,22 @@ async function refreshDevice() {
   panel.hidden = false;
 }
 
+async function refreshChanges() {
+  const data = await getJson("/api/events/latest");
+  const rows = data.events.map((e) => {
+    const row = el("tr", null, e.cause === "observed" ? "observed" : "");
+    row.append(el("td", new Date(e.time).toLocaleTimeString()), el("td", e.cluster), deviceCell(e.device),
+      el("td", e.before === null ? "nobody" : e.before), el("td", e.after === null ? "nobody" : e.after),
+      el("td", e.cause + (e.source ? " (" + e.source + ")" : "")));
+    return row;
+  });
+  document.querySelector("#changes tbody").replaceChildren(...rows);
+}
+
 let failures = 0;
 async function refresh() {
   try {
-    const [status] = await Promise.all([getJson("/api/status"), refreshRequests(), refreshDevice()]);
+    const [status] = await Promise.all([getJson("/api/status"), refreshRequests(), refreshDevice(), refreshChanges()]);
     renderClusters(status);
     failures = 0;
     const box = document.getElementById("errors");
