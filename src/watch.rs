@@ -245,7 +245,11 @@ pub fn place_always_watched(router: Arc<Router>, watching: Watching, devices: Ve
     actix_web::rt::spawn(async move {
         let count = devices.len();
         let placed = router
-            .watch_always(devices, watching.configured_credentials(), LOCATE_WAIT)
+            .watch_always(
+                devices,
+                watching.configured_credentials().map(|c| (*c).clone()),
+                LOCATE_WAIT,
+            )
             .await;
         if placed < count {
             tracing::warn!(

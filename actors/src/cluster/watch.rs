@@ -4,6 +4,7 @@
 //! same actor without widening its fields.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -32,7 +33,7 @@ pub(super) struct ClusterWatch {
     gate: PollGate,
     /// The latest credentials CUCM accepted on this cluster (memory only; `Credentials`
     /// masks its secret in `Debug`, and it is never logged).
-    accepted: Option<Credentials>,
+    accepted: Option<Arc<Credentials>>,
     /// Devices a change was queued for while the poll in flight was out: its answer may
     /// be older than the change, so it does not teach about them.
     changed_during_poll: HashSet<DeviceName>,
@@ -54,7 +55,7 @@ impl ClusterWatch {
     }
 
     /// Configured credentials win; else the latest a caller had accepted.
-    fn credentials(&self) -> Option<Credentials> {
+    fn credentials(&self) -> Option<Arc<Credentials>> {
         self.shared
             .configured_credentials()
             .or_else(|| self.accepted.clone())
@@ -102,8 +103,11 @@ impl ClusterActor {
         let Some(watch) = &mut self.watch else {
             return;
         };
-        if meaning.credentials_accepted {
-            watch.accepted = Some(credentials.clone());
+        // Replaced only when they differ: no copy per request.
+        if meaning.credentials_accepted
+            && watch.accepted.as_ref().map(|c| c.fingerprint()) != Some(credentials.fingerprint())
+        {
+            watch.accepted = Some(Arc::new(credentials.clone()));
         }
         let Some(device) = operation.device() else {
             return;
@@ -159,7 +163,7 @@ impl ClusterActor {
             now,
             first_due: watch.set.next_due(),
             operations_waiting: self.scheduler.operations_waiting(),
-            credentials: credentials.as_ref().map(Credentials::fingerprint),
+            credentials: credentials.as_ref().map(|c| c.fingerprint()),
         });
         let wait = match (decision, credentials) {
             (PollDecision::Send, Some(credentials)) => match self.scheduler.try_start_poll(now) {
@@ -215,7 +219,7 @@ impl ClusterActor {
     fn send_poll(
         &mut self,
         devices: Vec<DeviceName>,
-        credentials: Credentials,
+        credentials: Arc<Credentials>,
         ctx: &mut Context<Self>,
     ) {
         let Some(watch) = &mut self.watch else {

@@ -48,7 +48,7 @@ impl WatchSettings {
 pub struct Watching {
     pub settings: WatchSettings,
     pub hub: Arc<EventHub>,
-    pub credentials: Arc<RwLock<Option<Credentials>>>,
+    credentials: Arc<RwLock<Option<Arc<Credentials>>>>,
 }
 
 impl std::fmt::Debug for Watching {
@@ -69,13 +69,13 @@ impl Watching {
     }
 
     /// The configured poll credentials, if any.
-    pub fn configured_credentials(&self) -> Option<Credentials> {
+    pub fn configured_credentials(&self) -> Option<Arc<Credentials>> {
         self.credentials.read().ok().and_then(|c| c.clone())
     }
 
     pub fn set_credentials(&self, credentials: Option<Credentials>) {
         if let Ok(mut slot) = self.credentials.write() {
-            *slot = credentials;
+            *slot = credentials.map(Arc::new);
         }
     }
 }
