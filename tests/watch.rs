@@ -453,3 +453,37 @@ async fn the_events_are_for_the_history_readers_only() {
         assert_eq!(allowed.status(), 200, "{path}");
     }
 }
+
+#[actix_web::test]
+async fn always_watched_devices_are_placed_in_their_cluster_by_discovery() {
+    // Device 4 exists only in the second cluster; there is no default cluster.
+    let small = simulator(2, |_| {});
+    let large = simulator(5, |_| {});
+    let config = format!(
+        "[history]\nenabled = false\n[watch]\ndevices_file = \"{{dir}}/desks.txt\"\napp_id = \"bcapp\"\napp_certificate_file = \"{{dir}}/app.secret\"\n[[cluster]]\ncode = \"A\"\nnodes = [\"{}\"]\n[[cluster]]\ncode = \"B\"\nnodes = [\"{}\"]\n",
+        small.url(),
+        large.url()
+    );
+    let gateway = Running::start(
+        "placed",
+        &config,
+        &[
+            ("desks.txt", &format!("{}\n", device(4))),
+            ("app.secret", "bcsecret\n"),
+        ],
+    );
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        let exposition = metrics(&gateway).await;
+        let a = metric(&exposition, "bc_watched_devices{cluster=\"A\"}");
+        let b = metric(&exposition, "bc_watched_devices{cluster=\"B\"}");
+        if a == 0.0 && b == 1.0 && small.stats().calls_device_user_query >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "device 4 not watched in B alone (A {a}, B {b})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
