@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::ClusterActor;
+use crate::em::code::DEVICE_DOES_NOT_EXIST;
 use crate::em::dispatch::{self, CallEnd};
 use crate::em::rules::{self, BatchAnswer, CacheEffect, Exchange, Interpretation};
 use crate::em::{Answered, CallError, EmRequest};
@@ -112,7 +113,7 @@ impl ClusterActor {
         let Some(device) = operation.device() else {
             return;
         };
-        if matches!(&meaning.result, Err(OpError::Cucm { code, .. }) if *code == crate::em::code::DEVICE_DOES_NOT_EXIST)
+        if matches!(&meaning.result, Err(OpError::Cucm { code, .. }) if *code == DEVICE_DOES_NOT_EXIST)
         {
             watch.set.remove(device);
             self.metrics.watched_devices.set(watch.set.len() as i64);
@@ -298,11 +299,21 @@ impl ClusterActor {
             BatchAnswer::PerDevice(meanings) => {
                 let mut answered = false;
                 for (device, meaning) in devices.into_iter().zip(meanings) {
-                    let Ok(Outcome::CurrentUser(user)) = meaning.result else {
-                        continue;
-                    };
-                    answered = true;
-                    self.learn_one(device, user);
+                    match meaning.result {
+                        Ok(Outcome::CurrentUser(user)) => {
+                            answered = true;
+                            self.learn_one(device, user);
+                        }
+                        // Not (or no longer) a phone of this cluster: stop asking.
+                        Err(OpError::Cucm { code, .. }) if code == DEVICE_DOES_NOT_EXIST => {
+                            answered = true;
+                            if let Some(watch) = &mut self.watch {
+                                watch.set.remove(&device);
+                                self.metrics.watched_devices.set(watch.set.len() as i64);
+                            }
+                        }
+                        _ => {}
+                    }
                 }
                 if answered {
                     self.metrics.polls_ok.inc();
