@@ -68,27 +68,38 @@ fn millis(event: &Event) -> UtcMillis {
     )
 }
 
-/// One event as its JSON document.
-pub fn event_json(event: &Event) -> serde_json::Value {
-    serde_json::json!({
-        "id": event.id,
-        "time": millis(event).to_rfc3339(),
-        "cluster": &*event.cluster,
-        "device": event.device.as_str(),
-        "before": event.before.as_ref().map(|u| u.as_str()),
-        "after": event.after.as_ref().map(|u| u.as_str()),
-        "cause": event.cause.as_str(),
-        "source": event.seen_by.map(|s| s.as_str()),
-    })
+/// One event as its JSON document, fields in this order.
+#[derive(serde::Serialize)]
+pub struct EventDoc<'a> {
+    id: u64,
+    time: String,
+    cluster: &'a str,
+    device: &'a str,
+    before: Option<&'a str>,
+    after: Option<&'a str>,
+    cause: &'static str,
+    /// For an observed change: `poll` or `query`.
+    source: Option<&'static str>,
+}
+
+pub fn event_json(event: &Event) -> EventDoc<'_> {
+    EventDoc {
+        id: event.id,
+        time: millis(event).to_rfc3339(),
+        cluster: &event.cluster,
+        device: event.device.as_str(),
+        before: event.before.as_ref().map(|u| u.as_str()),
+        after: event.after.as_ref().map(|u| u.as_str()),
+        cause: event.cause.as_str(),
+        source: event.seen_by.map(|s| s.as_str()),
+    }
 }
 
 /// One event as an SSE frame. JSON has no raw line ends, so `data:` is one line.
 fn frame(event: &Event) -> Bytes {
-    Bytes::from(format!(
-        "event: change\nid: {}\ndata: {}\n\n",
-        event.id,
-        event_json(event)
-    ))
+    // Serializing plain strings and numbers cannot fail.
+    let data = serde_json::to_string(&event_json(event)).unwrap_or_default();
+    Bytes::from(format!("event: change\nid: {}\ndata: {data}\n\n", event.id))
 }
 
 const RESET: &str = "event: reset\ndata: {\"reason\":\"events after Last-Event-ID are no longer kept; the ones still kept follow\"}\n\n";
@@ -170,13 +181,8 @@ pub async fn latest(
     if let Err(refused) = admin.authorize(&request).await {
         return refused;
     }
-    let newest: Vec<serde_json::Value> = events
-        .hub
-        .latest(LATEST)
-        .iter()
-        .rev()
-        .map(|event| event_json(event))
-        .collect();
+    let newest = events.hub.latest(LATEST);
+    let newest: Vec<EventDoc<'_>> = newest.iter().rev().map(|e| event_json(e)).collect();
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(serde_json::json!({ "events": newest }))
@@ -204,5 +210,77 @@ async fn next_chunk(state: &mut StreamState) -> Option<Bytes> {
         },
         _ = state.heartbeat.tick() => Some(Bytes::from_static(b": heartbeat\n\n")),
         _ = state.closing.changed() => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actors::events::{Cause, NewEvent};
+    use actors::{DeviceName, Metrics, UserId};
+
+    fn change(n: usize) -> NewEvent {
+        NewEvent {
+            cluster: Arc::from("EU"),
+            device: DeviceName::parse(&format!("SEP{n}")).unwrap(),
+            before: None,
+            after: Some(UserId::parse("alice").unwrap()),
+            cause: Cause::Request,
+            seen_by: None,
+        }
+    }
+
+    fn state(hub: &Arc<EventHub>, closing: watch::Receiver<bool>) -> StreamState {
+        let subscription = hub.subscribe(None);
+        hub.subscribers.inc();
+        StreamState {
+            reset: subscription.reset,
+            missed: subscription.missed.into(),
+            live: subscription.live,
+            heartbeat: tokio::time::interval(HEARTBEAT),
+            closing,
+            subscribed: Subscribed(hub.clone()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_fell_behind_is_dropped_and_counted() {
+        let metrics = Metrics::new().unwrap();
+        let hub = Arc::new(EventHub::new(10, &metrics));
+        let (_closing, closing_seen) = watch::channel(false);
+        let mut slow = state(&hub, closing_seen);
+        // The first tick of the heartbeat is at once.
+        assert_eq!(
+            next_chunk(&mut slow).await.as_deref(),
+            Some(&b": heartbeat\n\n"[..])
+        );
+        for n in 0..actors::events::SUBSCRIBER_LAG + 1 {
+            hub.publish(change(n));
+        }
+        assert_eq!(next_chunk(&mut slow).await, None, "the stream ends");
+        assert_eq!(metrics.event_subscribers_dropped.get(), 1);
+        drop(slow);
+        assert_eq!(metrics.event_subscribers.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn events_are_framed_and_shutdown_ends_the_stream() {
+        let metrics = Metrics::new().unwrap();
+        let hub = Arc::new(EventHub::new(10, &metrics));
+        let (closing, closing_seen) = watch::channel(false);
+        let mut subscriber = state(&hub, closing_seen);
+        next_chunk(&mut subscriber).await;
+        hub.publish(change(1));
+        let frame = next_chunk(&mut subscriber).await.unwrap();
+        let text = std::str::from_utf8(&frame).unwrap();
+        assert!(text.starts_with("event: change\nid: "), "{text}");
+        assert!(text.contains("\"cause\":\"request\""), "{text}");
+        assert!(
+            text.contains("\"cluster\":\"EU\",\"device\":\"SEP1\",\"before\":null,\"after\":\"alice\",\"cause\":\"request\",\"source\":null}"),
+            "{text}"
+        );
+        assert_eq!(text.matches('\n').count(), 4, "one data line: {text}");
+        closing.send(true).unwrap();
+        assert_eq!(next_chunk(&mut subscriber).await, None);
     }
 }
