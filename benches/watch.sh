@@ -154,6 +154,13 @@ for run in $(seq 1 "$RUNS"); do
     storm on "$P_ON" "$run"
 done
 
+# After the same storms: the connections' buffers are in both.
+echo "off_rss_kib_after_storms $(rss_kib "$OFF_PID")" | tee -a "$OUT/memory.txt" >&2
+echo "on_rss_kib_after_storms $(rss_kib "$ON_PID")" | tee -a "$OUT/memory.txt" >&2
+polls_a=$(metric "$P_ON" 'bc_watch_polls_total{cluster="SIM",outcome="ok"}')
+sleep 30
+polls_b=$(metric "$P_ON" 'bc_watch_polls_total{cluster="SIM",outcome="ok"}')
+echo "idle_polls_per_minute $(((polls_b - polls_a) * 2))" | tee -a "$OUT/memory.txt" >&2
 log "memory: 100 subscribers on /api/events of the 'on' gateway through one more storm"
 SUBS=()
 for i in $(seq 1 100); do
@@ -166,6 +173,7 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 echo "on_subscribers $(metric "$P_ON" bc_event_subscribers)" | tee -a "$OUT/memory.txt" >&2
+echo "on_rss_kib_100_subscribers_connected $(rss_kib "$ON_PID")" | tee -a "$OUT/memory.txt" >&2
 storm on-100-subscribers "$P_ON" 0
 echo "on_rss_kib_10000_watched_100_subscribers_after_storm $(rss_kib "$ON_PID")" | tee -a "$OUT/memory.txt" >&2
 echo "events_per_subscriber $(grep -c '^event: change' "$OUT/subscriber-1.txt")" | tee -a "$OUT/memory.txt" >&2
