@@ -487,3 +487,50 @@ async fn always_watched_devices_are_placed_in_their_cluster_by_discovery() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[actix_web::test]
+async fn a_query_that_sees_another_user_is_an_observed_change_recorded_as_query() {
+    let sim = simulator(3, |_| {});
+    // No poll within the test (interval one hour), no cache: the query asks CUCM.
+    let config = format!(
+        "[history]\npath = \"{{dir}}/history.sqlite\"\n[watch]\ninterval_ms = 3600000\n[[cluster]]\ncode = \"EU\"\nnodes = [\"{}\"]\ncache_ttl_ms = 0\n",
+        sim.url()
+    );
+    let gateway = Running::start("query", &config, &[]);
+    let mut events = Stream::open(&gateway, None).await;
+    post(&gateway, &format!("/api/login/{}/user2", device(2))).await;
+    assert_eq!(
+        events.change(Duration::from_secs(2)).await["cause"],
+        "request"
+    );
+    assert!(sim.logout_directly(&device(2)));
+    assert!(sim.login_directly(&device(2), "user3"));
+    let answer = post(&gateway, &format!("/api/getloggedinuser/{}", device(2))).await;
+    assert!(answer.contains("user3"), "{answer}");
+    let observed = events.change(Duration::from_secs(2)).await;
+    assert_eq!(observed["cause"], "observed");
+    assert_eq!(observed["source"], "query");
+    assert_eq!(observed["before"], "user2");
+    assert_eq!(observed["after"], "user3");
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = reqwest::get(gateway.url("/api/history?operation=observed"))
+            .await
+            .expect("history reachable")
+            .text()
+            .await
+            .expect("history body");
+        let history: Value = serde_json::from_str(&body).expect("history JSON");
+        if let Some(entry) = history["entries"].as_array().and_then(|e| e.first()) {
+            assert_eq!(entry["source"], "query");
+            assert_eq!(entry["user"], "user3");
+            assert_eq!(entry["text"], "was user2");
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "no observed record in the history"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
