@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::ClusterActor;
-use crate::em::code::DEVICE_DOES_NOT_EXIST;
+use crate::em::code::{DEVICE_DOES_NOT_EXIST, INVALID_APP_USER, POLICY_VALIDATION};
 use crate::em::dispatch::{self, CallEnd};
 use crate::em::rules::{self, BatchAnswer, CacheEffect, Exchange, Interpretation};
 use crate::em::{Answered, CallError, EmRequest};
@@ -24,8 +24,9 @@ use crate::watch::{WatchAlways, Watching};
 /// How often the actor expires devices and looks for due polls, whatever happens.
 const WATCH_TICK: Duration = Duration::from_secs(1);
 
-/// CUCM's codes for credentials it refuses (invalid application user, not allowed).
-const CREDENTIAL_CODES: [u32; 2] = [3, 4];
+/// CUCM's codes that refuse a poll for its credentials: the application user is not
+/// valid, or its policy does not allow the query.
+const CREDENTIAL_CODES: [u32; 2] = [INVALID_APP_USER, POLICY_VALIDATION];
 
 /// What one cluster keeps for watching.
 pub(super) struct ClusterWatch {
