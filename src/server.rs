@@ -96,10 +96,10 @@ pub async fn run(
         router.clone(),
         watched.watching.clone(),
     );
-    let (closing, closing_seen) = tokio::sync::watch::channel(false);
+    let (end_streams, streams_end) = tokio::sync::watch::channel(false);
     let events = web::Data::new(Events {
         hub,
-        closing: closing_seen,
+        closing: streams_end,
     });
     let access = Arc::new(Access::new(&config.access, &metrics)?);
     let state = web::Data::new(AppState {
@@ -161,7 +161,7 @@ pub async fn run(
         shutdown.await;
         draining.0.store(true, Ordering::Relaxed);
         // Event streams never end by themselves: end them so the drain can finish.
-        let _ = closing.send(true);
+        let _ = end_streams.send(true);
         tracing::info!(
             drain_ms = drain.as_millis() as u64,
             "draining: /readyz answers 503, still serving until the balancer stops sending"
