@@ -98,6 +98,9 @@ pub struct Config {
     #[doc(hidden)]
     #[serde(skip)]
     pub opened_history: Option<crate::history_setup::OpenedHistory>,
+    /// `[watch]`: which devices are kept fresh, and the change events.
+    #[serde(default)]
+    pub watch: crate::watch::WatchConfig,
 }
 
 mod defaults {
@@ -174,6 +177,7 @@ impl Config {
             dashboard: crate::dashboard::DashboardSettings::default(),
             coordination: crate::coordination::CoordinationSettings::default(),
             opened_history: None,
+            watch: crate::watch::WatchConfig::default(),
         }
     }
 
@@ -234,6 +238,9 @@ impl Config {
             .map_err(|(key, message)| (None, key, message))?;
         self.coordination
             .validate(self.history.url.as_deref())
+            .map_err(|(key, message)| (None, key, message))?;
+        self.watch
+            .validate()
             .map_err(|(key, message)| (None, key, message))?;
         if let Some(default) = &self.default_cluster {
             if !codes.contains(&default.trim().to_ascii_uppercase()) {
@@ -370,6 +377,20 @@ mod tests {
         assert_eq!(config.clusters.len(), 2);
         assert_eq!(config.clusters[0].nodes.len(), 2);
         assert_eq!(config.clusters[0].max_concurrent, 5);
+        assert_eq!(config.watch, crate::watch::WatchConfig::default());
+    }
+
+    #[test]
+    fn a_bad_watch_key_is_named_and_unknown_ones_refused() {
+        let cluster = "[[cluster]]\ncode = \"EU\"\nnodes = [\"http://a\"]\n";
+        let error = Config::parse(&format!("[watch]\nrate_share = 1.5\n{cluster}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("rate_share"), "{error}");
+        let error = Config::parse(&format!("[watch]\ninterval = 5\n{cluster}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field `interval`"), "{error}");
     }
 
     #[test]

@@ -208,7 +208,8 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
 
 /// systemd's `ExecReload` sends SIGHUP, whose default action would end the process
 /// (and as a "clean" signal, without a restart). Here it is only logged; with `[tls]`,
-/// `tls::reload_on_sighup` re-reads the certificate and key on the same signal.
+/// `tls::reload_on_sighup` re-reads the certificate and key on the same signal, and
+/// `watch::reload_on_sighup` the `[watch]` devices and certificate files.
 #[cfg(unix)]
 fn survive_hangup() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -217,7 +218,7 @@ fn survive_hangup() {
             actix_web::rt::spawn(async move {
                 while hangup.recv().await.is_some() {
                     tracing::info!(
-                        "SIGHUP: TLS certificates are re-read when [tls] is set; the rest of the configuration is read at start only"
+                        "SIGHUP: TLS certificates are re-read when [tls] is set, and the [watch] files; the rest of the configuration is read at start only"
                     );
                 }
             });

@@ -20,9 +20,11 @@ use crate::access::{Access, AccessGuard};
 use crate::config::Config;
 use crate::connections::{raise_open_files, ConnectionGuard};
 use crate::dashboard::{self, Admin, DashboardError};
+use crate::events_api::{self, Events};
 use crate::history_setup::{self, HistorySetupError};
 use crate::northbound::handlers::{self, AppState};
 use crate::tls::{self, TlsError};
+use crate::watch::{self, WatchError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -40,6 +42,8 @@ pub enum ServerError {
     Dashboard(#[from] DashboardError),
     #[error("{0}")]
     Coordination(#[from] actors::coordination::StoreError),
+    #[error("{0}")]
+    Watch(#[from] WatchError),
 }
 
 /// Set once shutdown has begun; `/readyz` then answers 503 whatever the clusters say.
@@ -84,6 +88,8 @@ pub struct Started {
     grace: std::time::Duration,
     /// The clusters to close when the grace is over.
     closing: web::Data<AppState>,
+    /// Ends the `/api/events` streams when the drain begins.
+    end_streams: tokio::sync::watch::Sender<bool>,
     sampler: actix_web::rt::task::JoinHandle<()>,
     history: Option<Arc<history::History>>,
 }
@@ -115,13 +121,33 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Started, Ser
         config
             .coordination
             .start(config.history.url.as_deref(), &config.clusters, &metrics)?;
+    let hub = Arc::new(actors::events::EventHub::new(
+        config.watch.event_buffer,
+        &metrics,
+    ));
+    events_api::record_observed(&hub, history.clone());
+    let watched = watch::load(&config.watch, hub.clone())?;
     let router = Router::launch(
         &config.clusters,
         config.default_cluster.as_deref(),
         config.discovery_ttl(),
         metrics.clone(),
         coordination.as_ref(),
+        &watched.watching,
     )?;
+    let router = Arc::new(router);
+    watch::place_always_watched(router.clone(), watched.watching.clone(), watched.always);
+    #[cfg(unix)]
+    watch::reload_on_sighup(
+        config.watch.clone(),
+        router.clone(),
+        watched.watching.clone(),
+    );
+    let (end_streams, streams_end) = tokio::sync::watch::channel(false);
+    let events = web::Data::new(Events {
+        hub,
+        closing: streams_end,
+    });
     let connections = Arc::new(ConnectionGuard::new(&config.access, &metrics)?);
     let state = web::Data::new(AppState {
         router,
@@ -149,12 +175,17 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Started, Ser
                 .app_data(state.clone())
                 .app_data(draining.clone())
                 .app_data(admin.clone())
+                .app_data(events.clone())
                 .configure(dashboard::routes)
                 // Resources, not bare routes: another method answers 405 with Allow.
                 .service(web::resource("/metrics").route(web::get().to(handlers::metrics)))
                 .service(web::resource("/healthz").route(web::get().to(handlers::healthz)))
                 .service(web::resource("/readyz").route(web::get().to(readyz)))
                 .service(web::resource("/openapi.json").route(web::get().to(crate::openapi::serve)))
+                .service(web::resource("/api/events").route(web::get().to(events_api::get)))
+                .service(
+                    web::resource("/api/events/latest").route(web::get().to(events_api::latest)),
+                )
                 .default_service(web::to(handlers::api))
         }
     })
@@ -191,6 +222,7 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Started, Ser
         drain: config.drain(),
         grace: config.shutdown_grace(),
         closing,
+        end_streams,
         sampler,
         history,
     })
@@ -208,6 +240,7 @@ impl Started {
             drain,
             grace,
             closing,
+            end_streams,
             sampler,
             history,
         } = self;
@@ -215,6 +248,8 @@ impl Started {
         actix_web::rt::spawn(async move {
             shutdown.await;
             draining.0.store(true, Ordering::Relaxed);
+            // Event streams never end by themselves: end them so the drain can finish.
+            let _ = end_streams.send(true);
             tracing::info!(
                 drain_ms = drain.as_millis() as u64,
                 "draining: /readyz answers 503, still serving until the balancer stops sending"

@@ -214,6 +214,17 @@ async fn the_dashboard_renders_the_cluster_and_a_fresh_login_in_chromium() {
     assert!(html.contains(&dev), "the login's device is listed: {html}");
     assert!(html.contains("user7"), "the login's user is listed: {html}");
     assert!(html.contains("1006"), "refusals are listed: {html}");
+    // The login is a change at the phone, and its device is watched.
+    let changes = html
+        .split("id=\"changes\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</table>").next())
+        .expect("the changes table");
+    assert!(
+        changes.contains(&dev) && changes.contains("logged in"),
+        "the login is in the latest changes: {changes}"
+    );
+    assert!(html.contains("watched devices"), "{html}");
     let errors = html
         .split("<pre id=\"errors\"")
         .nth(1)

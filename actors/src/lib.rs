@@ -6,8 +6,9 @@
 //! [`device_queue`], the clients' fair share from [`fair_line`], slots and rate from
 //! [`shaper`], load shedding, busy back-off); the [`em`] client calls CUCM,
 //! [`em::rules`] says what an answer means and [`em::steps`] how an operation of several
-//! calls goes on; the [`cache`]
-//! answers repeated queries. Everything observed is counted in [`metrics`].
+//! calls goes on; the [`cache`] answers repeated queries. The [`watch`] keeps the state
+//! of known devices fresh and publishes each change to the [`events`] hub. Everything
+//! observed is counted in [`metrics`].
 
 pub mod backoff;
 pub mod cache;
@@ -17,6 +18,7 @@ pub mod coordination;
 pub mod device_queue;
 pub mod discovery;
 pub mod em;
+pub mod events;
 pub mod everywhere;
 pub mod fair_line;
 pub mod metrics;
@@ -24,6 +26,7 @@ pub mod operation;
 pub mod router;
 pub mod scheduler;
 pub mod shaper;
+pub mod watch;
 pub mod whereabouts;
 pub mod xml;
 

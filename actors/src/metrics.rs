@@ -6,8 +6,8 @@
 //! device, a user or a credential.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets that resolve a sub-millisecond cache hit and a 10+ s CUCM stall alike.
@@ -52,6 +52,12 @@ pub struct Metrics {
     pub coordination_up: IntGauge,
     pub coordination_wait: HistogramVec,
     pub coordination_grants: IntCounterVec,
+    pub watched_devices: IntGaugeVec,
+    pub watch_polls: IntCounterVec,
+    pub watch_dropped: IntCounterVec,
+    pub events: IntCounterVec,
+    pub event_subscribers: IntGauge,
+    pub event_subscribers_dropped: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -225,8 +231,47 @@ impl Metrics {
                 "Grants for CUCM calls with coordination on, by outcome: shared (a slot leased in PostgreSQL), local (this instance's share while PostgreSQL is unreachable), expired (no slot until shortly before the deadline; the caller got 1004 and no call was made).",
                 &["cluster", "outcome"],
             )?,
+            watched_devices: gauge(
+                "bc_watched_devices",
+                "Devices the cluster keeps fresh with watch polls (named in a request within [watch] ttl_ms, or in devices_file).",
+                &["cluster"],
+            )?,
+            watch_polls: counter(
+                "bc_watch_polls_total",
+                "Watch polls (batched deviceUserQuery calls) sent to the cluster, by outcome: ok, failed (no answer or an EM error), busy (code 26), refused_credentials (codes 3, 4: polls stop until new credentials arrive).",
+                &["cluster", "outcome"],
+            )?,
+            watch_dropped: counter(
+                "bc_watch_dropped_total",
+                "Devices no longer watched because the cluster's cap on watched devices was reached (the oldest requested first).",
+                &["cluster"],
+            )?,
+            events: counter(
+                "bc_events_total",
+                "Changes of a device's logged-in user published on /api/events, by cause: request (through the gateway), observed (seen by a poll or a query).",
+                &["cause"],
+            )?,
+            event_subscribers: {
+                let metric = IntGauge::new(
+                    "bc_event_subscribers",
+                    "Clients connected to /api/events right now.",
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
+            event_subscribers_dropped: {
+                let metric = IntCounter::new(
+                    "bc_event_subscribers_dropped_total",
+                    "/api/events clients disconnected because they fell too far behind the events (they resume with Last-Event-ID).",
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
             registry,
         };
+        for cause in ["request", "observed"] {
+            metrics.events.with_label_values(&[cause]);
+        }
         metrics
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -289,6 +334,12 @@ pub struct ClusterMetrics {
     pub rejected_credentials: prometheus::IntCounter,
     pub batching_disabled: IntGauge,
     pub batched_queries: prometheus::IntCounter,
+    pub watched_devices: IntGauge,
+    pub watch_dropped: prometheus::IntCounter,
+    pub polls_ok: prometheus::IntCounter,
+    pub polls_failed: prometheus::IntCounter,
+    pub polls_busy: prometheus::IntCounter,
+    pub polls_refused_credentials: prometheus::IntCounter,
 }
 
 impl ClusterMetrics {
@@ -324,6 +375,14 @@ impl ClusterMetrics {
             rejected_credentials: metrics.rejected_credentials.with_label_values(c),
             batching_disabled: metrics.batching_disabled.with_label_values(c),
             batched_queries: metrics.batched_queries.with_label_values(c),
+            watched_devices: metrics.watched_devices.with_label_values(c),
+            watch_dropped: metrics.watch_dropped.with_label_values(c),
+            polls_ok: metrics.watch_polls.with_label_values(&[cluster, "ok"]),
+            polls_failed: metrics.watch_polls.with_label_values(&[cluster, "failed"]),
+            polls_busy: metrics.watch_polls.with_label_values(&[cluster, "busy"]),
+            polls_refused_credentials: metrics
+                .watch_polls
+                .with_label_values(&[cluster, "refused_credentials"]),
         }
     }
 }

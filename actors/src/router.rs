@@ -17,6 +17,7 @@ use crate::em::code;
 use crate::fair_line::ClientId;
 use crate::metrics::Metrics;
 use crate::operation::{Credentials, DeviceName, OpError, Operation, QueueKey, Reply, UserId};
+use crate::watch::Watching;
 use crate::whereabouts;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,18 +57,21 @@ pub struct Router {
 }
 
 impl Router {
-    /// Starts one `ClusterActor` per cluster on the current arbiter.
+    /// Starts one `ClusterActor` per cluster on the current arbiter, each watching its
+    /// devices as `watching` says.
     pub fn launch(
         clusters: &[ClusterConfig],
         default_cluster: Option<&str>,
         discovery_ttl: Duration,
         metrics: Arc<Metrics>,
         coordination: Option<&Coordination>,
+        watching: &Watching,
     ) -> Result<Self, ClusterError> {
         let mut handles = HashMap::new();
         let mut order = Vec::new();
         for config in clusters {
-            let handle = ClusterActor::launch(config, metrics.clone(), coordination)?;
+            let handle =
+                ClusterActor::launch_watching(config, metrics.clone(), coordination, watching)?;
             order.push(config.normalized_code());
             handles.insert(config.normalized_code(), handle);
         }
@@ -249,5 +253,46 @@ impl Router {
         for cluster in self.clusters_in_order() {
             cluster.close();
         }
+    }
+
+    /// Hands the always-watched devices to their clusters: all to the default (or
+    /// only) cluster; with several clusters and no default, each to the cluster
+    /// discovery finds for it, asked with `credentials` (without them, none can be
+    /// placed). A device found nowhere is not watched. Returns how many were placed.
+    pub async fn watch_always(
+        &self,
+        devices: Vec<DeviceName>,
+        credentials: Option<Credentials>,
+        wait_each: Duration,
+    ) -> usize {
+        let mut lists: HashMap<&str, Vec<DeviceName>> = self
+            .clusters
+            .keys()
+            .map(|code| (code.as_str(), Vec::new()))
+            .collect();
+        let mut placed = 0;
+        if let Some(default) = self.default.as_deref() {
+            placed = devices.len();
+            lists.insert(default, devices);
+        } else if let Some(credentials) = credentials {
+            for device in devices {
+                let deadline = Instant::now() + wait_each;
+                if let Located::Cluster(cluster, _) = self
+                    .locate(&device, &credentials, deadline, ClientId::default())
+                    .await
+                {
+                    if let Some(list) = lists.get_mut(&*cluster.code) {
+                        list.push(device);
+                        placed += 1;
+                    }
+                }
+            }
+        }
+        for (code, list) in lists {
+            if let Some(cluster) = self.clusters.get(code) {
+                cluster.watch_always(list);
+            }
+        }
+        placed
     }
 }

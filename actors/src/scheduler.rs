@@ -572,6 +572,32 @@ impl<C: Clock + Clone> Scheduler<C> {
         unsent
     }
 
+    /// A watch poll asks for a slot and a token: only when no operation waits (polls
+    /// cost callers nothing). `Err(AtCapacity)` also means "operations waiting". Report
+    /// its end with [`Scheduler::poll_ended`].
+    pub fn try_start_poll(&mut self, now: Instant) -> Result<(), Held> {
+        self.release_held(now);
+        if self.queued > 0 || !self.ready.is_empty() {
+            return Err(Held::AtCapacity);
+        }
+        self.shaper.try_acquire()
+    }
+
+    /// A watch poll's call ended: its slot is free again.
+    pub fn poll_ended(&mut self, end: CallEnd, now: Instant) {
+        self.call_ended(end, now);
+    }
+
+    /// Operations are waiting for CUCM (queued, or lined up for a retry or next stage).
+    pub fn operations_waiting(&self) -> bool {
+        self.queued > 0 || !self.ready.is_empty()
+    }
+
+    /// Most devices one `deviceUserQuery` may carry now (1: batching off).
+    pub fn batch_limit(&self) -> usize {
+        self.max_batch
+    }
+
     /// Operations accepted and not yet sent to CUCM.
     pub fn queued(&self) -> usize {
         self.queued
@@ -1230,5 +1256,33 @@ mod tests {
         started(s.next_step(now));
         s.complete(&key(1), CallEnd::NoAnswer, now, 0.5);
         assert_eq!(s.expected_wait(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_poll_goes_only_when_no_operation_waits_and_takes_a_slot_and_a_token() {
+        let (mut s, clock) = scheduler(2, Some((10, 1)), 100);
+        let now = Instant::now();
+        s.offer(login(1, now + LONG), now);
+        // An operation waits: no poll.
+        assert_eq!(s.try_start_poll(now), Err(Held::AtCapacity));
+        let first = started(s.next_step(now));
+        // Nothing waits now, but the operation spent the only token of the burst.
+        assert!(matches!(s.try_start_poll(now), Err(Held::RateLimited(_))));
+        clock.advance(Duration::from_millis(100));
+        assert_eq!(s.try_start_poll(now), Ok(()));
+        assert_eq!(s.in_flight(), 2);
+        // The poll holds a slot: an operation now waits for the next free one.
+        s.offer(login(2, now + LONG), now);
+        clock.advance(Duration::from_millis(100));
+        assert!(matches!(s.next_step(now), Step::Blocked));
+        s.poll_ended(
+            CallEnd::Answered {
+                took: Duration::from_millis(5),
+                busy: false,
+            },
+            now,
+        );
+        assert_eq!(started(s.next_step(now)).key, key(2));
+        s.complete(&first.key, CallEnd::NoAnswer, now, 0.5);
     }
 }

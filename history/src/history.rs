@@ -986,9 +986,11 @@ mod tests {
 
     #[test]
     fn only_getloggedinuser_that_never_reached_cucm_is_best_effort() {
+        // Observed changes (sources poll and query) are kept like every change.
         for operation in Operation::ALL {
             for source in Source::ALL {
-                let expected = if operation == Operation::GetLoggedInUser && source != Source::Cucm
+                let expected = if operation == Operation::GetLoggedInUser
+                    && matches!(source, Source::Cache | Source::Gateway)
                 {
                     Lane::BestEffort
                 } else {

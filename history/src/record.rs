@@ -23,9 +23,9 @@ pub enum RecordError {
     Time(String),
     #[error("time out of range")]
     TimeRange,
-    #[error("unknown operation {0:?} (login, logout, getloggedinuser, getuserdevices)")]
+    #[error("unknown operation {0:?} (login, logout, getloggedinuser, getuserdevices, observed)")]
     Operation(String),
-    #[error("unknown source {0:?} (cucm, cache, gateway)")]
+    #[error("unknown source {0:?} (cucm, cache, gateway, poll, query)")]
     Source(String),
 }
 
@@ -88,21 +88,24 @@ impl fmt::Display for UtcMillis {
     }
 }
 
-/// The API call a record is about (its northbound name).
+/// The API call a record is about (its northbound name), or `observed`: a change of a
+/// device's user the gateway saw (made at the phone or elsewhere), not a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {
     Login,
     Logout,
     GetLoggedInUser,
     GetUserDevices,
+    Observed,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 4] = [
+    pub const ALL: [Operation; 5] = [
         Operation::Login,
         Operation::Logout,
         Operation::GetLoggedInUser,
         Operation::GetUserDevices,
+        Operation::Observed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -111,6 +114,7 @@ impl Operation {
             Operation::Logout => "logout",
             Operation::GetLoggedInUser => "getloggedinuser",
             Operation::GetUserDevices => "getuserdevices",
+            Operation::Observed => "observed",
         }
     }
 }
@@ -132,22 +136,33 @@ impl fmt::Display for Operation {
 }
 
 /// Who produced the answer: CUCM itself, the gateway's cache, or the gateway alone
-/// (a refusal such as 1002 or 1004, which never reached CUCM).
+/// (a refusal such as 1002 or 1004, which never reached CUCM). For an `observed`
+/// change: what saw it, a watch `poll` or a caller's `query`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
     Cucm,
     Cache,
     Gateway,
+    Poll,
+    Query,
 }
 
 impl Source {
-    pub const ALL: [Source; 3] = [Source::Cucm, Source::Cache, Source::Gateway];
+    pub const ALL: [Source; 5] = [
+        Source::Cucm,
+        Source::Cache,
+        Source::Gateway,
+        Source::Poll,
+        Source::Query,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Cucm => "cucm",
             Source::Cache => "cache",
             Source::Gateway => "gateway",
+            Source::Poll => "poll",
+            Source::Query => "query",
         }
     }
 }

@@ -182,6 +182,7 @@ function renderClusters(status) {
     fact("cache hits / min", cluster.cache_hits_per_minute === null || cluster.cache_hits_per_minute === undefined
       ? "–" : cluster.cache_hits_per_minute);
     fact("cached devices", cluster.cache_entries || 0);
+    fact("watched devices", cluster.watched_devices || 0);
     card.append(facts);
     card.append(el("div", "answers by code per minute (oldest left)", "muted"));
     card.append(answersTable(cluster.answers, cluster.answers_per_minute || [], status.window_seconds));
@@ -234,7 +235,8 @@ function requestRow(entry, columns) {
     } else if (column === "duration_ms") {
       row.append(el("td", formatMs(entry.duration_ms), "ms"));
     } else if (column === "change") {
-      row.append(el("td", entry.operation === "logout" ? "logged out" : "logged in", entry.operation));
+      const change = { logout: "logged out", observed: "seen at the phone" }[entry.operation] || "logged in";
+      row.append(el("td", change, entry.operation));
     } else {
       row.append(el("td", entry[column], column === "text" ? "text" : column === "code" ? "code" : ""));
     }
@@ -259,13 +261,15 @@ async function refreshRequests() {
     : "Latest requests";
 }
 
-// Successful logins and logouts, newest first: the history's two change operations.
+// Successful logins and logouts, and changes seen at the phones, newest first: the
+// history's change operations.
 async function refreshChanges() {
-  const [logins, logouts] = await Promise.all([
+  const [logins, logouts, observed] = await Promise.all([
     getJson(historyUrl({ operation: "login", code: "0" }, CHANGES)),
     getJson(historyUrl({ operation: "logout", code: "0" }, CHANGES)),
+    getJson(historyUrl({ operation: "observed" }, CHANGES)),
   ]);
-  const changes = logins.entries.concat(logouts.entries)
+  const changes = logins.entries.concat(logouts.entries, observed.entries)
     .sort((a, b) => (a.time < b.time ? 1 : a.time > b.time ? -1 : 0))
     .slice(0, CHANGES);
   // A logout names no user; the login before it on the same device, when listed, does.
@@ -338,6 +342,7 @@ async function refreshDevice() {
   document.querySelector("#device-history tbody").replaceChildren(...data.entries.map((e) => requestRow(e, columns)));
   panel.hidden = false;
 }
+
 
 let failures = 0;
 async function refresh() {

@@ -18,6 +18,7 @@
 //! {"time":"…Z","instance":"gw1","history":"sqlite","window_seconds":300.0,
 //!  "clusters":[{"code":"EU","nodes":[{"node":"cucm-eu-1:8443","up":true}],
 //!               "in_flight":2,"max_concurrent":5,"queue_depth":0,"cache_entries":812,
+//!               "watched_devices":1200,
 //!               "calls_per_second":3.2,"cache_hit_ratio":0.93,"cache_hits_per_minute":4100,
 //!               "answers":{"0":512,"1004":3},
 //!               "answers_per_minute":[{"ended_seconds_ago":60,"seconds":60,"cache_hits":3900,"answers":{"0":300}},
@@ -240,6 +241,7 @@ impl Sampler {
                 "bc_cucm_in_flight" => "in_flight",
                 "bc_queue_depth" => "queue_depth",
                 "bc_cache_entries" => "cache_entries",
+                "bc_watched_devices" => "watched_devices",
                 "bc_node_up" => {
                     if let Some(Value::Array(nodes)) = cluster.get_mut("nodes") {
                         nodes.push(json!({

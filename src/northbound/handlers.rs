@@ -19,7 +19,7 @@ use super::response::{version_document, xml_response, Failure, ResultDoc};
 
 /// What every handler shares.
 pub struct AppState {
-    pub router: Router,
+    pub router: std::sync::Arc<Router>,
     pub metrics: Arc<Metrics>,
     pub deadline: Duration,
     pub max_body_bytes: usize,

@@ -16,7 +16,8 @@ use crate::em::code::{self, cucm_message};
 use crate::em::EmClient;
 use crate::fair_line::ClientId;
 use crate::metrics::ClusterMetrics;
-use crate::operation::{Credentials, OpError, Operation, Reply};
+use crate::operation::{Credentials, DeviceName, OpError, Operation, Reply};
+use crate::watch::WatchAlways;
 
 /// Ask the cluster to carry out one operation before `deadline`.
 #[derive(Debug)]
@@ -58,6 +59,8 @@ pub struct ClusterHandle {
     pub(crate) actor: Recipient<Submit>,
     /// The same actor, told to close at the end of the shutdown grace.
     pub(crate) closer: Recipient<Close>,
+    /// Where the always-watched list of this cluster goes.
+    pub(crate) always_watched: Recipient<WatchAlways>,
     pub(crate) cache: Arc<LoggedInCache>,
     pub(crate) em: Arc<EmClient>,
     pub(crate) metrics: ClusterMetrics,
@@ -148,6 +151,12 @@ impl ClusterHandle {
     pub fn close(&self) {
         self.closing.send_replace(true);
         self.closer.do_send(Close);
+    }
+
+    /// These devices are watched always (a new list replaces the last).
+    pub fn watch_always(&self, devices: Vec<DeviceName>) {
+        // A list is small and rare (start, SIGHUP): the mailbox bound is not at stake.
+        self.always_watched.do_send(WatchAlways(devices));
     }
 
     /// Readiness: at least one node is not being skipped and accepts connections.

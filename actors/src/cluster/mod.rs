@@ -10,7 +10,8 @@
 //! device queues, never from the mailbox.
 //!
 //! [`ClusterHandle`] (`handle.rs`) is what the HTTP layer holds; it knows the actor only
-//! as the recipient of [`Submit`]. Batched queries are wired in `batch.rs`.
+//! as the recipient of [`Submit`] (and of the always-watched list). Batched queries are
+//! wired in `batch.rs`, the occupancy watch (polls, change events) in `watch.rs`.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -28,9 +29,11 @@ use crate::em::dispatch::{self, CallEnd};
 use crate::em::rules::{self, CacheEffect, Exchange, Interpretation};
 use crate::em::steps::{self, Stage, Verdict};
 use crate::em::{EmAppClient, EmClient, EmClientError};
+use crate::events::EventHub;
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::operation::{OpError, Operation, QueueKey, Reply};
 use crate::scheduler::{Completion, Offer, Scheduler, Shed, Started, Step};
+use crate::watch::{WatchSettings, Watching};
 pub use handle::{Close, ClusterHandle, Submit, Ticket};
 
 /// Mailbox bound: `Submit` handling is quick, so this only fills under a pathological
@@ -41,6 +44,7 @@ const CACHE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Batched queries: the same actor, wired in its own file.
 mod batch;
 mod handle;
+mod watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -63,14 +67,29 @@ pub struct ClusterActor {
     closed: bool,
     /// With `[coordination]`: the grant each CUCM call awaits first.
     gate: Option<ClusterGate>,
+    /// `None` when `[watch] enabled = false`.
+    watch: Option<watch::ClusterWatch>,
 }
 
 impl ClusterActor {
-    /// Starts the actor on the current arbiter and returns the handle callers use.
+    /// Starts the actor on the current arbiter and returns the handle callers use
+    /// (without the occupancy watch).
     pub fn launch(
         config: &ClusterConfig,
         metrics: Arc<Metrics>,
         coordination: Option<&Coordination>,
+    ) -> Result<ClusterHandle, ClusterError> {
+        let hub = Arc::new(EventHub::new(1, &metrics));
+        let watching = Watching::new(WatchSettings::off(), hub);
+        Self::launch_watching(config, metrics, coordination, &watching)
+    }
+
+    /// Starts the actor, watching its devices as `watching` says.
+    pub fn launch_watching(
+        config: &ClusterConfig,
+        metrics: Arc<Metrics>,
+        coordination: Option<&Coordination>,
+        watching: &Watching,
     ) -> Result<ClusterHandle, ClusterError> {
         let code: Arc<str> = Arc::from(config.normalized_code());
         let settings = config.client_settings();
@@ -101,12 +120,17 @@ impl ClusterActor {
             rate_wake_up: None,
             metrics: cluster_metrics.clone(),
             closed: false,
+            watch: watch::ClusterWatch::new(
+                watching,
+                config.rate().map(|rate| rate.per_second.get()),
+            ),
         };
         let addr = actor.start();
         Ok(ClusterHandle {
             code,
             actor: addr.clone().recipient(),
-            closer: addr.recipient(),
+            closer: addr.clone().recipient(),
+            always_watched: addr.recipient(),
             cache,
             em,
             metrics: cluster_metrics,
@@ -130,6 +154,7 @@ impl ClusterActor {
             };
         }
         let key = operation.queue_key();
+        self.watch_requested(&operation);
         if matches!(operation, Operation::Query { .. }) {
             // Nothing pending on the device: a fresh cache entry is the current truth.
             let settled = !self.scheduler.has_pending(&key);
@@ -200,6 +225,7 @@ impl ClusterActor {
                 Step::Blocked => break,
             }
         }
+        self.poll_if_due(ctx);
         self.metrics.queue_depth.set(self.scheduler.queued() as i64);
         self.metrics
             .in_flight
@@ -349,7 +375,7 @@ fn not_granted() -> Interpretation {
 
 impl ClusterActor {
     /// A call's coordination grant goes back (a timed-out call's lease runs out instead).
-    fn give_back(&self, grant: Option<Grant>, end: CallEnd) {
+    pub(super) fn give_back(&self, grant: Option<Grant>, end: CallEnd) {
         if let (Some(gate), Some(grant)) = (&self.gate, grant) {
             gate.ended(grant, matches!(end, CallEnd::TimedOut));
         }
@@ -363,6 +389,7 @@ impl ClusterActor {
         if rules::refuses_credentials(&meaning.result) {
             self.cache.mark_rejected(op.credentials.fingerprint());
         }
+        self.watch_concluded(&op.operation, &op.credentials, &meaning);
         // A user query's answer teaches the cache (keyed by device) nothing.
         if let Some(device) = op.operation.device() {
             match meaning.cache {
@@ -400,6 +427,7 @@ impl Actor for ClusterActor {
             let cache = self.cache.clone();
             ctx.run_interval(CACHE_SWEEP_INTERVAL, move |_, _| cache.sweep());
         }
+        self.start_watch(ctx);
         tracing::debug!(cluster = %self.code, "cluster actor started");
     }
 }

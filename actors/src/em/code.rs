@@ -4,6 +4,9 @@
 /// Code 0 in a `<failure>` is no code at all: CUCM's own "Unknown Error".
 pub const UNKNOWN: u32 = 0;
 pub const INVALID_APP_USER: u32 = 3;
+/// "Policy Validation error": the request does not conform to the application user's
+/// policy.
+pub const POLICY_VALIDATION: u32 = 4;
 pub const DEVICE_DOES_NOT_EXIST: u32 = 11;
 pub const ANOTHER_USER_LOGGED_IN: u32 = 18;
 pub const NO_USER_LOGGED_IN: u32 = 19;
