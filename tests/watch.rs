@@ -6,22 +6,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::binary;
 use common::*;
 use serde_json::Value;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_business-connector");
-
-/// A running binary and the address it logged.
+/// The binary on a config of this test's own, in a directory removed afterwards.
 struct Running {
-    child: Child,
-    addr: String,
-    _lines: mpsc::Receiver<String>,
+    gateway: binary::Running,
     dir: PathBuf,
 }
 
@@ -42,55 +36,20 @@ impl Running {
             format!("listen = \"127.0.0.1:0\"\nworkers = 1\ndrain_ms = 0\n{config}"),
         )
         .expect("config written");
-        let mut child = Command::new(BINARY)
-            .args(["--config", path.to_str().expect("utf-8 path")])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the binary starts");
-        let stdout = child.stdout.take().expect("stdout piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut seen = Vec::new();
-        let addr = loop {
-            let Ok(line) = lines.recv_timeout(Duration::from_secs(30)) else {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("no 'serving' line; saw: {seen:#?}");
-            };
-            if let Some(addr) = line
-                .split("listen=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-            {
-                break addr.to_string();
-            }
-            seen.push(line);
-        };
-        Self {
-            child,
-            addr,
-            _lines: lines,
-            dir,
-        }
+        let gateway = binary::Running::start(&["--config", path.to_str().expect("utf-8 path")]);
+        Self { gateway, dir }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        self.gateway.url(path)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // The gateway first: it writes into the directory.
+        let _ = self.gateway.child.kill();
+        let _ = self.gateway.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -408,7 +367,7 @@ async fn refused_poll_credentials_stop_the_polls_until_sighup_brings_good_ones()
     // The right password, and SIGHUP: the polls resume.
     std::fs::write(gateway.dir.join("app.secret"), "bcsecret\n").expect("secret written");
     // SAFETY: plain kill(2) on our own child's pid.
-    let result = unsafe { libc::kill(gateway.child.id() as libc::pid_t, libc::SIGHUP) };
+    let result = unsafe { libc::kill(gateway.gateway.child.id() as libc::pid_t, libc::SIGHUP) };
     assert_eq!(result, 0, "SIGHUP delivered");
     let give_up = Instant::now() + Duration::from_secs(10);
     while metric(&metrics(&gateway).await, ok) < 1.0 {
