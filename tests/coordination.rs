@@ -8,6 +8,7 @@
 //! - PostgreSQL cut under load: both keep serving within their shares (2 + 2), and
 //!   share again once it is back.
 
+#[macro_use]
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -90,24 +91,6 @@ fn all_succeeded(answers: &[Answer]) {
             answer.body
         );
     }
-}
-
-/// Polls an async condition until it holds.
-macro_rules! eventually {
-    ($what:expr, $timeout:expr, $condition:expr) => {{
-        let give_up = Instant::now() + $timeout;
-        loop {
-            if $condition {
-                break;
-            }
-            assert!(
-                Instant::now() < give_up,
-                "timed out waiting until {}",
-                $what
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }};
 }
 
 #[actix_web::test]

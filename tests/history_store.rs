@@ -5,6 +5,7 @@
 //! restart). A `Relay` between gateway and PostgreSQL stands in for the outage, so the
 //! shared test server is never stopped; `deploy/chaos-postgres.sh` stops a real one.
 
+#[macro_use]
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,24 +50,6 @@ async fn listed(client: &reqwest::Client, gateway: &Running, query: &str) -> usi
     }
     let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     json["entries"].as_array().map_or(0, Vec::len)
-}
-
-/// Polls an async condition until it holds.
-macro_rules! eventually {
-    ($what:expr, $timeout:expr, $condition:expr) => {{
-        let give_up = Instant::now() + $timeout;
-        loop {
-            if $condition {
-                break;
-            }
-            assert!(
-                Instant::now() < give_up,
-                "timed out waiting until {}",
-                $what
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }};
 }
 
 async fn post(client: &reqwest::Client, url: String) -> Answer {

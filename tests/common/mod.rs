@@ -2,6 +2,26 @@
 //! client that speaks the northbound API.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+/// Polls an async condition (each try may `.await`) until it holds, failing after
+/// `$timeout`: the tests' way to wait for something without sleeping a guessed time.
+#[allow(unused_macros)] // each test binary uses a different part of the harness
+macro_rules! eventually {
+    ($what:expr, $timeout:expr, $condition:expr) => {{
+        let give_up = std::time::Instant::now() + $timeout;
+        loop {
+            if $condition {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < give_up,
+                "timed out waiting until {}",
+                $what
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }};
+}
+
 pub mod binary;
 
 use std::net::{SocketAddr, TcpListener};
