@@ -17,6 +17,20 @@ use crate::operation::{DeviceName, Operation, QueueKey};
 use crate::scheduler::Started;
 
 impl ClusterActor {
+    /// CUCM answered a batched `deviceUserQuery` (an operation's or a watch poll's)
+    /// without every device: this cluster is asked one device at a time from now on,
+    /// said once in the log and in `bc_batching_disabled`.
+    pub(super) fn stop_batching(&mut self, why: &str) {
+        if self.scheduler.disable_batching() {
+            self.metrics.batching_disabled.set(1);
+            tracing::warn!(
+                cluster = %self.code,
+                answered = why,
+                "CUCM did not answer a batched deviceUserQuery properly: asking one device at a time from now on"
+            );
+        }
+    }
+
     /// Several devices' queries as one `deviceUserQuery` (one slot, one token). The
     /// call is bounded by the earliest member's deadline, so no caller waits past its
     /// own.
@@ -113,14 +127,7 @@ impl ClusterActor {
                     }
                 }
                 BatchAnswer::NotBatching(why) => {
-                    if self.scheduler.disable_batching() {
-                        self.metrics.batching_disabled.set(1);
-                        tracing::warn!(
-                            cluster = %self.code,
-                            answered = why,
-                            "CUCM did not answer a batched deviceUserQuery properly: asking one device at a time from now on"
-                        );
-                    }
+                    self.stop_batching(why);
                     for device in devices.iter().rev() {
                         self.scheduler
                             .retry_alone(&QueueKey::Device(device.clone()));

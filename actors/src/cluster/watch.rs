@@ -352,14 +352,7 @@ impl ClusterActor {
             }
             BatchAnswer::NotBatching(why) => {
                 self.metrics.polls_failed.inc();
-                if self.scheduler.disable_batching() {
-                    self.metrics.batching_disabled.set(1);
-                    tracing::warn!(
-                        cluster = %self.code,
-                        answered = why,
-                        "CUCM did not answer a batched deviceUserQuery properly: asking one device at a time from now on"
-                    );
-                }
+                self.stop_batching(why);
             }
         }
     }
